@@ -1,0 +1,144 @@
+"""Save and load PrunePath checkpoints.
+
+A checkpoint is a folder:
+  prunepath.json        what was converted and how: base model reference and fingerprint, MoefyConfig,
+                        each layer's routing rule and gate, training notes
+  prunepath.safetensors neuron permutations and router weights (small: ~2 MB for SmolLM2-135M)
+  model.safetensors     only after full fine-tuning: the whole model's weights (never committed)
+  adapter/              only after LoRA training: the peft adapter, merged into the weights on load
+
+The base model's own weights are never copied: `load` rebuilds the model from its reference and
+refuses a base whose fingerprint differs from the one the checkpoint was made on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from prunepath import routing
+from prunepath.convert import MoefyConfig, moefy
+from prunepath.models import load_model, model_fingerprint, model_reference
+
+FORMAT = "prunepath/1"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or made for another model."""
+
+
+def save(model, directory: str | os.PathLike, train_info: dict | None = None, full_weights: bool = False) -> Path:
+    """Write `model`'s PrunePath state to `directory` (created); returns the folder."""
+    ffns = model.prunepath_ffns() if hasattr(model, "prunepath_ffns") else []
+    if not ffns:
+        raise ValueError("this model is not converted: call prunepath.moefy(model) first")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for f in ffns:
+        tensors[f"layers.{f.layer_idx}.perm"] = f.perm.cpu()
+        for k, v in f.router.state_dict().items():
+            tensors[f"layers.{f.layer_idx}.router.{k}"] = v.detach().float().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        "base": model_reference(model),
+        "fingerprint": getattr(model, "prunepath_base_fingerprint", None) or model_fingerprint(model),
+        "moefy": asdict(model.prunepath_config),
+        "layers": [{"rule": f.rule.spec, "gate": f.gate, "experts": f.n_experts} for f in ffns],
+        "train": train_info or getattr(model, "prunepath_train_info", None) or {},
+        "full_weights": bool(full_weights),
+    }
+    # Write to temporary names, then rename: an interrupted save never leaves a half-written checkpoint.
+    save_file(tensors, out / "prunepath.safetensors.tmp")
+    if full_weights:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, out / "model.safetensors.tmp")
+        os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    (out / "prunepath.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(out / "prunepath.safetensors.tmp", out / "prunepath.safetensors")
+    os.replace(out / "prunepath.json.tmp", out / "prunepath.json")
+    return out
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    path = _resolve(directory) / "prunepath.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path.parent} is not a PrunePath checkpoint (no prunepath.json); make one with `prunepath moefy` "
+            "or `prunepath train`, or pass 'default'"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); re-save the checkpoint") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return meta
+
+
+def _resolve(directory) -> Path:
+    return DEFAULT_CHECKPOINT if str(directory) == "default" else Path(directory)
+
+
+def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtype=torch.float32):
+    """Rebuild a PrunePath model from a checkpoint -> (model, tokenizer).
+
+    base: a model name/path to load instead of the recorded one, or an already loaded (model, tokenizer)
+    pair (it is converted in place). Either way its fingerprint must match the checkpoint's.
+    """
+    folder = _resolve(directory)
+    meta = read_meta(folder)
+    try:
+        tensors = load_file(folder / "prunepath.safetensors")
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has no prunepath.safetensors; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder / 'prunepath.safetensors'} is corrupt or truncated ({e}); re-save it") from None
+    if isinstance(base, tuple):
+        model, tokenizer = base
+    else:
+        model, tokenizer = load_model(base or meta["base"], dtype=dtype, device=device)
+    fp = model_fingerprint(model)
+    if meta["fingerprint"] and fp != meta["fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {folder} was made on base model {meta['base']!r} (fingerprint {meta['fingerprint']}), "
+            f"but the model given has fingerprint {fp} ({model_reference(model)!r}); load it with its own base model"
+        )
+    config = MoefyConfig(**meta["moefy"])
+    n = len(meta["layers"])
+    perms = []
+    for i in range(n):
+        if f"layers.{i}.perm" not in tensors:
+            raise CheckpointError(f"{folder}: no permutation for layer {i}; the checkpoint is incomplete")
+        perms.append(tensors[f"layers.{i}.perm"])
+    try:
+        moefy(model, config, splits=perms, progress=False)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {folder} does not fit model {model_reference(model)!r}: {e}") from None
+    for f, layer in zip(model.prunepath_ffns(), meta["layers"]):
+        prefix = f"layers.{f.layer_idx}.router."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            f.router.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"router of layer {f.layer_idx} does not match the checkpoint: {e}") from None
+        f.rule, f.gate = routing.parse_rule(layer["rule"]), layer["gate"]
+    if meta.get("full_weights"):
+        state = load_file(folder / "model.safetensors")
+        model.load_state_dict(state)
+    if (folder / "adapter").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, folder / "adapter").merge_and_unload()
+    model.to(device=device, dtype=dtype)
+    model.prunepath_base_fingerprint = fp
+    model.prunepath_train_info = meta.get("train", {})
+    model.prunepath_checkpoint = str(folder)
+    return model.eval(), tokenizer

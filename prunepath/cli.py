@@ -1,0 +1,188 @@
+"""The `prunepath` command line.
+
+    prunepath moefy  --out ckpt/            convert a model (default: SmolLM2-135M-Instruct) and save it
+    prunepath info   --checkpoint default   experts, parameters and FFN FLOPs per layer
+    prunepath route  "Some prompt" --tau 0.5 0.9   experts kept per token, as a table
+    prunepath train | eval | sweep | calibrate | generate | bench   (see each --help)
+
+Subcommands from other modules register themselves through their `add_cli(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# Modules whose add_cli() contributes subcommands; imported lazily so `prunepath --help` stays fast.
+_PLUGINS = ("prunepath.train", "prunepath.evaluate", "prunepath.sweep", "prunepath.decode", "prunepath.bench")
+
+
+def _load(args) -> tuple:
+    """(model, tokenizer) from --checkpoint (a PrunePath folder or 'default') or --model (convert now)."""
+    import prunepath
+
+    if getattr(args, "model", None):
+        model, tok = prunepath.load_model(args.model)
+        return prunepath.moefy(model, _config(args)), tok
+    return prunepath.load(args.checkpoint)
+
+
+def _config(args):
+    from prunepath.convert import MoefyConfig
+
+    return MoefyConfig(
+        expert_size=args.expert_size, split=args.split, router=args.router, router_init=args.router_init,
+        rule=args.rule, gate=args.gate, seed=args.seed,
+    )
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-size", type=int, default=32, help="neurons per expert G (default 32)")
+    p.add_argument("--split", default="kmeans", choices=["kmeans", "coact", "random"])
+    p.add_argument("--router", default="linear", choices=["linear", "mlp"])
+    p.add_argument("--router-init", default="centroid", choices=["zero", "centroid"],
+                   help="zero as the paper (untrained routers then keep experts at random), or cluster centres")
+    p.add_argument("--rule", default="mass:0.9", help="routing rule spec, e.g. mass:0.9, mass-incl:0.9, topk:8")
+    p.add_argument("--gate", default="sigmoid", choices=["sigmoid", "softmax", "one"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_moefy(args) -> int:
+    import prunepath
+    from prunepath.data import calibration_batches
+
+    model, tok = prunepath.load_model(args.model)
+    calib = calibration_batches(tok, args.calib_tokens, 256) if args.split == "coact" else None
+    prunepath.moefy(model, _config(args), calib=calib)
+    out = prunepath.save(model, args.out)
+    ffns = model.prunepath_ffns()
+    print(f"converted {args.model}: {len(ffns)} layers x {ffns[0].n_experts} experts x {ffns[0].expert_size} neurons")
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    model, _ = _load(args)
+    ffns = model.prunepath_ffns()
+    n_params = sum(p.numel() for p in model.parameters())
+    ffn_params = sum(p.numel() for f in ffns for n, p in f.named_parameters() if not n.startswith("router"))
+    router_params = sum(p.numel() for f in ffns for p in f.router.parameters())
+    info = {
+        "base": getattr(model.config, "prunepath_base", None) or model.config.name_or_path,
+        "layers": len(ffns),
+        "experts_per_layer": ffns[0].n_experts,
+        "expert_size": ffns[0].expert_size,
+        "d_model": ffns[0].d_model,
+        "d_ff": ffns[0].d_ff,
+        "kind": ffns[0].kind,
+        "rule": model.rule_spec,
+        "gate": ffns[0].gate,
+        "parameters": n_params,
+        "ffn_parameters": ffn_params,
+        "router_parameters": router_params,
+        "dense_ffn_flops_per_token": sum(f.flops_per_token(f.n_experts) - 2.0 * f.d_model * f.n_experts for f in ffns),
+        "router_flops_per_token": sum(2.0 * f.d_model * f.n_experts for f in ffns),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(map(len, info))
+        for k, v in info.items():
+            print(f"{k:<{width}}  {v:,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k:<{width}}  {v}")
+    return 0
+
+
+def route_table(model, tokenizer, prompt: str, taus: list[float]) -> tuple[list[str], dict[float, "object"]]:
+    """Per-token expert counts for `prompt` at each τ -> (tokens, {τ: counts [L, T]})."""
+    import torch
+
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: give some text to route")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    tokens = [tokenizer.decode([t]) for t in ids[0]]
+    out = {}
+    for tau in taus:
+        model.set_tau(tau)
+        model.record_stats()
+        with torch.no_grad():
+            model(ids)
+        out[tau] = model.routing_stats().counts
+        model.record_stats(False)
+    return tokens, out
+
+
+def cmd_route(args) -> int:
+    model, tok = _load(args)
+    for t in args.tau:
+        if not t > 0:
+            raise SystemExit(f"error: τ must be > 0 (got {t}); τ > 1 keeps every expert")
+    tokens, counts = route_table(model, tok, args.prompt, args.tau)
+    e = model.prunepath_ffns()[0].n_experts
+    head = f"{'#':>3}  {'token':<16}" + "".join(f"  τ={t:<5} mean/min/max" for t in args.tau)
+    print(f"experts kept per token (of {e} per layer; mean/min/max over {counts[args.tau[0]].shape[0]} layers)")
+    print(head)
+    for i, tk in enumerate(tokens):
+        cells = "".join(
+            f"  {c[:, i].float().mean():11.1f}/{int(c[:, i].min()):>2}/{int(c[:, i].max()):>2}" for c in counts.values()
+        )
+        print(f"{i:>3}  {tk!r:<16}{cells}")
+    for t, c in counts.items():
+        print(f"τ={t}: mean experts kept {c.float().mean():.1f} of {e}, active FFN fraction {c.float().mean() / e:.1%}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prunepath", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("moefy", help="convert a model into experts + routers and save a checkpoint",
+                       description="Split every FFN into experts, attach routers and save the PrunePath checkpoint.")
+    m.add_argument("--model", default="smollm2-135m-instruct", help="model name, hub id or local directory")
+    m.add_argument("--out", required=True, help="checkpoint folder to write")
+    m.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens for --split coact")
+    _add_convert_args(m)
+    m.set_defaults(func=cmd_moefy)
+
+    for name, fn, text in (("info", cmd_info, "experts, parameter and FLOP counts"),
+                           ("route", cmd_route, "experts kept per token for a prompt at one or more τ")):
+        q = sub.add_parser(name, help=text, description=text)
+        src = q.add_mutually_exclusive_group()
+        src.add_argument("--checkpoint", default="default", help="PrunePath checkpoint folder or 'default'")
+        src.add_argument("--model", help="convert this model on the fly instead (untrained routers)")
+        _add_convert_args(q)
+        if name == "route":
+            q.add_argument("prompt", help="text to route")
+            q.add_argument("--tau", type=float, nargs="+", default=[0.5, 0.9], help="one or more τ (default 0.5 0.9)")
+        else:
+            q.add_argument("--json", action="store_true", help="print JSON")
+        q.set_defaults(func=fn)
+
+    for mod in _PLUGINS:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            continue
+        module.add_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad input gets one clear line, not a traceback; PRUNEPATH_DEBUG=1 shows the traceback.
+        import os
+
+        if os.environ.get("PRUNEPATH_DEBUG"):
+            raise
+        print(f"prunepath {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

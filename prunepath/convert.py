@@ -1,0 +1,252 @@
+"""Convert a pretrained transformers model into a PrunePath model ("MoEfy" it).
+
+Shape legend: L layers, N rows (= B*T tokens), D hidden, F ffn, E experts, G expert size.
+
+`moefy(model)` finds every FFN by structure, splits its neurons into experts (split.py), builds a router
+(router.py) and substitutes a `PrunePathFFN` module for the FFN. The model object stays the same
+transformers model — `generate()`, `save_pretrained`, peft all keep working — and its class becomes a
+subclass that adds the PrunePath controls: `set_tau`, `set_rule`, `set_gate`, `record_stats`,
+`routing_stats`. We change the instance's class (not its `forward`) so every method the base class has
+is still the base class's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunepath import routing
+from prunepath.models import model_fingerprint
+from prunepath.ffn import FFNSpec, PrunePathFFN, build_ffn, find_ffns
+from prunepath.split import Split, split_neurons
+
+
+@dataclass(frozen=True)
+class MoefyConfig:
+    """How a model is converted. Saved with every checkpoint."""
+
+    expert_size: int = 32
+    split: str = "kmeans"  # kmeans | coact | random
+    router: str = "linear"  # linear | mlp
+    router_init: str = "centroid"  # centroid (ours: an untrained router already ranks experts) | zero (the paper)
+    rule: str = "mass:0.9"  # any routing.parse_rule spec
+    gate: str = "sigmoid"  # sigmoid (the paper) | softmax | one
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.split not in ("kmeans", "coact", "random"):
+            raise ValueError(f"split must be 'kmeans', 'coact' or 'random', got {self.split!r}")
+        if self.router not in ("linear", "mlp"):
+            raise ValueError(f"router must be 'linear' or 'mlp', got {self.router!r}")
+        if self.gate not in ("sigmoid", "softmax", "one"):
+            raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {self.gate!r}")
+        routing.parse_rule(self.rule)  # validates the spec early, before any clustering
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What the routers did over the recorded forwards."""
+
+    counts: torch.Tensor  # [L, N] experts kept per token per layer
+    n_experts: tuple[int, ...]  # E per layer
+    flops_per_token: float  # mean FFN FLOPs per token, routers included, all layers
+    dense_flops_per_token: float  # the same for the dense FFNs
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mean_experts(self) -> float:
+        return float(self.counts.float().mean())
+
+    @property
+    def active_fraction(self) -> float:
+        """Mean fraction of FFN neurons active per token, over layers and tokens."""
+        e = torch.tensor(self.n_experts, dtype=torch.float32)[:, None]  # [L, 1]
+        return float((self.counts.float() / e).mean())
+
+    def per_layer_fraction(self) -> list[float]:
+        e = torch.tensor(self.n_experts, dtype=torch.float32)
+        return (self.counts.float().mean(1) / e).tolist()
+
+    def summary(self) -> dict:
+        return {
+            "tokens": int(self.counts.shape[1]),
+            "mean_experts_kept": self.mean_experts,
+            "active_fraction": self.active_fraction,
+            "ffn_flops_per_token": self.flops_per_token,
+            "dense_ffn_flops_per_token": self.dense_flops_per_token,
+            "experts_kept_min": int(self.counts.min()) if self.counts.numel() else 0,
+            "experts_kept_max": int(self.counts.max()) if self.counts.numel() else 0,
+        }
+
+
+class PrunePathMixin:
+    """Methods added to a converted model (its class becomes `PrunePath<Base>`)."""
+
+    prunepath_config: MoefyConfig
+
+    def prunepath_ffns(self) -> list[PrunePathFFN]:
+        return [m for m in self.modules() if isinstance(m, PrunePathFFN)]
+
+    def _targets(self, layer: int | None) -> list[PrunePathFFN]:
+        ffns = self.prunepath_ffns()
+        if layer is None:
+            return ffns
+        if not 0 <= layer < len(ffns):
+            raise ValueError(f"layer {layer} out of range: this model has {len(ffns)} PrunePath layers (0..{len(ffns) - 1})")
+        return [ffns[layer]]
+
+    def set_rule(self, rule: routing.Rule | str, layer: int | None = None) -> None:
+        """Change the routing rule (whole model or one layer); a spec string such as 'topk:8' works too."""
+        rule = routing.parse_rule(rule) if isinstance(rule, str) else rule
+        for f in self._targets(layer):
+            if isinstance(rule, routing.TopK) and rule.k > f.n_experts:
+                raise ValueError(f"top-k {rule.k} exceeds the {f.n_experts} experts of layer {f.layer_idx}")
+            f.rule = rule
+
+    def set_tau(self, tau: float | list[float], layer: int | None = None) -> None:
+        """Set the cumulative-mass budget τ: one value, one per layer (a list), or for one layer.
+
+        Keeps the current exclusive/inclusive variant if the rule already is cumulative mass.
+        """
+        if isinstance(tau, (list, tuple)):
+            ffns = self.prunepath_ffns()
+            if len(tau) != len(ffns):
+                raise ValueError(f"got {len(tau)} τ values for {len(ffns)} layers")
+            for i, t in enumerate(tau):
+                self.set_tau(float(t), layer=i)
+            return
+        for f in self._targets(layer):
+            inclusive = isinstance(f.rule, routing.CumulativeMass) and f.rule.inclusive
+            f.rule = routing.CumulativeMass(float(tau), inclusive=inclusive)
+
+    def set_gate(self, kind: str) -> None:
+        if kind not in ("sigmoid", "softmax", "one"):
+            raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {kind!r}")
+        for f in self.prunepath_ffns():
+            f.gate = kind
+
+    def record_stats(self, on: bool = True) -> None:
+        """Start (and reset) or stop recording per-token expert counts."""
+        for f in self.prunepath_ffns():
+            f.record, f.history, f.last_counts = on, [], None
+
+    def reset_stats(self) -> None:
+        for f in self.prunepath_ffns():
+            f.history, f.last_counts = [], None
+
+    def routing_stats(self, token_mask: torch.Tensor | None = None) -> RoutingStats:
+        """Statistics over every forward since `record_stats()`; `token_mask` [N] drops padding rows."""
+        ffns = self.prunepath_ffns()
+        if not ffns[0].history:
+            raise RuntimeError("no routing recorded: call model.record_stats() and run a forward first")
+        counts = torch.stack([torch.cat(f.history) for f in ffns])  # [L, N]
+        if token_mask is not None:
+            counts = counts[:, token_mask.reshape(-1).bool().cpu()]
+        kept = counts.float().mean(1)  # [L]
+        flops = sum(f.flops_per_token(float(k)) for f, k in zip(ffns, kept))
+        dense = sum(f.flops_per_token(f.n_experts) - 2.0 * f.d_model * f.n_experts for f in ffns)
+        return RoutingStats(counts, tuple(f.n_experts for f in ffns), flops, dense)
+
+    @property
+    def rule_spec(self) -> str:
+        """The routing rule's spec if all layers agree, else 'per-layer'."""
+        specs = {f.rule.spec for f in self.prunepath_ffns()}
+        return specs.pop() if len(specs) == 1 else "per-layer"
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _promote(model: nn.Module) -> None:
+    """Make `model` an instance of PrunePath<Base>: same object, same state, extra methods."""
+    if isinstance(model, PrunePathMixin):
+        return
+    cls = type(model)
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"PrunePath{cls.__name__}", (PrunePathMixin, cls), {"__module__": __name__})
+    model.__class__ = _CLASSES[cls]
+
+
+def ffn_keys(model: nn.Module, spec: FFNSpec) -> torch.Tensor:
+    """The vectors neurons are clustered by: rows of W_gate (gated) or W_in (two-layer).  # [F, D]"""
+    m = model.get_submodule(spec.path)
+    w = getattr(m, spec.names[0]).weight.detach()
+    return w.t() if w.shape[0] == spec.d_model and w.shape[1] == spec.d_ff and spec.d_ff != spec.d_model else w
+
+
+@torch.no_grad()
+def ffn_activations(model: nn.Module, specs: list[FFNSpec], calib: torch.Tensor) -> list[torch.Tensor]:
+    """Intermediate activations of every FFN on calibration tokens calib [B, T].  # L x [N, F]"""
+    acts: list[list[torch.Tensor]] = [[] for _ in specs]
+    hooks = []
+    for i, s in enumerate(specs):
+        m = model.get_submodule(s.path)
+        down = getattr(m, s.names[-1]) if s.kind != "intermediate" else model.get_submodule(s.out_path)
+        hooks.append(down.register_forward_pre_hook(lambda _m, a, i=i: acts[i].append(a[0].reshape(-1, a[0].shape[-1]).float().cpu())))
+    try:
+        for row in calib:
+            model(row[None].to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(a) for a in acts]
+
+
+def moefy(
+    model: nn.Module,
+    config: MoefyConfig = MoefyConfig(),
+    calib: torch.Tensor | None = None,
+    splits: list[Split] | list[torch.Tensor] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Convert `model` in place and return it.
+
+    calib [B, T]: calibration token ids (needed by the co-activation split).
+    splits: precomputed permutations (one per layer), e.g. from a checkpoint; skips clustering.
+    """
+    specs = find_ffns(model)
+    if splits is not None and len(splits) != len(specs):
+        raise ValueError(f"got {len(splits)} splits for a model with {len(specs)} FFN layers")
+    if config.split == "coact" and splits is None:
+        if calib is None:
+            raise ValueError("split='coact' needs calibration tokens: pass calib=data.calibration_batches(tok, ...)")
+        acts = ffn_activations(model, specs, calib)
+    rule = routing.parse_rule(config.rule)
+    base_fp = getattr(model, "prunepath_base_fingerprint", None) or model_fingerprint(model)
+    for s in tqdm(specs, desc="moefy", disable=not progress):
+        if splits is not None:
+            sp = splits[s.layer_idx]
+            perm, centroids = (sp.perm, sp.centroids) if isinstance(sp, Split) else (sp, None)
+            if perm.numel() != s.d_ff or s.d_ff % config.expert_size:
+                raise ValueError(
+                    f"layer {s.layer_idx}: permutation of {perm.numel()} neurons with expert size "
+                    f"{config.expert_size} does not fit this model's d_ff {s.d_ff}"
+                )
+        else:
+            sp = split_neurons(
+                ffn_keys(model, s).float().cpu(), config.expert_size, config.split, seed=config.seed + s.layer_idx,
+                activations=acts[s.layer_idx] if config.split == "coact" else None,
+            )
+            perm, centroids = sp.perm, sp.centroids
+        if centroids is None and config.router_init == "centroid":
+            centroids = _centroids(ffn_keys(model, s).float().cpu(), perm, config.expert_size)
+        ffn = build_ffn(model, s, perm, config.expert_size, config.router, config.router_init, centroids, rule, config.gate)
+        parent, _, name = s.path.rpartition(".")
+        setattr(model.get_submodule(parent), name, ffn)
+    _promote(model)
+    model.prunepath_config = config
+    model.prunepath_base_fingerprint = base_fp  # the weights are permuted now: remember the base's
+    return model
+
+
+def _centroids(keys: torch.Tensor, perm: torch.Tensor, g: int) -> torch.Tensor:
+    """Mean of each expert's L2-normalised keys.  # [E, D]"""
+    k = torch.nn.functional.normalize(keys, dim=-1)[perm]  # [F, D] in expert order
+    return k.reshape(-1, g, k.shape[-1]).mean(1)
+
+
+def config_dict(config: MoefyConfig) -> dict:
+    return asdict(config)
