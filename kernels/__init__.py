@@ -1,0 +1,33 @@
+"""Triton decode kernels for PrunePath FFNs (installed as `prunepath.kernels`).
+
+One module per kernel, each with its pure-torch reference beside it:
+
+- `layout`     : `ExpertLayout`, the expert-contiguous weight views the kernels read.
+- `route`      : router GEMV + on-device expert selection (cumulative mass, top-k, threshold).
+- `expert_ffn` : gate/up over the active experts (selection and activation fused), down with fp32
+                 split-K accumulation, and the final reduction.
+- `fastpath`   : `FastPath`, the object a `PrunePathFFN` calls through `ffn.fast_path`.
+
+Triton is optional: without it (or without CUDA) `FastPath.accepts` is False and the FFN runs its
+torch path. Tests run the kernels on the CPU with TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+if __name__ == "kernels":
+    # Imported as a top-level `kernels` only by accident: with the repository root on sys.path
+    # (`python -c` or `panel serve` run from the root), transformers probes `import kernels` for the
+    # unrelated Hugging Face "kernels" package. Stay empty (no __version__), so that probe finds
+    # nothing usable and imports nothing of ours; the real name of this package is prunepath.kernels.
+    __all__: list[str] = []
+else:
+    try:  # triton is an optional extra (`pip install prunepath[kernels]`)
+        import triton  # noqa: F401
+
+        HAS_TRITON = True
+    except ImportError:  # pragma: no cover - depends on the installation
+        HAS_TRITON = False
+
+    from .fastpath import FastPath, attach_fast_paths, detach_fast_paths  # noqa: E402
+
+    __all__ = ["HAS_TRITON", "FastPath", "attach_fast_paths", "detach_fast_paths"]

@@ -1,0 +1,180 @@
+"""`FastPath`: the object a `PrunePathFFN` calls (through `ffn.fast_path`) to run the decode kernels.
+
+Shapes: N = B*T rows, D hidden, E experts.
+
+The FFN's forward asks `fast_path.accepts(x)` first and uses the torch path when it says no, so this
+object only has to know when the kernels apply:
+
+* a CUDA tensor (or any tensor under TRITON_INTERPRET=1, which runs the kernels on the CPU for tests),
+* bf16 / fp16 (fp32 for testing) matching the FFN weights,
+* N <= 8 rows (decode; prefill takes the torch path — the kernels are not a grouped GEMM),
+* a linear router, a rule the kernels implement (cumulative mass, top-k, thresholds, dense), a known
+  activation, and no gradient needed (the kernels have no backward).
+
+An unsupported device or dtype falls back with one warning per reason; a layout that does not match
+the input raises (see `ExpertLayout.check_input`).
+
+The rule's parameter (tau, k, t) lives in a device tensor that is refreshed outside CUDA-graph capture,
+so `model.set_tau(...)` followed by `sync()` changes a captured decode graph without re-capturing it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .layout import ExpertLayout, detect_activation
+from .route import rule_code
+
+_WARNED: set[str] = set()
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class FastPath:
+    """Decode kernels for one `PrunePathFFN`; build with `attach_fast_paths(model)`."""
+
+    max_rows = 8
+
+    def __init__(self, ffn, share_down: bool = False, cfg=None):
+        self.ffn = ffn
+        self.share_down = share_down
+        self.cfg = cfg  # expert_ffn.FFNConfig or None for the per-batch defaults
+        self.layout: ExpertLayout | None = None
+        self._key = None
+        self._param: torch.Tensor | None = None  # [1] fp32 on the device: tau / k / t
+        self._param_value: float | None = None
+        self.act = detect_activation(getattr(ffn, "act", None))
+
+    # ------------------------------------------------------------------ when the kernels apply
+    def _why_not(self, x: torch.Tensor) -> tuple[str, str] | None:
+        """(reason key, message) when the kernels cannot run, None when they can."""
+        from . import HAS_TRITON
+
+        ffn = self.ffn
+        if not HAS_TRITON:
+            return "triton", "triton is not installed (pip install prunepath[kernels]); using the torch FFN"
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if not (x.is_cuda or interpret):
+            return f"device:{x.device.type}", (f"prunepath.kernels: input on {x.device.type}; the Triton fast "
+                                               "path needs a CUDA device, using the torch FFN")
+        if x.dtype not in _DTYPES:
+            return f"dtype:{x.dtype}", (f"prunepath.kernels: {x.dtype} is not supported (bf16, fp16, fp32); "
+                                        "using the torch FFN")
+        if ffn.kind not in ("gated", "mlp"):
+            return f"kind:{ffn.kind}", f"prunepath.kernels: FFN kind {ffn.kind!r} has no kernel; using torch"
+        if type(ffn.router).__name__ != "LinearRouter":
+            return "router", (f"prunepath.kernels: {type(ffn.router).__name__} is not a linear router; "
+                              "using the torch FFN")
+        if self.act is None:
+            return "act", f"prunepath.kernels: activation {ffn.act!r} has no kernel; using the torch FFN"
+        if ffn.expert_size % 16:
+            return "g", (f"prunepath.kernels: expert size {ffn.expert_size} is not a multiple of 16; "
+                         "using the torch FFN")
+        return None
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        ffn = self.ffn
+        n = x.numel() // ffn.d_model
+        if n == 0 or n > self.max_rows:
+            return False  # prefill / large batches: the torch path (expected, no warning)
+        if rule_code(ffn.rule) is None:
+            return False  # oracle / static rules: torch path
+        if torch.is_grad_enabled() and (x.requires_grad or ffn.router.weight.requires_grad):
+            return False  # training: the kernels have no backward
+        why = self._why_not(x)
+        if why is not None:
+            _warn_once(*why)
+            return False
+        w = ffn.gate_proj.weight if ffn.kind == "gated" else ffn.fc_in.weight
+        return w.dtype == x.dtype and w.device == x.device
+
+    # ------------------------------------------------------------------ state kept on the device
+    def _weights(self):
+        f = self.ffn
+        if f.kind == "gated":
+            mods = (f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight)
+        else:
+            mods = (f.fc_in.weight, f.fc_out.weight, f.fc_in.bias, f.fc_out.bias)
+        return mods + (f.router.weight,)
+
+    def _layout(self) -> ExpertLayout:
+        key = tuple((t.data_ptr(), t.dtype, t.device) if t is not None else None for t in self._weights())
+        if self.layout is None or key != self._key:
+            if _capturing():
+                raise RuntimeError("the PrunePath layout must be built before CUDA-graph capture: run one "
+                                   "eager step first (prunepath.decode does)")
+            self.layout = ExpertLayout.from_ffn(self.ffn, share_down=self.share_down)
+            self._key = tuple((t.data_ptr(), t.dtype, t.device) if t is not None else None
+                              for t in self._weights())
+        if self.layout.gate != self.ffn.gate:
+            from dataclasses import replace
+
+            self.layout = replace(self.layout, gate=str(self.ffn.gate))
+        return self.layout
+
+    def sync(self) -> None:
+        """Copy the rule's parameter into the device tensor (call outside graph capture)."""
+        code_param = rule_code(self.ffn.rule)
+        if code_param is None:
+            return
+        value = code_param[1]
+        dev = self._layout().device
+        if self._param is None or self._param.device != dev:
+            self._param = torch.full((1,), value, device=dev, dtype=torch.float32)
+        elif value != self._param_value:
+            self._param.fill_(value)
+        self._param_value = value
+
+    @property
+    def rule_key(self) -> tuple:
+        """What a captured graph bakes in: changing it needs a re-capture (tau does not)."""
+        code, _ = rule_code(self.ffn.rule)
+        return code, self.ffn.gate
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .expert_ffn import expert_ffn
+
+        layout = self._layout()
+        code, value = rule_code(self.ffn.rule)
+        if not _capturing() and (self._param is None or value != self._param_value):
+            self.sync()
+        shape = x.shape
+        x2d = x.reshape(-1, layout.d_model).contiguous()  # [N, D]
+        res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg)
+        if self.ffn.record:
+            if _capturing():
+                _warn_once("record", "prunepath.kernels: routing stats are not recorded inside a CUDA graph")
+            else:
+                self.ffn._record(res.mask.sum(-1))  # [N]
+        return res.y.reshape(shape)
+
+
+def attach_fast_paths(model, share_down: bool = False, cfg=None) -> list[FastPath]:
+    """Give every PrunePath FFN of `model` a FastPath; returns them (in layer order)."""
+    ffns = [m for m in model.modules() if type(m).__name__ == "PrunePathFFN"]
+    if not ffns:
+        raise ValueError("no PrunePath FFNs in this model: convert it first with prunepath.moefy(model)")
+    paths = []
+    for f in ffns:
+        f.fast_path = FastPath(f, share_down=share_down, cfg=cfg)
+        paths.append(f.fast_path)
+    return paths
+
+
+def detach_fast_paths(model) -> None:
+    for m in model.modules():
+        if type(m).__name__ == "PrunePathFFN":
+            m.fast_path = None
