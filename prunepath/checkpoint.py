@@ -124,7 +124,7 @@ def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtyp
         raise CheckpointError(f"checkpoint {folder} does not fit model {model_reference(model)!r}: {e}") from None
     for f, layer in zip(model.prunepath_ffns(), meta["layers"]):
         prefix = f"layers.{f.layer_idx}.router."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             f.router.load_state_dict(state)
         except RuntimeError as e:

@@ -33,8 +33,13 @@ def _config(args):
     from prunepath.convert import MoefyConfig
 
     return MoefyConfig(
-        expert_size=args.expert_size, split=args.split, router=args.router, router_init=args.router_init,
-        rule=args.rule, gate=args.gate, seed=args.seed,
+        expert_size=args.expert_size,
+        split=args.split,
+        router=args.router,
+        router_init=args.router_init,
+        rule=args.rule,
+        gate=args.gate,
+        seed=args.seed,
     )
 
 
@@ -42,8 +47,12 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-size", type=int, default=32, help="neurons per expert G (default 32)")
     p.add_argument("--split", default="kmeans", choices=["kmeans", "coact", "random"])
     p.add_argument("--router", default="linear", choices=["linear", "mlp"])
-    p.add_argument("--router-init", default="centroid", choices=["zero", "centroid"],
-                   help="zero as the paper (untrained routers then keep experts at random), or cluster centres")
+    p.add_argument(
+        "--router-init",
+        default="centroid",
+        choices=["zero", "centroid"],
+        help="zero as the paper (untrained routers then keep experts at random), or cluster centres",
+    )
     p.add_argument("--rule", default="mass:0.9", help="routing rule spec, e.g. mass:0.9, mass-incl:0.9, topk:8")
     p.add_argument("--gate", default="sigmoid", choices=["sigmoid", "softmax", "one"])
     p.add_argument("--seed", type=int, default=0)
@@ -90,11 +99,15 @@ def cmd_info(args) -> int:
     else:
         width = max(map(len, info))
         for k, v in info.items():
-            print(f"{k:<{width}}  {v:,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k:<{width}}  {v}")
+            print(
+                f"{k:<{width}}  {v:,}"
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+                else f"{k:<{width}}  {v}"
+            )
     return 0
 
 
-def route_table(model, tokenizer, prompt: str, taus: list[float]) -> tuple[list[str], dict[float, "object"]]:
+def route_table(model, tokenizer, prompt: str, taus: list[float]) -> tuple[list[str], dict[float, object]]:
     """Per-token expert counts for `prompt` at each τ -> (tokens, {τ: counts [L, T]})."""
     import torch
 
@@ -134,19 +147,26 @@ def cmd_route(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prunepath", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="prunepath", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m = sub.add_parser("moefy", help="convert a model into experts + routers and save a checkpoint",
-                       description="Split every FFN into experts, attach routers and save the PrunePath checkpoint.")
+    m = sub.add_parser(
+        "moefy",
+        help="convert a model into experts + routers and save a checkpoint",
+        description="Split every FFN into experts, attach routers and save the PrunePath checkpoint.",
+    )
     m.add_argument("--model", default="smollm2-135m-instruct", help="model name, hub id or local directory")
     m.add_argument("--out", required=True, help="checkpoint folder to write")
     m.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens for --split coact")
     _add_convert_args(m)
     m.set_defaults(func=cmd_moefy)
 
-    for name, fn, text in (("info", cmd_info, "experts, parameter and FLOP counts"),
-                           ("route", cmd_route, "experts kept per token for a prompt at one or more τ")):
+    for name, fn, text in (
+        ("info", cmd_info, "experts, parameter and FLOP counts"),
+        ("route", cmd_route, "experts kept per token for a prompt at one or more τ"),
+    ):
         q = sub.add_parser(name, help=text, description=text)
         src = q.add_mutually_exclusive_group()
         src.add_argument("--checkpoint", default="default", help="PrunePath checkpoint folder or 'default'")

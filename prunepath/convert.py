@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunepath import routing
-from prunepath.models import model_fingerprint
 from prunepath.ffn import FFNSpec, PrunePathFFN, build_ffn, find_ffns
+from prunepath.models import model_fingerprint
 from prunepath.split import Split, split_neurons
 
 
@@ -95,7 +95,9 @@ class PrunePathMixin:
         if layer is None:
             return ffns
         if not 0 <= layer < len(ffns):
-            raise ValueError(f"layer {layer} out of range: this model has {len(ffns)} PrunePath layers (0..{len(ffns) - 1})")
+            raise ValueError(
+                f"layer {layer} out of range: this model has {len(ffns)} PrunePath layers (0..{len(ffns) - 1})"
+            )
         return [ffns[layer]]
 
     def set_rule(self, rule: routing.Rule | str, layer: int | None = None) -> None:
@@ -185,7 +187,11 @@ def ffn_activations(model: nn.Module, specs: list[FFNSpec], calib: torch.Tensor)
     for i, s in enumerate(specs):
         m = model.get_submodule(s.path)
         down = getattr(m, s.names[-1]) if s.kind != "intermediate" else model.get_submodule(s.out_path)
-        hooks.append(down.register_forward_pre_hook(lambda _m, a, i=i: acts[i].append(a[0].reshape(-1, a[0].shape[-1]).float().cpu())))
+        hooks.append(
+            down.register_forward_pre_hook(
+                lambda _m, a, i=i: acts[i].append(a[0].reshape(-1, a[0].shape[-1]).float().cpu())
+            )
+        )
     try:
         for row in calib:
             model(row[None].to(next(model.parameters()).device))
@@ -227,13 +233,18 @@ def moefy(
                 )
         else:
             sp = split_neurons(
-                ffn_keys(model, s).float().cpu(), config.expert_size, config.split, seed=config.seed + s.layer_idx,
+                ffn_keys(model, s).float().cpu(),
+                config.expert_size,
+                config.split,
+                seed=config.seed + s.layer_idx,
                 activations=acts[s.layer_idx] if config.split == "coact" else None,
             )
             perm, centroids = sp.perm, sp.centroids
         if centroids is None and config.router_init == "centroid":
             centroids = _centroids(ffn_keys(model, s).float().cpu(), perm, config.expert_size)
-        ffn = build_ffn(model, s, perm, config.expert_size, config.router, config.router_init, centroids, rule, config.gate)
+        ffn = build_ffn(
+            model, s, perm, config.expert_size, config.router, config.router_init, centroids, rule, config.gate
+        )
         parent, _, name = s.path.rpartition(".")
         setattr(model.get_submodule(parent), name, ffn)
     _promote(model)

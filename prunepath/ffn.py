@@ -103,9 +103,14 @@ def _match(block: nn.Module, prefix: str, layer_idx: int, d_model: int) -> FFNSp
         for gate, up, down in _GATED_NAMES:
             if all(k in kids and _is_linear(kids[k]) for k in (gate, up, down)):
                 d_in, d_ff = _in_out(kids[gate])
-                if d_in == d_model and _in_out(kids[up]) == (d_model, d_ff) and _in_out(kids[down]) == (
-                    d_ff,
-                    d_model,
+                if (
+                    d_in == d_model
+                    and _in_out(kids[up]) == (d_model, d_ff)
+                    and _in_out(kids[down])
+                    == (
+                        d_ff,
+                        d_model,
+                    )
                 ):
                     return FFNSpec(layer_idx, full, "gated", (gate, up, down), d_model, d_ff)
         for fin, fout in _TWO_LAYER_NAMES:
@@ -120,7 +125,12 @@ def _match(block: nn.Module, prefix: str, layer_idx: int, d_model: int) -> FFNSp
         if d_in == d_model and _is_linear(getattr(out, "dense", None) or nn.Identity()):
             if _in_out(out.dense) == (d_ff, d_model):
                 return FFNSpec(
-                    layer_idx, f"{prefix}.intermediate", "intermediate", ("dense",), d_model, d_ff,
+                    layer_idx,
+                    f"{prefix}.intermediate",
+                    "intermediate",
+                    ("dense",),
+                    d_model,
+                    d_ff,
                     out_path=f"{prefix}.output.dense",
                 )
     return None
@@ -171,7 +181,11 @@ class PrunePathFFN(nn.Module):
         kids = dict(module.named_children())
         if self.kind == "gated":
             g, u, d = (_as_linear(kids[n]) for n in spec.names)
-            self.gate_proj, self.up_proj, self.down_proj = _permute_in(g, perm), _permute_in(u, perm), _permute_out(d, perm)
+            self.gate_proj, self.up_proj, self.down_proj = (
+                _permute_in(g, perm),
+                _permute_in(u, perm),
+                _permute_out(d, perm),
+            )
         elif self.kind == "mlp":
             self.fc_in = _permute_in(_as_linear(kids[spec.names[0]]), perm)
             self.fc_out = _permute_out(_as_linear(kids[spec.names[1]]), perm)

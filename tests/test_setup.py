@@ -1,8 +1,8 @@
 """The project's set-up files agree with each other (pyproject.toml is the single source)."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -64,8 +64,20 @@ def test_kernels_install_under_the_prunepath_namespace():
 
 def test_top_level_is_as_designed():
     allowed = {
-        "book", "prunepath", "kernels", "notebooks", "tests", "results", "environment.yml", "README.md",
-        "explorer.py", "pyproject.toml", "Makefile", ".ci", ".gitignore", "LICENSE",
+        "book",
+        "prunepath",
+        "kernels",
+        "notebooks",
+        "tests",
+        "results",
+        "environment.yml",
+        "README.md",
+        "explorer.py",
+        "pyproject.toml",
+        "Makefile",
+        ".ci",
+        ".gitignore",
+        "LICENSE",
     }
     import subprocess
 

@@ -1,0 +1,92 @@
+"""Checkpoints: round trip, and clear failures for the wrong base, bad shapes and damaged files."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import prunepath
+from prunepath import CheckpointError, MoefyConfig, moefy
+
+
+def _tiny(seed=0, d_ff=128):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=d_ff,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.config.prunepath_base = "tiny-test-llama"  # where it "came from": recorded in the checkpoint
+    return model
+
+
+class _Tok:
+    """Stands in for a tokenizer: checkpoints never touch it."""
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = moefy(_tiny(), MoefyConfig(rule="mass:0.7", router_init="centroid"), progress=False)
+    with torch.no_grad():  # make the routers differ from any fresh initialisation
+        for f in model.prunepath_ffns():
+            f.router.weight.add_(torch.randn_like(f.router.weight))
+    model.set_tau(0.4, layer=1)
+    prunepath.save(model, tmp_path / "ckpt", train_info={"steps": 3})
+    return model, tmp_path / "ckpt"
+
+
+def test_round_trip_restores_permutations_routers_rules_and_outputs(saved):
+    model, path = saved
+    loaded, _ = prunepath.load(path, base=(_tiny(), _Tok()))
+    for a, b in zip(model.prunepath_ffns(), loaded.prunepath_ffns()):
+        assert torch.equal(a.perm, b.perm)
+        assert torch.equal(a.router.weight, b.router.weight)
+        assert a.rule == b.rule and a.gate == b.gate
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    meta = prunepath.read_meta(path)
+    assert meta["moefy"]["expert_size"] == 32 and meta["train"] == {"steps": 3}
+    assert [layer["rule"] for layer in meta["layers"]] == ["mass:0.7", "mass:0.4"]
+
+
+def test_another_base_model_is_refused_with_both_fingerprints(saved):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        prunepath.load(path, base=(_tiny(seed=1), _Tok()))
+
+
+def test_mismatched_shapes_name_the_mismatch(saved):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="d_ff 96|fingerprint"):
+        prunepath.load(path, base=(_tiny(d_ff=96), _Tok()))
+
+
+def test_truncated_tensors_fail_cleanly(saved):
+    _, path = saved
+    blob = (path / "prunepath.safetensors").read_bytes()
+    (path / "prunepath.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        prunepath.load(path, base=(_tiny(), _Tok()))
+
+
+def test_corrupt_or_missing_metadata(saved, tmp_path):
+    _, path = saved
+    (path / "prunepath.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        prunepath.read_meta(path)
+    with pytest.raises(CheckpointError, match="not a PrunePath checkpoint"):
+        prunepath.read_meta(tmp_path / "nowhere")
+    (path / "prunepath.json").write_text(json.dumps({"format": "other/9"}))
+    with pytest.raises(CheckpointError, match="format"):
+        prunepath.read_meta(path)
+
+
+def test_saving_an_unconverted_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not converted"):
+        prunepath.save(_tiny(), tmp_path / "x")
