@@ -118,6 +118,9 @@ def split_neurons(
         if activations is None:
             raise ValueError("split method 'coact' needs activations [N, F] from calibration tokens "
                              "(prunepath.convert.ffn_activations); or use method='kmeans'")
+        if activations.dim() != 2 or activations.shape[1] != n_neurons:
+            raise ValueError(f"activations must be [N, F={n_neurons}] (one column per neuron, as keys has "
+                             f"rows), got {tuple(activations.shape)}")
         labels = coactivation_labels(activations, n_experts, seed=int(seed), active_fraction=active_fraction)
 
     perm = torch.argsort(labels, stable=True)  # [F] grouped by expert, original order inside an expert
@@ -283,9 +286,8 @@ def coactivation_labels(
     w_int = (w * (1000.0 / w.max())).ceil().clamp_min(1).long() if w.numel() else w.long()
     xadj = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(r, minlength=n).cumsum(0)])
     opts = pymetis.Options(seed=int(seed))
-    _, parts = pymetis.part_graph(
-        n_experts, xadj=xadj.numpy(), adjncy=c.numpy(), eweights=w_int.numpy(), options=opts
-    )
+    graph = pymetis.CSRAdjacency(xadj.numpy(), c.numpy())
+    _, parts = pymetis.part_graph(n_experts, graph, eweights=w_int.numpy(), options=opts)
     parts = torch.as_tensor(parts, dtype=torch.long)
 
     # affinity of each neuron to each part: total co-activation weight with that part's members
