@@ -1,0 +1,324 @@
+"""Evaluation of any causal LM of transformers — dense, or PrunePath-converted (then every result also
+says what the routers did: rule and knob, experts kept per token, active FFN fraction, FFN FLOPs).
+
+Tasks (`evaluate_task`, `prunepath eval --task ...`):
+- `wikitext2`: test perplexity with HF's strided sliding window, plus next-token accuracy.
+- `sst2`, `rte`, `boolq`, `jsonl:PATH?text=..&label=..`, `csv:...`: classification accuracy under one of
+  two stated protocols (a 135M model prompted zero-shot is near chance, SST-2 ~0.68):
+    * `prompt`: label-word scoring of k-shot prompts with fixed seeded demonstrations and contextual
+      calibration (Zhao et al. 2021): label probabilities are divided by those the same prompt gives a
+      content-free input, which removes the prompt's prior towards one label.
+    * `probe`: logistic regression on the frozen final hidden state (last token or mean-pooled), trained
+      on the train split. It measures what the representation still holds after sparsification.
+- `ifeval`, `alpaca`: instruction following, see `prunepath.ifeval`.
+
+Shapes: B batch, T tokens, V vocabulary, C classes, D hidden, N = B*T rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+LM_TASKS = ("wikitext2",)
+NLU_TASKS = ("sst2", "rte", "boolq")
+GEN_TASKS = ("ifeval", "alpaca")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """One number-bearing evaluation; `to_dict()` is what `--json` prints."""
+
+    task: str
+    metrics: dict  # e.g. {"perplexity": 23.1, "next_token_accuracy": 0.41}
+    n: int  # examples (or tokens, for perplexity) scored
+    protocol: str  # how the number was obtained, in words a reader can reproduce
+    dataset: str
+    split: str
+    settings: dict = field(default_factory=dict)  # k, seed, context, stride, ...
+    routing: dict | None = None  # rule, knob, experts kept, active fraction, FLOPs (PrunePath models)
+    model: str = ""
+    meta: dict = field(default_factory=dict)  # date, device, versions, seconds
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing statistics
+
+
+def _knob(rule) -> float | int | None:
+    """The rule's numeric knob (τ, k or t): its first numeric dataclass field."""
+    for f in dataclasses.fields(rule) if dataclasses.is_dataclass(rule) else ():
+        v = getattr(rule, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+    return None
+
+
+class RoutingRecorder:
+    """Records routing over a block of forwards; masks of real (non-padding) tokens are optional."""
+
+    def __init__(self, model):
+        self.model = model
+        self.active = hasattr(model, "routing_stats") and hasattr(model, "record_stats")
+        self.masks: list[torch.Tensor] = []
+        self.info: dict | None = None  # set when the `recording` block ends
+
+    def add_mask(self, attention_mask: torch.Tensor) -> None:
+        if self.active:
+            self.masks.append(attention_mask.reshape(-1).bool().cpu())  # [N], the order forwards see rows
+
+    def summary(self) -> dict:
+        if not self.active:
+            return {"rule": "dense", "active_fraction": 1.0}
+        ffns = self.model.prunepath_ffns()
+        recorded = sum(h.numel() for h in ffns[0].history)
+        mask = torch.cat(self.masks) if self.masks else None
+        # Masks only line up when every recorded forward supplied one (not so inside generate()).
+        stats = self.model.routing_stats(mask if mask is not None and mask.numel() == recorded else None)
+        per_token = stats.counts.float().mean(0)  # [N] experts kept per token, averaged over layers
+        q = torch.quantile(per_token, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(per_token) else [0] * 3
+        knobs = {_knob(f.rule) for f in ffns}
+        return {
+            "rule": self.model.rule_spec,
+            "knob": knobs.pop() if len(knobs) == 1 else "per-layer",
+            **stats.summary(),
+            "experts_kept_p10_p50_p90": q,
+            "experts_kept_std": float(per_token.std()) if per_token.numel() > 1 else 0.0,
+            "per_layer_fraction": stats.per_layer_fraction(),
+            "padding_excluded": mask is not None and mask.numel() == recorded,
+        }
+
+
+@contextmanager
+def recording(model):
+    """`with recording(model) as rec: ...; rec.summary()` — starts fresh stats, stops them after."""
+    rec = RoutingRecorder(model)
+    if rec.active:
+        model.record_stats(True)
+    ok = False
+    try:
+        yield rec
+        ok = True
+    finally:
+        # routing_stats() must be read before record_stats(False), which clears the history.
+        if rec.active and ok:
+            rec.info = rec.summary() if model.prunepath_ffns()[0].history else None
+        elif not rec.active:
+            rec.info = rec.summary()
+        if rec.active:
+            model.record_stats(False)
+
+
+def run_meta(model, t0: float) -> dict:
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
+            "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def model_name(model) -> str:
+    try:
+        from prunepath.models import model_reference
+
+        return model_reference(model)
+    except Exception:  # any model of transformers, loaded by anyone
+        return getattr(model.config, "_name_or_path", type(model).__name__)
+
+
+def keeps_logits(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, context: int = 1024, stride: int = 512,
+               max_tokens: int | None = None, batch_size: int = 4) -> EvalResult:
+    """Strided sliding-window perplexity (the HF "perplexity of fixed-length models" recipe).
+
+    Windows of `context` tokens start every `stride` tokens; each window scores only the tokens no
+    earlier window scored (its tail), so every token but the first is scored once, with at least
+    `context - stride` tokens of left context (except in the first window). NLL is summed over
+    tokens, not averaged per window, so a short last window carries its true weight.
+    """
+    if not 0 < stride <= context:
+        raise ValueError(f"need 0 < stride <= context, got stride={stride}, context={context}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2 (one to predict from, one to score), got {max_tokens}")
+    t0 = time.time()
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]  # [L]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError(f"text has {ids.numel()} token(s); perplexity needs at least 2")
+    device = next(model.parameters()).device
+    # Windows (begin, end, n_scored): targets ids[end - n_scored : end], each predicted from its left.
+    windows, prev_end = [], 0
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + context, ids.numel())
+        windows.append((begin, end, min(end - prev_end, end - begin - 1)))
+        prev_end = end
+        if end == ids.numel():
+            break
+    kw = keeps_logits(model)
+    nll, correct, scored = 0.0, 0, 0
+    with recording(model) as rec:
+        i = 0
+        while i < len(windows):
+            # Batch consecutive windows of the same shape (all but the first and last, in practice).
+            shape = lambda w: (w[1] - w[0], w[2])  # (window length, tokens scored)
+            group = [windows[i]]
+            while (i + len(group) < len(windows) and len(group) < batch_size
+                   and shape(windows[i + len(group)]) == shape(windows[i])):
+                group.append(windows[i + len(group)])
+            i += len(group)
+            x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)  # [B, T]
+            n = group[0][2]
+            rec.add_mask(torch.ones_like(x))
+            out = model(input_ids=x, use_cache=False, **({"logits_to_keep": n + 1} if kw else {}))
+            logits = out.logits[:, -(n + 1):-1].float()  # [B, n, V] predicts x[:, -n:]
+            target = x[:, -n:]  # [B, n]
+            nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum"))
+            correct += int((logits.argmax(-1) == target).sum())
+            scored += target.numel()
+    ppl = math.exp(nll / scored)
+    return EvalResult(
+        task="wikitext2",
+        metrics={"perplexity": ppl, "nll": nll / scored, "next_token_accuracy": correct / scored},
+        n=scored, protocol=f"strided sliding window, context {context}, stride {stride}, scored tails only",
+        dataset="wikitext2", split="test",
+        settings={"context": context, "stride": stride, "max_tokens": max_tokens, "tokens": int(ids.numel()),
+                  "windows": len(windows)},
+        routing=rec.info, model=model_name(model),
+        meta=run_meta(model, t0),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# One entry point for every task (the sweep calls this), and the CLI
+
+
+def check_task(task: str) -> str:
+    """The task's family ('lm' | 'nlu' | 'gen'), or a ValueError listing what exists."""
+    if task in LM_TASKS:
+        return "lm"
+    if task in NLU_TASKS or task.split(":", 1)[0] in ("jsonl", "json", "csv", "tsv"):
+        return "nlu"
+    if task in GEN_TASKS:
+        return "gen"
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(LM_TASKS + NLU_TASKS + GEN_TASKS)} "
+                     "or a labelled file 'jsonl:PATH?text=FIELD&label=FIELD[&text_pair=FIELD]' (also csv:)")
+
+
+def evaluate_task(model, tokenizer, task: str, limit: int | None = None, **opts) -> EvalResult:
+    """Run one task. `limit`: examples (tokens, for wikitext2). Other options go to the task's function:
+    perplexity (context, stride, batch_size), nlu.classify (protocol, k, calibrated, seed, pooling,
+    n_train, batch_size), ifeval.instruction_eval (max_new_tokens, batch_size)."""
+    family = check_task(task)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    if family == "lm":
+        from prunepath import data
+
+        return perplexity(model, tokenizer, data.load_lm_text(task, "test"), max_tokens=limit, **opts)
+    if family == "nlu":
+        from prunepath import nlu
+
+        return nlu.classify(model, tokenizer, task, limit=limit, **opts)
+    from prunepath import ifeval
+
+    return ifeval.instruction_eval(model, tokenizer, task, limit=limit, **opts)
+
+
+def check_tau(tau: float) -> float:
+    if not (math.isfinite(tau) and 0 < tau <= 2):
+        hint = f"; did you mean {tau / 100:g}?" if 2 < tau <= 100 else ""
+        raise ValueError(f"τ must be in (0, 2] (τ > 1 keeps every expert), got {tau}{hint}")
+    return tau
+
+
+def load_for_eval(args):
+    """(model, tokenizer) from --checkpoint (PrunePath folder, 'default', 'dense') and/or --model."""
+    dense = args.checkpoint == "dense" or (args.model and args.checkpoint is None)
+    if dense:
+        from prunepath.models import DEFAULT_MODEL, load_model
+
+        if args.tau is not None or args.rule is not None:
+            raise ValueError("--tau/--rule need a PrunePath checkpoint; the dense model has no routers "
+                             "(give --checkpoint default or a folder)")
+        return load_model(args.model or DEFAULT_MODEL)
+    import prunepath
+
+    model, tok = prunepath.load(args.checkpoint or "default", base=args.model)
+    if args.rule is not None:
+        model.set_rule(args.rule)
+    if args.tau is not None:
+        model.set_tau(args.tau)
+    return model, tok
+
+
+def run(args) -> int:
+    task_opts = {"lm": ("context", "stride", "batch_size"),
+                 "nlu": ("protocol", "k", "calibrated", "seed", "pooling", "n_train", "batch_size"),
+                 "gen": ("max_new_tokens", "batch_size")}[check_task(args.task)]
+    if args.tau is not None:
+        check_tau(args.tau)
+    model, tok = load_for_eval(args)
+    opts = {k: getattr(args, k) for k in task_opts if getattr(args, k) is not None}
+    res = evaluate_task(model, tok, args.task, limit=args.limit, **opts).to_dict()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{res['task']} ({res['dataset']}/{res['split']}, n={res['n']}) — {res['protocol']}")
+    for k, v in res["metrics"].items():
+        print(f"  {k:<24} {v:.4f}" if isinstance(v, float) else f"  {k:<24} {v}")
+    r = res["routing"] or {}
+    if r.get("rule") != "dense":
+        print(f"  routing {r.get('rule')}: {r.get('mean_experts_kept', 0):.1f} experts kept per token, "
+              f"active FFN fraction {r.get('active_fraction', 0):.1%}, "
+              f"FFN FLOPs/token {r.get('ffn_flops_per_token', 0):.3g}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    text = "evaluate a dense or PrunePath model: perplexity, classification, instruction following"
+    p = subparsers.add_parser("eval", help=text, description=text + ". " + (__doc__ or "").split("\n\n")[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True,
+                   help="wikitext2 | sst2 | rte | boolq | ifeval | alpaca | jsonl:PATH?text=F&label=F | csv:")
+    p.add_argument("--checkpoint", default=None,
+                   help="PrunePath folder, 'default' or 'dense' (default: 'default'; dense with --model)")
+    p.add_argument("--model", default=None, help="dense model name/path; with --checkpoint, its base model")
+    p.add_argument("--tau", type=float, default=None, help="cumulative-mass budget τ (PrunePath models)")
+    p.add_argument("--rule", default=None, help="routing rule spec instead, e.g. topk:8, mass-incl:0.9")
+    p.add_argument("--limit", type=int, default=None, help="first N examples (tokens, for wikitext2)")
+    p.add_argument("--context", type=int, default=None, help="perplexity window (default 1024)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default 512)")
+    p.add_argument("--protocol", default=None, choices=["prompt", "probe"], help="classification protocol")
+    p.add_argument("--k", type=int, default=None, help="demonstrations per prompt (default 4)")
+    p.add_argument("--no-calibration", dest="calibrated", action="store_const", const=False, default=None,
+                   help="skip contextual calibration")
+    p.add_argument("--pooling", default=None, choices=["last", "mean"], help="probe features")
+    p.add_argument("--n-train", type=int, default=None, help="probe training rows (default 1000)")
+    p.add_argument("--seed", type=int, default=None, help="demonstrations / probe subset seed (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation cap (default 256)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=run)

