@@ -1,0 +1,268 @@
+"""PrunePath explorer: drag τ and watch one checkpoint get sparser.   `panel serve explorer.py`
+
+A thin Panel view over `prunepath.explore` (all the numbers come from there; nothing is computed here).
+What is fast runs on every control change: routing the prompt (one forward, cached per rule and τ)
+and redrawing the heatmap and counts. What is slow — the continuations, the quick perplexity estimate,
+decode speed — runs on a background thread on a second copy of the model, is cancelled when the
+controls move again, and fills in when done. Errors the user can fix show as a message in the page.
+
+Environment: PRUNEPATH_EXPLORER_CHECKPOINT ("default", "tiny" or a folder) picks the checkpoint the
+page opens with; PRUNEPATH_DATA the data folder (WikiText-2 for the quick estimate).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import panel as pn
+
+from prunepath.explore import EXAMPLES, RESULTS_DIR, RULE_NAMES, Explorer, ExplorerError, Routed
+from prunepath.explore_results import live_decode_speed, load_sweep_rows, recorded_benchmarks, sweep_figures
+
+pn.extension("plotly", sizing_mode="stretch_width")
+log = logging.getLogger("prunepath.explorer")
+
+CSS = """
+.pp-tok {display:inline-block; margin:1px; padding:1px 3px; border-radius:3px; font-family:monospace;
+         font-size:12px; white-space:pre; line-height:1.6}
+.pp-tok sub {font-size:9px; margin-left:2px; color:#333}
+"""
+
+
+def _friendly(e: BaseException) -> str:
+    """The message a user sees: ours verbatim; anything unexpected named, its traceback in the server log."""
+    if isinstance(e, ExplorerError):
+        return str(e)
+    log.exception("explorer: unexpected error")
+    return f"Something went wrong ({type(e).__name__}: {e}). The server log has the details."
+
+
+class ExplorerView(pn.viewable.Viewer):
+    def __init__(self, checkpoint: str | None = None, **params):
+        super().__init__(**params)
+        ckpt = checkpoint or os.environ.get("PRUNEPATH_EXPLORER_CHECKPOINT", "default")
+        # -- controls
+        self.tau = pn.widgets.FloatSlider(name="τ (cumulative-mass budget)", start=0.05, end=1.0, step=0.05,
+                                          value=0.7, format="0.00")
+        self.dense = pn.widgets.Toggle(name="dense (all experts)", value=False, button_type="default")
+        self.rule = pn.widgets.RadioBoxGroup(options={v: k for k, v in RULE_NAMES.items() if k != "dense"},
+                                             value="mass")
+        self.ckpt_kind = pn.widgets.RadioButtonGroup(options=["default", "path"],
+                                                     value="default" if ckpt == "default" else "path")
+        self.ckpt_path = pn.widgets.TextInput(name="checkpoint folder", value="" if ckpt == "default" else ckpt,
+                                              placeholder="/path/to/checkpoint")
+        self.load_btn = pn.widgets.Button(name="Load checkpoint", button_type="primary")
+        self.example = pn.widgets.Select(name="example prompts", options=list(EXAMPLES), value="Fox")
+        self.prompt = pn.widgets.TextAreaInput(name="prompt", value=EXAMPLES["Fox"], height=110)
+        # -- outputs
+        self.alert = pn.pane.Alert("", alert_type="danger", visible=False)
+        self.info = pn.pane.Alert("Loading the checkpoint…", alert_type="info")
+        self.summary = pn.pane.HTML("", css_classes=["pp-summary"])
+        self.tokens = pn.pane.HTML("", stylesheets=[CSS], css_classes=["pp-tokens"])
+        self.heatmap = pn.pane.Plotly({"data": [], "layout": {"height": 360}}, css_classes=["pp-heatmap"])
+        self.cont_tau = pn.pane.Markdown("", css_classes=["pp-cont-tau"])
+        self.cont_dense = pn.pane.Markdown("", css_classes=["pp-cont-dense"])
+        self.quick = pn.pane.Markdown("", css_classes=["pp-quick"])
+        self.curves = pn.Column(css_classes=["pp-curves"])
+        self.speed = pn.pane.Markdown("", css_classes=["pp-speed"])
+        self.explorer: Explorer | None = None
+        self._seq = 0  # request counter: only the newest request redraws
+        self._cancel = threading.Event()
+        self._fast = ThreadPoolExecutor(1, thread_name_prefix="pp-route")
+        self._slow = ThreadPoolExecutor(1, thread_name_prefix="pp-slow")
+        for w in (self.tau, self.dense, self.rule):
+            w.param.watch(lambda _e: self.request(), "value")
+        self.prompt.param.watch(lambda _e: self.request(), "value")
+        self.example.param.watch(lambda e: setattr(self.prompt, "value", EXAMPLES[e.new]), "value")
+        self.load_btn.on_click(lambda _e: self.load())
+        self.ckpt_kind.param.watch(lambda e: setattr(self.ckpt_path, "disabled", e.new == "default"), "value")
+        self.ckpt_path.disabled = self.ckpt_kind.value == "default"
+        self._layout = self._build()
+
+    def __panel__(self):
+        return self._layout
+
+    def _build(self):
+        controls = pn.Column(
+            "### Routing", self.tau, self.dense, self.rule,
+            pn.pane.Markdown("Top-k and threshold run at the knob that matches τ's active fraction on this "
+                             "prompt.", styles={"font-size": "12px", "color": "#555"}),
+            "### Checkpoint", self.ckpt_kind, self.ckpt_path, self.load_btn,
+            "### Prompt", self.example, self.prompt, width=320, sizing_mode="stretch_height",
+        )
+        main = pn.Column(
+            self.alert, self.info, self.summary,
+            pn.pane.Markdown("#### Experts kept per token (mean over layers)"), self.tokens, self.heatmap,
+            pn.Row(pn.Column("#### Continuation at this setting", self.cont_tau),
+                   pn.Column("#### Dense continuation (all experts)", self.cont_dense)),
+            "#### Accuracy versus dense", self.quick, self.curves,
+            "#### Decode speed", self.speed,
+        )
+        return pn.Row(controls, main)
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _error(self, msg: str = "") -> None:
+        self.alert.object, self.alert.visible = msg, bool(msg)
+
+    def _setting(self) -> tuple[str, str, float]:
+        # round: the slider's float steps (0.39999999999999997) would otherwise miss the cache
+        return self.prompt.value or "", "dense" if self.dense.value else self.rule.value, round(self.tau.value, 4)
+
+    # -- checkpoint ------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        ref = "default" if self.ckpt_kind.value == "default" else (self.ckpt_path.value or "").strip()
+        if not ref:
+            self._error("Type the path of a checkpoint folder, or choose 'default'.")
+            return
+        self.info.object, self.info.visible = f"Loading checkpoint {ref!r}… (the first start converts the " \
+            "default model, about half a minute)", True
+        self.load_btn.loading = True
+        self._fast.submit(self._load, ref)
+
+    def _load(self, ref: str) -> None:
+        try:
+            ex = Explorer.open(ref)
+        except Exception as e:  # noqa: BLE001 - any failure becomes a message; the old model stays
+            self._error(_friendly(e) + (" The previous checkpoint stays loaded." if self.explorer else ""))
+            self.info.visible = bool(self.explorer)
+            return
+        finally:
+            self.load_btn.loading = False
+        self.explorer = ex
+        self._error()
+        self.info.object = (f"**Checkpoint:** {ex.source} — {ex.n_layers} layers × {ex.n_experts} experts. "
+                            + (ex.note or ""))
+        self.info.alert_type = "warning" if ex.note else "info"
+        self.info.visible = True
+        self.request()
+
+    # -- fast path: route + redraw ---------------------------------------------------------------------
+
+    def request(self) -> None:
+        """A control changed: cancel slow work in flight, route the new setting (newest request wins)."""
+        self._seq += 1
+        self._cancel.set()
+        self._cancel = threading.Event()
+        if self.explorer is not None:
+            self._fast.submit(self._route, self._seq, self._setting(), self._cancel)
+
+    def _route(self, seq: int, setting, cancel: threading.Event) -> None:
+        if seq != self._seq:
+            return  # superseded while queued
+        prompt, rule, tau = setting
+        try:
+            r = self.explorer.route(prompt, rule, tau)
+        except Exception as e:  # noqa: BLE001
+            self._error(_friendly(e))
+            return
+        if seq != self._seq:
+            return
+        self._draw(r, rule, tau)
+        self._slow.submit(self._slow_work, seq, setting, r, cancel)
+
+    def _draw(self, r: Routed, rule: str, tau: float) -> None:
+        self._error()  # a truncation note is information, shown in the summary, not an error
+        self.heatmap.object = r.heatmap_figure()
+        e = r.n_experts
+        chips = []
+        for tok, c in zip(r.tokens, r.per_token):
+            shade = int(255 - 155 * c / e)
+            chips.append(f'<span class="pp-tok" style="background:rgb({shade},{shade},255)" '
+                         f'title="{c:.1f} of {e} experts">{html.escape(tok)}<sub>{c:.1f}</sub></span>')
+        self.tokens.object = "".join(chips)
+        what = "dense (all experts, unit gates)" if rule == "dense" else f"{RULE_NAMES[rule]} at τ = {tau:.2f}"
+        gflops, dense = r.flops_per_token / 1e6, r.dense_flops_per_token / 1e6
+        self.summary.object = (
+            f'<div class="pp-numbers"><b>{what}</b> &nbsp;→ rule <code>{r.spec}</code><br>'
+            f'tokens <b>{len(r.tokens)}</b> &nbsp;·&nbsp; '
+            f'mean experts kept <b class="pp-mean">{r.mean_experts:.1f}</b> '
+            f'of {e} &nbsp;·&nbsp; active FFN fraction <b class="pp-frac">{r.active_fraction:.1%}</b> &nbsp;·&nbsp; '
+            f'FFN MFLOPs per token <b>{gflops:,.1f}</b> (dense {dense:,.1f}) &nbsp;·&nbsp; '
+            f'routing {r.seconds * 1e3:.0f} ms{" (cached)" if r.seconds == 0 else ""}'
+            + (f'<br><i>{html.escape(r.note)}</i>' if r.note else "") + "</div>")
+
+    # -- slow path: continuations, quick estimate, curves, decode speed ----------------------------------
+
+    def _slow_work(self, seq: int, setting, r: Routed, cancel: threading.Event) -> None:
+        prompt, rule, tau = setting
+        ex = self.explorer
+        try:
+            self._curves(tau if rule == "mass" else None, r.active_fraction)
+            for pane, rl in ((self.cont_tau, rule), (self.cont_dense, "dense")):
+                if cancel.is_set():
+                    return
+                pane.loading = True
+                c = ex.continuation(prompt, rl, tau, cancel=cancel)
+                pane.loading = False
+                if c is not None:
+                    pane.object = (f"{html.escape(prompt[-80:])}**{html.escape(c.text)}**\n\n"
+                                   f"<small>`{c.spec}` · {c.new_tokens} tokens greedy · "
+                                   f"{c.tokens_per_s:.1f} tokens/s on {ex.device}</small>")
+            if cancel.is_set():
+                return
+            self.quick.loading = True
+            q = ex.quick_estimate(ex.rule_for(prompt, rule, tau))
+            d = ex.quick_estimate(ex.rule_for(prompt, "dense", tau))
+            self.quick.loading = False
+            self.quick.object = (
+                f"**Quick estimate** (perplexity on the first {q.tokens + 1} tokens of WikiText-2 test, one "
+                f"window; not the committed evaluation): `{q.spec}` **{q.perplexity:.2f}** at "
+                f"{q.active_fraction:.1%} active versus dense **{d.perplexity:.2f}** "
+                f"({q.perplexity / d.perplexity - 1:+.1%}).")
+            if not cancel.is_set():
+                self._speed(prompt, rule, tau)
+        except Exception as e:  # noqa: BLE001
+            self.quick.loading = self.cont_tau.loading = self.cont_dense.loading = False
+            if seq == self._seq:
+                self._error(_friendly(e))
+
+    def _curves(self, tau, fraction) -> None:
+        rows = load_sweep_rows(RESULTS_DIR)
+        if not rows:
+            self.curves.objects = [pn.pane.Markdown(
+                f"No committed sweep results under `{RESULTS_DIR.name}/` yet. Make them with "
+                "`prunepath sweep --checkpoint default --taus 0.5 0.7 0.9 --out results/sweep_default`.")]
+            return
+        figs = sweep_figures(rows, tau, fraction)
+        self.curves.objects = [pn.pane.Plotly(f) for f in figs[:6]]
+
+    def _speed(self, prompt: str, rule: str, tau: float) -> None:
+        ex = self.explorer
+        lines = []
+        try:
+            live = live_decode_speed(ex, ex.rule_for(prompt, rule, tau))
+            lines.append(f"**Live on {live.device}** ({live.how}): dense **{live.dense_tokens_per_s:.0f}** "
+                         f"tokens/s, `{live.spec}` **{live.prunepath_tokens_per_s:.0f}** tokens/s "
+                         f"(×{live.prunepath_tokens_per_s / live.dense_tokens_per_s:.2f}).")
+        except RuntimeError as e:
+            lines.append(f"Live GPU measurement unavailable: {e}.")
+        c, d = (ex.cached_continuation(prompt, rl, tau) for rl in (rule, "dense"))
+        if c and d:
+            lines.append(f"**Live on this machine's CPU** (greedy KV-cache loop, torch path): dense "
+                         f"**{d.tokens_per_s:.1f}** tokens/s, `{c.spec}` **{c.tokens_per_s:.1f}** tokens/s. The "
+                         "torch path computes every expert and masks, so no speed-up is expected on a CPU; the "
+                         "Triton kernels are what read only the kept experts on a GPU.")
+        benches = recorded_benchmarks(RESULTS_DIR / "bench")
+        if benches:
+            for b in benches[:3]:
+                figs = "; ".join(f"{k}: {v:,.0f}" for k, v in b.figures[:6])
+                lines.append(f"**Recorded benchmark** `{b.source}` on **{b.device}**, {b.date}: {figs} tokens/s")
+        else:
+            lines.append("No recorded GPU benchmark under `results/bench/` yet (`prunepath bench` on a GPU).")
+        self.speed.object = "\n\n".join(lines)
+
+
+def _app():
+    view = ExplorerView()
+    pn.state.onload(view.load)
+    return pn.Column(pn.pane.Markdown("## PrunePath explorer — one checkpoint, one τ slider"), view)
+
+
+if pn.state.served:
+    _app().servable(title="PrunePath explorer")
