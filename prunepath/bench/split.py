@@ -1,0 +1,144 @@
+"""Benchmark: how long balanced k-means takes to split an FFN into experts, and how good the split is.
+
+    python -m prunepath.bench.split            # or: prunepath bench split
+    python -m prunepath.bench.split --quick    # small case only
+
+Cases (random Gaussian keys, fixed seed, G = 32):
+  1536 x 576 -> 48 experts     SmolLM2-135M's FFN (the default model)
+  14336 x 4096 -> 448 experts  Llama-3-8B / Mistral-7B's FFN: the issue asks for < 60 s on 2 cores
+
+Quality: the mean cosine of each neuron's normalised key to its expert's centre direction (k-means'
+objective), for k-means and for a random split of the same keys. Random Gaussian keys have no cluster
+structure, so the gap there is small by construction; where the default model is installed we also
+report the same number on its real gate rows (layers 0, 15, 29), where the structure is real.
+
+Writes results/bench_split.json with the CPU model, cores, threads, versions, date and load average
+(the machine may be shared: the load average says how much to trust the times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunepath.split import split_neurons
+
+CASES = [(1536, 576, 32), (14336, 4096, 32)]  # (F, D, G)
+REAL_LAYERS = (0, 15, 29)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def quality(split) -> float:
+    """Mean cosine of members to their centre's direction = mean norm of the centroids (means of unit keys)."""
+    return float(split.centroids.norm(dim=-1).mean())
+
+
+def time_split(keys: torch.Tensor, g: int, method: str, repeats: int) -> tuple[list[float], object]:
+    times, split = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        split = split_neurons(keys, g, method, seed=0)
+        times.append(time.perf_counter() - t0)
+    return times, split
+
+
+def summarise(times: list[float]) -> dict:
+    q = np.percentile(times, [20, 50, 80]).tolist()
+    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[2], "runs_s": times}
+
+
+def real_keys_section() -> dict | None:
+    """k-means vs random quality (and time) on the default model's gate rows, if the model is installed."""
+    try:
+        from prunepath.models import load_model
+
+        model, _ = load_model()
+    except Exception as err:  # the benchmark must not depend on the model being installed
+        return {"skipped": f"default model not available: {err}"}
+    out = {}
+    for layer in REAL_LAYERS:
+        w = model.model.layers[layer].mlp.gate_proj.weight.detach().float()  # [F, D]
+        t0 = time.perf_counter()
+        km = split_neurons(w, 32, "kmeans", seed=0)
+        dt = time.perf_counter() - t0
+        out[f"layer{layer}"] = {
+            "shape": list(w.shape),
+            "kmeans_time_s": dt,
+            "kmeans_mean_cos": quality(km),
+            "random_mean_cos": quality(split_neurons(w, 32, "random", seed=0)),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="prunepath bench split", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
+    ap.add_argument("--quick", action="store_true", help="only the small case, 3 repeats, no real model")
+    ap.add_argument("--no-real", action="store_true", help="skip the default model's gate rows")
+    ap.add_argument("--out", default="results/bench_split.json")
+    args = ap.parse_args(argv)
+    cases = CASES[:1] if args.quick else CASES
+    repeats = 3 if args.quick else args.repeats
+
+    result = {
+        "benchmark": "split",
+        "device": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_average_before": list(os.getloadavg()),
+        "method": "balanced spherical k-means (prunepath.split.balanced_kmeans), seed 0",
+        "cases": [],
+    }
+    # warm-up: first-call costs (allocator, thread pool) out of the timings
+    split_neurons(torch.randn(256, 64), 32, "kmeans", seed=0)
+    for n, d, g in cases:
+        keys = torch.randn(n, d, generator=torch.Generator().manual_seed(0))  # [F, D]
+        km_times, km = time_split(keys, g, "kmeans", repeats)
+        rnd = split_neurons(keys, g, "random", seed=0)
+        case = {
+            "F": n, "D": d, "G": g, "E": n // g,
+            "kmeans": summarise(km_times),
+            "kmeans_mean_cos": quality(km),
+            "random_mean_cos": quality(rnd),
+        }
+        result["cases"].append(case)
+        print(f"{n:>6} x {d:<5} -> {n // g:>3} experts: k-means median {case['kmeans']['median_s']:.2f} s "
+              f"(p20 {case['kmeans']['p20_s']:.2f}, p80 {case['kmeans']['p80_s']:.2f}); mean cos to centre "
+              f"{case['kmeans_mean_cos']:.4f} vs random {case['random_mean_cos']:.4f}", flush=True)
+    if not (args.quick or args.no_real):
+        result["real_model_gate_rows"] = real_keys_section()
+        for name, r in (result["real_model_gate_rows"] or {}).items():
+            if isinstance(r, dict):
+                print(f"default model {name}: k-means {r['kmeans_time_s']:.2f} s, mean cos "
+                      f"{r['kmeans_mean_cos']:.4f} vs random {r['random_mean_cos']:.4f}")
+    result["load_average_after"] = list(os.getloadavg())
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
