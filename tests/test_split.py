@@ -147,3 +147,21 @@ def test_divisors_near():
 def test_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         split_neurons(*args, **kwargs)
+
+
+def test_bench_cli_dispatches_to_split_benchmark(tmp_path):
+    # `prunepath bench split ARGS` reaches prunepath.bench.split.main(ARGS), which writes its JSON
+    import argparse
+    import json
+
+    from prunepath.bench import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers())
+    out = tmp_path / "bench_split.json"
+    args = parser.parse_args(["bench", "split", "--quick", "--repeats", "1", "--out", str(out)])
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    assert {"device", "cores", "versions", "date", "cases"} <= set(result)
+    case = result["cases"][0]
+    assert case["kmeans_mean_cos"] > case["random_mean_cos"]

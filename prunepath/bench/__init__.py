@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 
 BENCHMARKS = {
     "split": "balanced k-means time at 1536x576 -> 48 and 14336x4096 -> 448 experts (CPU)",
@@ -39,6 +40,7 @@ def run(args) -> int:
     except ModuleNotFoundError as err:
         if err.name != f"{__name__}.{args.name}":
             raise  # the benchmark exists but one of its own imports is missing: show that
-        raise SystemExit(f"benchmark {args.name!r} is not available in this install ({err}); "
-                         f"available modules: python -m {__name__}.<{'|'.join(BENCHMARKS)}>") from None
+        present = [m.name for m in pkgutil.iter_modules(__path__) if m.name in BENCHMARKS]
+        raise SystemExit(f"benchmark {args.name!r} is not available: no module {err.name} in this install; "
+                         f"benchmarks present: {', '.join(present) or 'none'}") from None
     return module.main(list(args.bench_args)) or 0

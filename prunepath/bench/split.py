@@ -90,13 +90,13 @@ def real_keys_section() -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prunepath bench split", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
-    ap.add_argument("--quick", action="store_true", help="only the small case, 3 repeats, no real model")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per case, median reported (default 5)")
+    ap.add_argument("--quick", action="store_true", help="only the small case, 3 repeats unless given, no real model")
     ap.add_argument("--no-real", action="store_true", help="skip the default model's gate rows")
     ap.add_argument("--out", default="results/bench_split.json")
     args = ap.parse_args(argv)
     cases = CASES[:1] if args.quick else CASES
-    repeats = 3 if args.quick else args.repeats
+    repeats = args.repeats or (3 if args.quick else 5)
 
     result = {
         "benchmark": "split",
