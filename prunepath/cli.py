@@ -15,8 +15,16 @@ import importlib
 import json
 import sys
 
-# Modules whose add_cli() contributes subcommands; imported lazily so `prunepath --help` stays fast.
-_PLUGINS = ("prunepath.train", "prunepath.evaluate", "prunepath.sweep", "prunepath.decode", "prunepath.bench")
+# Subcommands other modules contribute through their add_cli(): imported only when chosen, so
+# `prunepath --help` and the core commands do not pay for training, evaluation or Triton imports.
+_PLUGINS = {
+    "train": ("prunepath.train", "train routers (end-to-end objective or distillation)"),
+    "eval": ("prunepath.evaluate", "evaluate a model or checkpoint on a task"),
+    "sweep": ("prunepath.sweep", "sweep τ and the baselines at matched active fraction"),
+    "calibrate": ("prunepath.sweep", "find the τ that reaches a target active fraction"),
+    "generate": ("prunepath.decode", "generate text with the KV-cache decode loop"),
+    "bench": ("prunepath.bench", "benchmarks: split, ffn, decode, explorer"),
+}
 
 
 def _load(args) -> tuple:
@@ -146,7 +154,7 @@ def cmd_route(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prunepath", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -179,19 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--json", action="store_true", help="print JSON")
         q.set_defaults(func=fn)
 
-    for mod in _PLUGINS:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        module.add_cli(sub)
+    chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("-")), None)
+    if chosen in _PLUGINS:
+        importlib.import_module(_PLUGINS[chosen][0]).add_cli(sub)  # registers it (and maybe its siblings)
+    for name, (_, text) in _PLUGINS.items():
+        if name not in sub.choices:  # listed in --help without importing the module behind it
+            sub.add_parser(name, help=text, description=f"{text} (run `prunepath {name} --help`)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:
