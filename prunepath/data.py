@@ -315,7 +315,8 @@ def load_classification(name_or_spec: str, split: str = "validation"):
     # Every accepted spelling of a label -> its integer: the name, the integer itself, and for
     # booleans "false"/"true" (sorted order, so False = 0).
     index = {name: i for i, name in enumerate(spec.label_names)}
-    index.update({str(i): i for i in range(len(spec.label_names))})
+    for i in range(len(spec.label_names)):
+        index.setdefault(str(i), i)  # a name wins: labels "1","2" map to 0, 1
 
     def to_int(value) -> int:
         key = ("true" if value else "false") if isinstance(value, bool) else str(value)

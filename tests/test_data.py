@@ -187,6 +187,16 @@ def test_csv_spec_int_labels(tmp_path):
     ds = load_classification(f"csv:{f}?text=sentence&label=label", "train")
     assert list(ds["text"]) == ["hello there", "a, comma"] and list(ds["label"]) == [1, 0]
     assert ds.features["label"].names == ["0", "1"]
+    # Labels that are not 0..K-1 are mapped in sorted order, never confused with their positions.
+    g = tmp_path / "stars.csv"
+    g.write_text("t,stars\na,2\nb,1\nc,5\n")
+    ds = load_classification(f"csv:{g}?text=t&label=stars", "train")
+    assert ds.features["label"].names == ["1", "2", "5"] and list(ds["label"]) == [1, 0, 2]
+    h = tmp_path / "d.tsv"
+    h.write_text("t\ty\na, b\tneg\n")  # commas inside a tab-separated field
+    ds = load_classification(f"tsv:{h}?text=t&label=y&labels=neg,pos", "train")
+    assert list(ds["text"]) == ["a, b"] and list(ds["label"]) == [0]
+    assert classification_spec("rte").label_names == ("entailment", "not_entailment")
 
 
 def test_spec_errors(tmp_path):
