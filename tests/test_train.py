@@ -1,0 +1,153 @@
+"""Router training: losses move the right way, runs resume exactly, a NaN stops cleanly.
+
+Tiny random Llama (tests/conftest.py: D=64, F=128); converted here with 8 experts of 16 so the
+cumulative-mass rule has room to vary. A handful of steps each; the whole module runs in seconds.
+"""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import prunepath
+from prunepath.train import STATE_FILE, Trainer, TrainConfig, TrainingDiverged, routing_losses, train
+
+
+def _moefy(model, gate="sigmoid", tau=0.9, init="centroid"):
+    model.config.prunepath_base = "tiny-llama"  # save() records where the base came from
+    cfg = prunepath.MoefyConfig(expert_size=16, rule=f"mass:{tau}", gate=gate, router_init=init)
+    return prunepath.moefy(model, cfg, progress=False)
+
+
+def _batch(seed=0, b=4, t=16, vocab=128):
+    # A learnable toy stream: each sequence repeats a short random motif, so the LM loss can fall.
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, vocab, (b, 4), generator=g)
+    ids = motif.repeat(1, t // 4)  # [B, T]
+    return ids, torch.ones_like(ids)
+
+
+def _cfg(**kw):
+    base = dict(
+        objective="lm", steps=8, stage1_steps=0, batch_size=4, seq_len=16, lr=5e-2, save_every=4, tau=0.9
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _experts_kept(model, ids) -> float:
+    model.record_stats(True)
+    with torch.no_grad():
+        model(input_ids=ids)
+    kept = model.routing_stats().mean_experts
+    model.record_stats(False)
+    return kept
+
+
+def test_lm_loss_decreases(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama)
+    _, log = train(model, None, _cfg(steps=15, stage1_steps=5), tmp_path, batches=_batch(), progress=False)
+    assert [r["stage"] for r in log[:6]] == [1] * 5 + [2]  # stage 1 at τ=1.05, then the target τ
+    assert log[0]["tau"] == pytest.approx(1.05) and log[-1]["tau"] == pytest.approx(0.9)
+    assert log[-1]["task"] < log[0]["task"] - 0.01
+    assert (tmp_path / "prunepath.json").is_file() and (tmp_path / "train_log.json").is_file()
+
+
+def test_entropy_term_lowers_experts_kept(tiny_llama, tmp_path):
+    ids, mask = _batch()
+    kept = {}
+    for gamma in (0.0, 1.0):
+        # zero init: p starts uniform, so τ = 0.9 keeps nearly every expert; a large γ must sharpen p
+        model = _moefy(copy.deepcopy(tiny_llama), init="zero")
+        cfg = _cfg(steps=10, gamma=gamma, gamma_lb=0.0, lr=1e-2)
+        train(model, None, cfg, tmp_path / f"g{gamma}", batches=(ids, mask), progress=False)
+        kept[gamma] = _experts_kept(model, ids)
+    assert kept[1.0] < kept[0.0] - 0.5, kept
+
+
+def test_routing_losses_mask_padding():
+    z = torch.randn(6, 8)
+    mask = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    ent, lb = routing_losses([z], mask)
+    ent_ref, lb_ref = routing_losses([z[:3]], None)
+    assert torch.allclose(ent, ent_ref) and torch.allclose(lb, lb_ref)
+    # uniform p: entropy log E, load balance exactly 1 (its minimum)
+    ent_u, lb_u = routing_losses([torch.zeros(5, 8)], None)
+    assert ent_u == pytest.approx(torch.log(torch.tensor(8.0)).item()) and lb_u == pytest.approx(1.0)
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_llama, tmp_path):
+    cfg = _cfg(steps=6, save_every=3, tau_range=(0.5, 0.95))  # τ sampled per batch: the RNG must resume too
+    full = _moefy(copy.deepcopy(tiny_llama))
+    Trainer(full, None, cfg, tmp_path / "full", progress=False, batches=_batch()).run()
+
+    part = _moefy(copy.deepcopy(tiny_llama))
+    Trainer(part, None, cfg, tmp_path / "part", progress=False, batches=_batch()).run(stop_after=3)
+    torch.manual_seed(1234)  # whatever happened in between must not matter
+    resumed = _moefy(copy.deepcopy(tiny_llama))
+    tr = Trainer(resumed, None, cfg, tmp_path / "part", progress=False, batches=_batch())
+    log = tr.run(resume=True)
+    assert len(log) == 6
+    for a, b in zip(full.prunepath_ffns(), resumed.prunepath_ffns()):
+        assert torch.equal(a.router.weight, b.router.weight)
+
+
+def test_resume_refuses_other_settings(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama)
+    Trainer(model, None, _cfg(steps=2, save_every=1), tmp_path, progress=False, batches=_batch()).run()
+    tr = Trainer(
+        model, None, _cfg(steps=2, save_every=1, lr=1e-3), tmp_path, progress=False, batches=_batch()
+    )
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        tr.run(resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama)
+    tr = Trainer(model, None, _cfg(steps=6, save_every=2), tmp_path, progress=False, batches=_batch())
+    tr.run(stop_after=2)
+    saved = (tmp_path / "prunepath.safetensors").read_bytes(), (tmp_path / STATE_FILE).read_bytes()
+    tr.cfg = dataclasses.replace(tr.cfg, gamma=float("nan"))  # the next loss is NaN
+    with pytest.raises(TrainingDiverged, match="step 2.*kept"):
+        tr.run()
+    assert (tmp_path / "prunepath.safetensors").read_bytes() == saved[0]
+    assert (tmp_path / STATE_FILE).read_bytes() == saved[1]
+    assert tr.state.step == 2
+
+
+def test_distill_fits_expert_norms(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama, gate="one")
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(objective="distill", steps=40, batch_size=2, seq_len=16, lr=3e-2, save_every=40)
+    _, log = train(model, None, cfg, tmp_path, batches=(ids, torch.ones_like(ids)), progress=False)
+    assert log[-1]["task"] < 0.7 * log[0]["task"]
+    # the trained router ranks experts like the true norms more often than chance
+    f = model.prunepath_ffns()[0]
+    x = torch.randn(64, 64)
+    agree = (f.router(x).argmax(-1) == f.expert_norms(x).argmax(-1)).float().mean()
+    assert agree > 1 / f.n_experts
+
+
+def test_lora_saves_adapter_that_load_merges(tiny_llama, tmp_path):
+    base = copy.deepcopy(tiny_llama)
+    model = _moefy(tiny_llama)
+    cfg = _cfg(trainable="lora", steps=2, save_every=2, backbone_lr=1e-2)
+    trained, _ = train(model, None, cfg, tmp_path, batches=_batch(), progress=False)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    base.config.prunepath_base = "tiny-llama"
+    loaded, _ = prunepath.load(tmp_path, base=(base, None))
+    ids = _batch()[0]
+    with torch.no_grad():
+        assert torch.allclose(trained(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(objective="rl")
+    with pytest.raises(ValueError, match="tau"):
+        TrainConfig(tau=0)
+    with pytest.raises(ValueError, match="routers only"):
+        TrainConfig(objective="distill", trainable="lora")
+    with pytest.raises(ValueError, match="tau_range"):
+        TrainConfig(tau_range=(0.9, 0.5))
