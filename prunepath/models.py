@@ -182,7 +182,8 @@ def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
     t0 = time.perf_counter()
     model, tokenizer = _dequantise(gguf)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    _sweep_stale(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-{os.getpid()}-", dir=cache.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -207,6 +208,18 @@ def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep_stale(cache: Path) -> None:
+    """Delete half-written copies left by builds that were killed (SIGKILL skips our cleanup)."""
+    for leftover in cache.parent.glob(f".{cache.name}.*-*"):
+        try:
+            pid = int(leftover.name.split("-")[-2])
+            os.kill(pid, 0)  # raises if that process is gone
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass  # not ours, or another user's live process
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

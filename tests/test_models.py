@@ -6,6 +6,7 @@ de-quantisation replaced by a tiny random model, so a rebuild costs milliseconds
 
 import importlib.util
 import json
+import os
 import time
 import warnings
 
@@ -257,3 +258,16 @@ def test_no_warnings_on_a_good_cache(fake_alias):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         load_model(alias.name)
+
+
+def test_leftovers_of_killed_builds_are_swept(fake_alias, tmp_path):
+    alias, _, _ = fake_alias
+    root = tmp_path / "cache" / "models"
+    dead = root / ".tiny-test.tmp-4194305-abc123"  # above Linux's pid_max: that process cannot exist
+    live = root / f".tiny-test.tmp-{os.getpid()}-def456"  # a build still running (this process)
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"partial")
+    load_model(alias.name)
+    assert not dead.exists() and live.exists()
+    assert (root / "tiny-test" / "prunepath_cache.json").is_file()
