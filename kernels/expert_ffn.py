@@ -135,19 +135,21 @@ def _down_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
         acc2 = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     else:
         acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
-    for i in range(SLOTS):
+    # Unrolled, branch-free: an inactive expert's loads are masked off (no memory traffic), so the
+    # compiler can issue every slot's flag and tile loads up front instead of one round trip each.
+    for i in tl.static_range(SLOTS):
         e = c * SLOTS + i
         f = tl.load(flag_ptr + e, mask=e < E, other=0)
-        if f != 0:
-            w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
-                        mask=gm[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-            if BN == 1:
-                hv = tl.load(h_ptr + e * G + g_offs, mask=gm, other=0.0)  # [BLOCK_G] fp32
-                acc2 += w.to(tl.float32) * hv[:, None]
-            else:
-                ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + e * G + g_offs[None, :],
-                             mask=nm[:, None] & gm[None, :], other=0.0)  # [BN, BLOCK_G]
-                acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
+        on = gm & ((g_offs * 0 + f) != 0)  # [BLOCK_G] row valid and expert active
+        w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
+                    mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+        if BN == 1:
+            hv = tl.load(h_ptr + e * G + g_offs, mask=on, other=0.0)  # [BLOCK_G] fp32
+            acc2 += w.to(tl.float32) * hv[:, None]
+        else:
+            ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + e * G + g_offs[None, :],
+                         mask=nm[:, None] & on[None, :], other=0.0)  # [BN, BLOCK_G]
+            acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
     if BN == 1:
         acc = tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_D]
     tl.store(dpart_ptr + c * N * D + n_offs[:, None] * D + d_offs[None, :], acc,
@@ -180,14 +182,18 @@ class FFNConfig:
     block_d: int = 256  # output columns per down program
     block_r: int = 64  # columns per reduce program
     num_warps: int = 4
-    router: RouterConfig = RouterConfig()
+    # K tile 512 -> at most 2 router slices at D = 4096: every gate/up program sums the slices' logits
+    # for its selection, so fewer slices is cheaper there (measured: 53 -> 50 us, Llama-3-8B, 25%)
+    router: RouterConfig = RouterConfig(block_k=512)
 
     @staticmethod
     def for_batch(n: int) -> FFNConfig:
         if n == 1:
             return FFNConfig()
-        return FFNConfig(block_g=16, block_k=128, slots=8, block_d=128,
-                         router=RouterConfig(block_e=16, block_k=128))
+        # one program per expert (block_g = G = 32): the selection is done once per expert, not twice
+        # (measured on an H200, Llama-3-8B shape, 8 rows, 25%: 111 -> 77 us)
+        return FFNConfig(block_g=32, block_k=128, slots=8, block_d=128,
+                         router=RouterConfig(block_e=16, block_k=256, split=2))
 
 
 class Scratch:
