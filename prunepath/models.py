@@ -8,9 +8,9 @@ Three kinds of name work the same way through `load_model`:
 
 The GGUF holds Q4_1 weights; transformers de-quantises them on load, which takes ~25 s on 2 cores.
 We therefore cache one float32 copy as safetensors (~540 MB) after the first load and read that from
-then on (~2 s). The cache is written to a temporary directory and renamed into place, so an
-interrupted first load never leaves a half-written cache; a damaged cache is detected, rebuilt, and
-reported with a warning.
+then on (3-5 s measured on 2 cores shared with ~6 other busy processes). The cache is written to a
+temporary directory and renamed into place, so an interrupted first load never leaves a half-written
+cache; a damaged cache is detected, rebuilt, and reported with a warning.
 
 Every loaded model carries its name (`model.config.prunepath_base`) and the fingerprint of the weights
 it was loaded with (`model.config.prunepath_fingerprint`), so a checkpoint saved after conversion or
@@ -319,7 +319,15 @@ def _load_pretrained(name: str, dtype: torch.dtype):
                 f"{path} is a directory but has no config.json; pass a directory written by "
                 f"model.save_pretrained(...) (with the tokenizer files beside it)."
             )
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise UnknownModelError(
+                f"{path} holds a model but no usable tokenizer ({type(e).__name__}: {' '.join(str(e).split())[:200]}). "
+                f"Fix: tokenizer.save_pretrained('{path}') beside the model."
+            ) from e
+        return model, tokenizer
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
         raise UnknownModelError(
             f"no directory at {name}. Known aliases: {', '.join(sorted(ALIASES))}; "

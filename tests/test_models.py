@@ -157,6 +157,9 @@ def test_unknown_names(monkeypatch, tmp_path):
         load_model("./nope")
     with pytest.raises(UnknownModelError, match="has no config.json.*save_pretrained"):
         load_model(tmp_path)
+    _tiny_llama().save_pretrained(tmp_path / "no_tok")
+    with pytest.raises(UnknownModelError, match="no usable tokenizer.*tokenizer.save_pretrained"):
+        load_model(tmp_path / "no_tok")
     assert issubclass(UnknownModelError, ModelLoadError) and issubclass(ModelOfflineError, ModelLoadError)
 
 
