@@ -2,15 +2,14 @@
 says what the routers did: rule and knob, experts kept per token, active FFN fraction, FFN FLOPs).
 
 Tasks (`evaluate_task`, `prunepath eval --task ...`):
-- `wikitext2`: test perplexity with HF's strided sliding window, plus next-token accuracy.
-- `sst2`, `rte`, `boolq`, `jsonl:PATH?text=..&label=..`, `csv:...`: classification accuracy under one of
-  two stated protocols (a 135M model prompted zero-shot is near chance, SST-2 ~0.68):
-    * `prompt`: label-word scoring of k-shot prompts with fixed seeded demonstrations and contextual
-      calibration (Zhao et al. 2021): label probabilities are divided by those the same prompt gives a
-      content-free input, which removes the prompt's prior towards one label.
-    * `probe`: logistic regression on the frozen final hidden state (last token or mean-pooled), trained
-      on the train split. It measures what the representation still holds after sparsification.
-- `ifeval`, `alpaca`: instruction following, see `prunepath.ifeval`.
+- `wikitext2`: test perplexity with HF's strided sliding window, plus next-token accuracy (here).
+- `sst2`, `rte`, `boolq`, `jsonl:PATH?text=..&label=..`, `csv:...`: classification accuracy under a
+  stated protocol — calibrated k-shot label-word scoring, or a linear probe (see `prunepath.nlu`).
+- `ifeval`, `alpaca`: instruction following, IFEval scored offline and ROUGE-L (see `prunepath.ifeval`).
+
+Every result is an `EvalResult`: metrics, n, protocol, dataset/split, settings, and `routing` — for a
+model with `routing_stats()` the rule, its knob, experts kept per token (mean and spread), active FFN
+fraction and FFN FLOPs per token over the evaluated tokens (padding excluded where the code pads).
 
 Shapes: B batch, T tokens, V vocabulary, C classes, D hidden, N = B*T rows.
 """

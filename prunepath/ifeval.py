@@ -156,17 +156,21 @@ def chat_prompt(tokenizer, user_text: str) -> tuple[str, bool]:
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = 256,
-                       batch_size: int = 4) -> tuple[list[str], dict]:
+                       batch_size: int = 4, rec=None) -> tuple[list[str], dict]:
     """Greedy responses to user prompts (chat template), decoded without special tokens.
 
     Batches are left-padded so every row's last prompt token sits at the same position; the attention
     mask keeps padding out and transformers derives position ids from it during generate().
+    rec: a `RoutingRecorder`, told which routed rows were real: prompt tokens, then one row per decode
+    step for each sequence that has not yet ended (finished rows keep being computed, as padding).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     device = next(model.parameters()).device
     texts, templated = zip(*(chat_prompt(tokenizer, p) for p in prompts)) if prompts else ((), ())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or [tokenizer.eos_token_id]))
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[str] = []
@@ -178,10 +182,15 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
                             add_special_tokens=not templated[0]).to(device)
             gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                  pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-            new = gen[:, enc["input_ids"].shape[1]:]  # [B, new tokens]
-            for row in new:
-                n_new += int((row != pad_id).sum())
-                out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            new = gen[:, enc["input_ids"].shape[1]:].cpu()  # [B, S] new tokens
+            ended = torch.isin(new, eos).long().cumsum(1) > 0  # [B, S] at or after the end token
+            live = torch.cat([torch.ones_like(ended[:, :1]), ~ended[:, :-1]], 1)  # [B, S] token is real
+            n_new += int(live.sum())
+            if rec is not None:
+                rec.add_mask(enc["attention_mask"])  # the prefill forward
+                for s in range(1, new.shape[1]):  # decode step s feeds token s-1
+                    rec.add_mask(~ended[:, s - 1])
+            out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
     finally:
         tokenizer.padding_side = old_side
     info = {"decoding": "greedy", "max_new_tokens": max_new_tokens,
@@ -208,7 +217,7 @@ def instruction_eval(model, tokenizer, task: str, limit: int | None = None, max_
         raise ValueError(f"no {task} rows to evaluate (limit={limit})")
     prompts = [r["prompt"] if task == "ifeval" else alpaca_prompt(r) for r in rows]
     with recording(model) as rec:
-        responses, info = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size)
+        responses, info = generate_responses(model, tokenizer, prompts, max_new_tokens, batch_size, rec)
     if task == "ifeval":
         scores = score_ifeval(rows, responses)
         per = scores.pop("per_prompt")
@@ -216,9 +225,9 @@ def instruction_eval(model, tokenizer, task: str, limit: int | None = None, max_
     else:
         scores = {"rougeL_f1": rouge_l(responses, [r["output"] for r in rows])}
         examples = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
-    info["examples"] = examples[:20]
+    info["examples"] = examples[:20]  # enough to eyeball failures without bloating the JSON
+    fmt = "chat template" if info["chat_template"] else "plain prompt (tokenizer has no chat template)"
     return EvalResult(task=task, metrics=scores, n=len(rows),
-                      protocol=f"greedy, chat template, max {max_new_tokens} new tokens",
-                      dataset=task, split=split or "all", settings=info,
-                      routing=rec.info,
+                      protocol=f"greedy decoding, {fmt}, at most {max_new_tokens} new tokens",
+                      dataset=task, split=split or "all", settings=info, routing=rec.info,
                       model=model_name(model), meta=run_meta(model, t0))

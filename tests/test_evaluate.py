@@ -225,7 +225,14 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
     # one forward per prompt for single-token label words, else one per (prompt, label word)
     real = sum(lens) if max(words) == 1 else sum(n + w for n in lens for w in words)
     assert res.routing["tokens"] == real and res.routing["rule"] == "mass:0.5"
-    assert not hasattr(sparse.prunepath_ffns()[0], "history") or not sparse.prunepath_ffns()[0].record
+    assert not sparse.prunepath_ffns()[0].record  # recording is switched off again afterwards
+    # generation: left-padded prefill + one row per decode step; padding rows are excluded too
+    prompts = ["Write a poem about the sea.", "Hi"]
+    with evaluate.recording(sparse) as rec:
+        ifeval.generate_responses(sparse, tok, prompts, max_new_tokens=3, batch_size=2, rec=rec)
+    prompt_tokens = sum(len(tok(ifeval.chat_prompt(tok, p)[0], add_special_tokens=False).input_ids) for p in prompts)
+    assert rec.info["padding_excluded"]
+    assert prompt_tokens <= rec.info["tokens"] <= prompt_tokens + 2 * 2  # + at most 2 decode steps x 2 rows
 
 
 def test_bad_input(model, tok, tmp_path):
