@@ -240,8 +240,11 @@ class FFNResult:
 
 def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.Tensor,
                cfg: FFNConfig | None = None, scratch: Scratch | None = None,
-               out: torch.Tensor | None = None) -> FFNResult:
-    """Decode FFN for x2d [N, D] (N <= 8) with routing rule `code` and device parameter `param` [1]."""
+               out: torch.Tensor | None = None, stages: int = 4) -> FFNResult | None:
+    """Decode FFN for x2d [N, D] (N <= 8) with routing rule `code` and device parameter `param` [1].
+
+    stages < 4 stops after that many launches (benchmarks time the stages by difference).
+    """
     layout.check_input(x2d)
     N, D = x2d.shape
     E, G = layout.n_experts, layout.expert_size
@@ -255,6 +258,8 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
         raise ValueError(f"expert size {G} has no power-of-two divisor >= {16 if BN > 1 else 1} for the "
                          "gate/up tiles; use an expert size that is a multiple of 16 (e.g. 32)")
     rpart = router_partial_logits(x2d, layout.w_router, cfg.router, out=scratch.rpart)
+    if stages < 2:
+        return None
     S = rpart.shape[0]
     h = scratch.h[: N * E * G].view(N, E * G)
     mask = scratch.mask[: N * E].view(N, E)
@@ -269,11 +274,15 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
         GATE=GATE_CODES[layout.gate], ACT=ACT_CODES[layout.act], GATED=layout.kind == "gated",
         HAS_BIAS=layout.b_in is not None, ROUND_TO=TL_DTYPES[x2d.dtype], DOT_PREC=prec,
         num_warps=cfg.num_warps)
+    if stages < 3:
+        return None
     C = triton.cdiv(E, cfg.slots)
     dpart = scratch.dpart[: C * N * D]
     _down_kernel[(C, triton.cdiv(D, cfg.block_d))](
         h, layout.w_out, scratch.flags, dpart, N, E, D, G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots,
         BN=BN, BLOCK_D=cfg.block_d, DOT_PREC=prec, num_warps=cfg.num_warps)
+    if stages < 4:
+        return None
     y = out if out is not None else torch.empty(N, D, device=x2d.device, dtype=x2d.dtype)
     b_out = layout.b_out if layout.b_out is not None else dpart
     _reduce_kernel[(triton.cdiv(D, cfg.block_r),)](

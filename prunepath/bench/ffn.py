@@ -105,11 +105,11 @@ class Problem:
             y = F.linear(h, w_down)
         return y
 
-    def ours(self, x, code, param, cfg=None):
+    def ours(self, x, code, param, cfg=None, stages=4):
         from prunepath.kernels.expert_ffn import expert_ffn
 
         for lay, _ in self.layouts:
-            y = expert_ffn(x, lay, code, param, cfg=cfg).y
+            y = expert_ffn(x, lay, code, param, cfg=cfg, stages=stages)
         return y
 
 
@@ -178,23 +178,42 @@ def bench_shape(name, D, Fd, batch, fractions, copy_bw, cfg=None, mass_target=0.
     return rows
 
 
+def breakdown(fractions=(0.125, 0.25, 1.0), batch=1) -> list[dict]:
+    """Time of the first k launches (router, +gate/up, +down, +reduce) at the Llama-3-8B shape."""
+    from prunepath.kernels.route import RULE_TOPK
+
+    D, Fd = SHAPES["llama3-8b-4096x14336"]
+    E = Fd // 32
+    prob = Problem(D, Fd, copies=6)
+    x = torch.randn(batch, D, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for f in fractions:
+        param = torch.tensor([float(round(f * E))], device="cuda")
+        t = [time_graph(lambda k=k, p=param: prob.ours(x, RULE_TOPK, p, stages=k), inner=6) * 1e6 for k in (1, 2, 3, 4)]
+        out.append({"fraction": f, "batch": batch, "router_us": t[0], "gate_up_us": t[1] - t[0],
+                    "down_us": t[2] - t[1], "reduce_us": t[3] - t[2], "total_us": t[3]})
+        print("breakdown", {k: round(v, 1) if isinstance(v, float) else v for k, v in out[-1].items()}, flush=True)
+    return out
+
+
 def sweep(copy_bw) -> list[dict]:
     """A few tile configurations at the Llama-3-8B shape, 25% kept, batch 1 and 8."""
     from prunepath.kernels.expert_ffn import FFNConfig
     from prunepath.kernels.route import RouterConfig
 
+    r512 = RouterConfig(block_k=512)
+    b8 = dict(block_g=32, block_k=128, slots=8, block_d=128, router=RouterConfig(block_e=16, block_k=256, split=2))
     variants = {
         "default": None,
-        "bg16_k512": FFNConfig(block_g=16),
-        "bg8_k256": FFNConfig(block_k=256),
-        "slots4": FFNConfig(slots=4),
-        "bd128": FFNConfig(block_d=128),
-        "warps8": FFNConfig(num_warps=8, block_d=512),
-        "router_bk512": FFNConfig(router=RouterConfig(block_k=512)),
-        "b8_bg32": FFNConfig(block_g=32, block_k=128, slots=8, block_d=128,
-                             router=RouterConfig(block_e=16, block_k=128)),
-        "b8_bd256": FFNConfig(block_g=16, block_k=128, slots=8, block_d=256,
-                              router=RouterConfig(block_e=16, block_k=128)),
+        "bg16_k256": FFNConfig(block_g=16, block_k=256, router=r512),
+        "bg32_k128": FFNConfig(block_g=32, block_k=128, router=r512),
+        "slots16": FFNConfig(slots=16, router=r512),
+        "router_split1": FFNConfig(router=RouterConfig(block_k=512, split=1)),
+        "router_be8_split1": FFNConfig(router=RouterConfig(block_e=8, block_k=1024, split=1)),
+        "b8_default": None,
+        "b8_split1": FFNConfig(**{**b8, "router": RouterConfig(block_e=16, block_k=256, split=1)}),
+        "b8_bd256": FFNConfig(**{**b8, "block_d": 256}),
+        "b8_slots4": FFNConfig(**{**b8, "slots": 4}),
     }
     out = []
     for batch in (1, 8):
@@ -232,6 +251,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     result = {**env, "copy_bandwidth_Bps": bw, "rows": rows}
     if args.sweep:
+        result["breakdown"] = breakdown() + breakdown(batch=8)
         result["sweep"] = sweep(bw)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
