@@ -151,7 +151,10 @@ def _check_split(spec: TaskSpec, split: str) -> None:
 # --------------------------------------------------------------------------- raw reading
 
 
-def _read_local(builder: str, path: Path, **kwargs):
+_FIX_DATA_DIR = "Fix: check PRUNEPATH_DATA (it should point at a folder laid out as ../shared/data)."
+
+
+def _read_local(builder: str, path: Path, fix: str = _FIX_DATA_DIR, **kwargs):
     """One file through datasets' packaged builders (json/text/csv), as a Dataset."""
     import datasets
 
@@ -159,7 +162,7 @@ def _read_local(builder: str, path: Path, **kwargs):
         listing = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
         raise DataNotFoundError(
             f"no file {path}" + (f"; {path.parent} holds: {', '.join(listing)}" if listing else "")
-            + ". Fix: check PRUNEPATH_DATA (it should point at a folder laid out as ../shared/data)."
+            + f". {fix}"
         )
     if path.stat().st_size == 0:
         raise EmptySplitError(f"{path} is empty")
@@ -246,11 +249,14 @@ def parse_file_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
     return fmt, Path(path).expanduser(), params
 
 
+_FIX_SPEC = "Fix: correct the path in the spec (a {split} in it is replaced by the split asked for)."
+
+
 def _read_file_spec(fmt: str, path: Path):
     if fmt in ("csv", "tsv") or path.suffix in (".csv", ".tsv"):
         sep = "\t" if fmt == "tsv" or path.suffix == ".tsv" else ","
-        return _read_local("csv", path, delimiter=sep)
-    return _read_local("json", path)
+        return _read_local("csv", path, _FIX_SPEC, delimiter=sep)
+    return _read_local("json", path, _FIX_SPEC)
 
 
 def classification_spec(name_or_spec: str) -> TaskSpec:

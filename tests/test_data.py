@@ -207,13 +207,17 @@ def test_spec_errors(tmp_path):
         load_classification(f"jsonl:{f}?text=sentence", "train")
     with pytest.raises(DataError, match="unknown parameter"):
         load_classification(f"jsonl:{f}?text=sentence&label=label&colour=red", "train")
-    with pytest.raises(DataNotFoundError, match="no file .*missing.jsonl.*holds: d.jsonl"):
+    with pytest.raises(DataNotFoundError, match="no file .*missing.jsonl.*holds: d.jsonl.*path in the spec"):
         load_classification(f"jsonl:{tmp_path}/missing.jsonl?text=a&label=b", "train")
     with pytest.raises(UnknownTaskError, match="jsonl:PATH"):
         load_classification("parquet:/x?text=a&label=b", "train")
     odd = _write_jsonl(tmp_path / "odd.jsonl", [{"t": "x", "y": "maybe"}])
     with pytest.raises(DataError, match="label 'maybe' is not one of neg, pos"):
         load_classification(f"jsonl:{odd}?text=t&label=y&labels=neg,pos", "train")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"a": 1}\nnot json at all\n')
+    with pytest.raises(DataError, match="could not read .*broken.jsonl as json"):
+        load_classification(f"jsonl:{broken}?text=a&label=a", "train")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(EmptySplitError, match="empty"):
