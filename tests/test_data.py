@@ -126,6 +126,7 @@ def test_calibration_batches_shape_determinism_seed():
     assert all((chunks == row).all(1).any() for row in a), "windows are aligned slices of the stream"
 
 
+@pytest.mark.slow
 def test_calibration_batches_real_tokenizer(default_model):
     _, tok = default_model
     b = calibration_batches(tok, 2048, 256)
