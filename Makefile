@@ -29,10 +29,10 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/pytest -q -ra
 
 test-fast: install
-	$(BIN)/python -m pytest -q -ra -m "not slow and not browser"
+	$(BIN)/pytest -q -ra -m "not slow and not browser"
 
 lint: install
 	$(BIN)/ruff check .
