@@ -57,8 +57,16 @@ def _check_logits(logits: Tensor, name: str = "logits") -> None:
                          + (f" of dtype {logits.dtype}" if isinstance(logits, Tensor) else ""))
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{name} must have shape [N, E] with E >= 1 experts, got {tuple(logits.shape)}")
-    if torch.isnan(logits).any():
+    if _can_sync(logits) and torch.isnan(logits).any():
         raise ValueError(f"{name} contain NaN; check the router weights and the FFN input for overflow")
+
+
+def _can_sync(t: Tensor) -> bool:
+    """Whether a data-dependent check (a host sync) is allowed: not while torch.compile traces, nor while
+    a CUDA graph is being captured (the decode loop captures the one-token step)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -258,7 +266,7 @@ class Oracle:
             raise ValueError(
                 f"scores shape {tuple(scores.shape)} does not match logits {tuple(logits.shape)}"
             )
-        if (scores < 0).any():
+        if _can_sync(scores) and (scores < 0).any():
             raise ValueError("oracle scores must be non-negative (expert output norms)")
         s = scores.to(_compute_dtype(scores))
         if self.k is not None:
