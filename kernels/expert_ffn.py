@@ -12,11 +12,13 @@ cost about a of the dense FFN's bytes. Four launches, no host synchronisation, n
    [BLOCK_K] segments), applies act(gate) * up * g_token in fp32, and writes h [N, F] for those
    neurons (0 for tokens that dropped the expert). Programs with rb == 0 also write mask / gates /
    logits [N, E] and the union flag [E].
-3. `_down_kernel`, grid C x (D / BLOCK_D): each program sums SLOTS experts' contribution
-   h[:, e] @ W_out[e] ([G, BLOCK_D] contiguous tiles), skipping inactive experts, into an fp32
-   partial [C, N, D]. Split-K with a second pass instead of bf16 atomics (PAPER §7): deterministic,
-   fp32 accumulation, no zero-fill launch.
-4. `_reduce_kernel`: y = sum_c partial[c] (+ bias), cast to the model dtype.
+3. `_down_kernel`, grid C x (D / BLOCK_D): each program compacts the union flags itself (a cumsum
+   over E in registers) and sums the contribution h[:, e] @ W_out[e] ([G, BLOCK_D] contiguous tiles)
+   of SLOTS *active* experts into an fp32 partial [C, N, D]; programs past ceil(count / SLOTS) exit.
+   Split-K with a second pass instead of bf16 atomics (PAPER §7): deterministic, fp32 accumulation,
+   no zero-fill launch. (A first version looped over expert ids and masked inactive ones: its
+   fixed cost was ~18 us at the Llama-3-8B shape; see prunepath/bench/NOTES.md.)
+4. `_reduce_kernel`: y = sum of the ceil(count / SLOTS) partials (+ bias), cast to the model dtype.
 
 Batches (N <= 8): an expert is streamed once if *any* token keeps it (the union), so the cost follows
 the union's size. One token uses a GEMV path (fp32 FMA, no padding); 2..8 tokens a tensor-core path
@@ -123,8 +125,18 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, rpart_ptr, param_ptr,
 @triton.jit
 def _down_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
-                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Program (c, d) sums the down contribution of active experts c*SLOTS .. c*SLOTS+SLOTS-1 *in
+    compacted order* over its BLOCK_D columns: every program streams SLOTS full tiles (balanced, no
+    skipped slots), and programs past the active count exit at once."""
     c = tl.program_id(0)
+    e_offs = tl.arange(0, BLOCK_E)
+    fl = tl.load(flag_ptr + e_offs, mask=e_offs < E, other=0)  # [E] union flags
+    count = tl.sum(fl, axis=0)
+    lo = c * SLOTS
+    if lo >= count:
+        return
+    rank = tl.cumsum(fl, axis=0)  # [E] 1-based position of each active expert in the compacted list
     d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d_offs < D
     g_offs = tl.arange(0, BLOCK_G)
@@ -135,12 +147,10 @@ def _down_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
         acc2 = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     else:
         acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
-    # Unrolled, branch-free: an inactive expert's loads are masked off (no memory traffic), so the
-    # compiler can issue every slot's flag and tile loads up front instead of one round trip each.
-    for i in tl.static_range(SLOTS):
-        e = c * SLOTS + i
-        f = tl.load(flag_ptr + e, mask=e < E, other=0)
-        on = gm & ((g_offs * 0 + f) != 0)  # [BLOCK_G] row valid and expert active
+    for s in range(SLOTS):
+        j = lo + s  # compacted slot; its expert id is the active expert of rank j + 1
+        e = tl.sum(tl.where((fl != 0) & (rank == j + 1), e_offs, 0), axis=0)
+        on = gm & ((g_offs * 0 + j) < count)  # [BLOCK_G]; the last chunk may be partly empty
         w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
                     mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
         if BN == 1:
@@ -157,8 +167,13 @@ def _down_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
 
 
 @triton.jit
-def _reduce_kernel(dpart_ptr, b_out_ptr, y_ptr, N, D, n_chunks,
+def _reduce_kernel(dpart_ptr, b_out_ptr, y_ptr, flag_ptr, N, D, E,
+                   SLOTS: tl.constexpr, BLOCK_E: tl.constexpr,
                    BN: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = sum over the ceil(count / SLOTS) written partials (+ bias), in the model dtype."""
+    e_offs = tl.arange(0, BLOCK_E)
+    count = tl.sum(tl.load(flag_ptr + e_offs, mask=e_offs < E, other=0), axis=0)
+    n_chunks = (count + SLOTS - 1) // SLOTS
     d_offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     n_offs = tl.arange(0, BN)
     m = (n_offs[:, None] < N) & (d_offs[None, :] < D)
@@ -178,7 +193,7 @@ class FFNConfig:
 
     block_g: int = 8  # neurons per gate/up program (a divisor of G)
     block_k: int = 512  # K tile of the gate/up stream
-    slots: int = 8  # experts per down program (split-K chunk)
+    slots: int = 4  # active experts per down program (split-K chunk)
     block_d: int = 256  # output columns per down program
     block_r: int = 64  # columns per reduce program
     num_warps: int = 4
@@ -280,14 +295,14 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
     dpart = scratch.dpart[: C * N * D]
     _down_kernel[(C, triton.cdiv(D, cfg.block_d))](
         h, layout.w_out, scratch.flags, dpart, N, E, D, G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots,
-        BN=BN, BLOCK_D=cfg.block_d, DOT_PREC=prec, num_warps=cfg.num_warps)
+        BN=BN, BLOCK_D=cfg.block_d, BLOCK_E=next_pow2(E), DOT_PREC=prec, num_warps=cfg.num_warps)
     if stages < 4:
         return None
     y = out if out is not None else torch.empty(N, D, device=x2d.device, dtype=x2d.dtype)
     b_out = layout.b_out if layout.b_out is not None else dpart
     _reduce_kernel[(triton.cdiv(D, cfg.block_r),)](
-        dpart, b_out, y, N, D, C, BN=next_pow2(N), BLOCK_R=cfg.block_r,
-        HAS_BIAS=layout.b_out is not None, num_warps=4)
+        dpart, b_out, y, scratch.flags, N, D, E, SLOTS=cfg.slots, BLOCK_E=next_pow2(E), BN=next_pow2(N),
+        BLOCK_R=cfg.block_r, HAS_BIAS=layout.b_out is not None, num_warps=4)
     return FFNResult(y=y, mask=mask, gates=gates, logits=logits, active=scratch.flags)
 
 

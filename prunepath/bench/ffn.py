@@ -205,15 +205,14 @@ def sweep(copy_bw) -> list[dict]:
     b8 = dict(block_g=32, block_k=128, slots=8, block_d=128, router=RouterConfig(block_e=16, block_k=256, split=2))
     variants = {
         "default": None,
-        "bg16_k256": FFNConfig(block_g=16, block_k=256, router=r512),
-        "bg32_k128": FFNConfig(block_g=32, block_k=128, router=r512),
-        "slots16": FFNConfig(slots=16, router=r512),
-        "router_split1": FFNConfig(router=RouterConfig(block_k=512, split=1)),
-        "router_be8_split1": FFNConfig(router=RouterConfig(block_e=8, block_k=1024, split=1)),
+        "slots8_bd128": FFNConfig(slots=8, block_d=128, router=r512),
+        "slots4_bd128": FFNConfig(slots=4, block_d=128, router=r512),
+        "slots2_bd256": FFNConfig(slots=2, block_d=256, router=r512),
+        "warps8": FFNConfig(num_warps=8, router=r512),
+        "router_be4": FFNConfig(router=RouterConfig(block_e=4, block_k=512)),
         "b8_default": None,
-        "b8_split1": FFNConfig(**{**b8, "router": RouterConfig(block_e=16, block_k=256, split=1)}),
-        "b8_bd256": FFNConfig(**{**b8, "block_d": 256}),
         "b8_slots4": FFNConfig(**{**b8, "slots": 4}),
+        "b8_bd256": FFNConfig(**{**b8, "block_d": 256}),
     }
     out = []
     for batch in (1, 8):
@@ -251,7 +250,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     result = {**env, "copy_bandwidth_Bps": bw, "rows": rows}
     if args.sweep:
-        result["breakdown"] = breakdown() + breakdown(batch=8)
+        result["breakdown"] = breakdown()
         result["sweep"] = sweep(bw)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
