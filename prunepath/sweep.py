@@ -1,0 +1,421 @@
+"""Sparsity–accuracy sweeps on one checkpoint, and automatic τ calibration (PAPER.md §3, §5).
+
+    prunepath sweep --checkpoint default --fractions 0.25 0.5 0.75 --tasks wikitext2 sst2 rte --out results/x
+    prunepath calibrate --checkpoint default --target 0.5
+
+The sweep turns τ on one checkpoint (`--taus`) and, at each matched mean active FFN fraction
+(`--fractions`), runs PrunePath and every baseline of baselines.py: each method's knob is calibrated on
+calibration text to the target fraction, then every task is evaluated with the evaluator's functions
+(`prunepath.evaluate.evaluate_task`). Rows are tidy — one number per row:
+
+    method, knob, target_fraction, active_fraction, mean_experts, task, metric, value, n, protocol
+
+plus the per-token expert-count quantiles. They are appended to <out>.json / <out>.csv as they come, so
+an interrupted sweep resumes where it stopped; `<out>.html` is a plotly figure of each metric versus the
+measured active fraction. Active fraction is measured during each evaluation (not the calibration
+value); for neuron pruning it is the kept-neuron fraction.
+
+`calibrate` finds the global τ by bisection on real forwards of calibration text (each step runs the
+model with that τ, so later layers see the inputs the sparse earlier layers give them), and per-layer τ
+by bisection on each layer's own captured inputs.
+
+Shape legend: B sequences, T tokens, L layers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from prunepath import baselines, routing
+
+COLUMNS = (
+    "method",
+    "knob",
+    "target_fraction",
+    "active_fraction",
+    "mean_experts",
+    "task",
+    "metric",
+    "value",
+    "n",
+    "protocol",
+    "experts_p10",
+    "experts_p50",
+    "experts_p90",
+    "rule",
+    "dtype",
+    "device",
+    "date",
+)
+METRICS = {"wikitext2": ("perplexity", "next_token_accuracy"), "ifeval": None, "alpaca": None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# calibration of τ
+
+
+@torch.no_grad()
+def measured_fraction(model, ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean active FFN fraction over layers and tokens of calibration ids [B, T] under the current rules."""
+    device = next(model.parameters()).device
+    model.record_stats(True)
+    try:
+        for s in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+        return model.routing_stats().active_fraction
+    finally:
+        model.record_stats(False)
+
+
+def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, iters: int = 12) -> dict:
+    """Global τ (bisection on real forwards) and per-layer τ (on captured inputs) for `target`."""
+    if not 0 < target < 1:
+        raise ValueError(f"target active fraction must lie in (0, 1), got {target}; 1 is the dense model (τ > 1)")
+    n_exp = model.prunepath_ffns()[0].n_experts
+    if target < 1 / n_exp:
+        raise ValueError(
+            f"target {target} is below one expert per token (1/{n_exp} = {1 / n_exp:.3f}); "
+            "the top-1 expert is always kept"
+        )
+    saved = [f.rule for f in model.prunepath_ffns()]
+    try:
+
+        def frac(t):
+            model.set_tau(t)
+            return measured_fraction(model, ids)
+
+        tau, got = baselines.bisect(frac, 1e-4, 1.0, target, iters=iters, tol=tol)
+        calib = baselines.capture(model, ids)
+        layers = baselines.per_layer_taus(model, calib, target)
+        model.set_tau([t for t, _ in layers])
+        per_layer_measured = measured_fraction(model, ids)
+    finally:
+        for f, r in zip(model.prunepath_ffns(), saved):
+            f.rule = r
+    return {
+        "target": target,
+        "tau": tau,
+        "active_fraction": got,
+        "tokens": int(ids.numel()),
+        "per_layer_tau": [t for t, _ in layers],
+        "per_layer_fraction_captured": [v for _, v in layers],
+        "per_layer_active_fraction": per_layer_measured,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the sweep
+
+
+def _rows(res: dict, method: str, knob, target, static_fraction: float | None, gate: str) -> list[dict]:
+    r = res.get("routing") or {}
+    q = r.get("experts_kept_p10_p50_p90") or [None] * 3
+    frac = static_fraction if static_fraction is not None else r.get("active_fraction", 1.0)
+    metrics = METRICS.get(res["task"]) or ([m for m in ("accuracy",) if m in res["metrics"]] or list(res["metrics"]))
+    out = []
+    for m in metrics:
+        out.append(
+            {
+                "method": method,
+                "knob": knob,
+                "target_fraction": target,
+                "active_fraction": frac,
+                "mean_experts": r.get("mean_experts_kept"),
+                "task": res["task"],
+                "metric": m,
+                "value": res["metrics"][m],
+                "n": res["n"],
+                "protocol": res["protocol"],
+                "experts_p10": q[0],
+                "experts_p50": q[1],
+                "experts_p90": q[2],
+                "rule": r.get("rule", "dense") if static_fraction is None else f"{method}:{knob}",
+                "dtype": res["meta"].get("dtype"),
+                "device": res["meta"].get("device"),
+                "date": res["meta"].get("date"),
+                "gate": gate,
+                "experts_std": r.get("experts_kept_std"),
+                "per_layer_fraction": r.get("per_layer_fraction"),
+            }
+        )
+    return out
+
+
+class Sweep:
+    """Rows accumulate in <out>.json (list) and <out>.csv; finished (method, knob, task) are skipped."""
+
+    def __init__(self, out: str | Path, meta: dict):
+        self.out = Path(out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.json = self.out.with_suffix(".json")
+        self.rows: list[dict] = []
+        self.meta = meta
+        if self.json.is_file():
+            self.rows = json.loads(self.json.read_text()).get("rows", [])
+
+    def done(self, method, target, task) -> bool:
+        return any(r["method"] == method and r["target_fraction"] == target and r["task"] == task for r in self.rows)
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows.extend(rows)
+        self.json.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1) + "\n")
+        with open(self.out.with_suffix(".csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def run_sweep(
+    model,
+    tok,
+    out,
+    fractions=(0.25, 0.5, 0.75),
+    taus=(),
+    methods=baselines.METHODS,
+    tasks=("wikitext2",),
+    limit=None,
+    wt_tokens=4096,
+    calib_tokens=2048,
+    task_opts=None,
+    progress=True,
+    meta=None,
+) -> Sweep:
+    """Evaluate every (method, fraction) and every τ on every task; returns the Sweep with its rows."""
+    from prunepath.data import calibration_batches
+    from prunepath.evaluate import check_task, evaluate_task
+
+    for t in tasks:
+        check_task(t)
+    for m in methods:
+        if m not in baselines.METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(baselines.METHODS)}")
+    for f in fractions:
+        if not 0 < f < 1:
+            raise ValueError(f"matched fractions must lie in (0, 1), got {f}")
+    for t in taus:
+        routing.CumulativeMass(t)  # validates τ
+    task_opts = task_opts or {}
+    gate = model.prunepath_ffns()[0].gate
+    sw = Sweep(out, meta or {})
+    ids = calibration_batches(tok, calib_tokens, 256, seed=1)  # seed 1: not the training windows (seed 0)
+    calib = baselines.capture(model, ids)
+    plan = [("dense", None)] if "dense" in methods else []
+    plan += [(m, f) for f in fractions for m in methods if m != "dense"]
+    plan += [("prunepath-tau", t) for t in taus]
+    for method, target in plan:
+        todo = [t for t in tasks if not sw.done(method, target, t)]
+        if not todo:
+            continue
+        if method == "prunepath-tau":
+            knob, est = target, None
+            m = baselines.configure(model, calib, "prunepath", knob)
+        elif method == "dense":
+            knob, est = None, 1.0
+            m = baselines.configure(model, calib, "dense", None)
+            m.set_gate("one")  # the base model exactly
+        else:
+            knob, est = baselines.match_knob(model, calib, method, target)
+            m = baselines.configure(model, calib, method, knob)
+        static = getattr(m, "prunepath_static_fraction", None)
+        for task in todo:
+            t0 = time.time()
+            opts = dict(task_opts.get(task, {}))
+            limit_t = wt_tokens if task == "wikitext2" else limit
+            res = evaluate_task(m, tok, task, limit=limit_t, **opts).to_dict()
+            rows = _rows(res, method, knob, target, static, gate)
+            for r in rows:
+                r["calibrated_fraction"] = est
+            sw.add(rows)
+            if progress:
+                main = rows[0]
+                print(
+                    f"[{time.time() - t0:6.1f}s] {method:<14} knob={_fmt(knob):<8} frac={main['active_fraction']:.3f} "
+                    f"{task}: {main['metric']}={main['value']:.4f}",
+                    flush=True,
+                )
+        if m is model:
+            model.set_gate(gate)
+        del m
+    write_figure(sw.rows, Path(out).with_suffix(".html"), sw.meta)
+    return sw
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def write_figure(rows: list[dict], path: Path, meta: dict | None = None) -> Path | None:
+    """Plotly HTML: one panel per (task, metric), metric versus measured active fraction, one line per method."""
+    try:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+    except ImportError:
+        return None
+    panels = sorted({(r["task"], r["metric"]) for r in rows})
+    if not panels:
+        return None
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"{t}: {m}" for t, m in panels])
+    methods = sorted({r["method"] for r in rows})
+    palette = [
+        "#1f77b4",
+        "#d62728",
+        "#2ca02c",
+        "#ff7f0e",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#17becf",
+    ]
+    for j, (task, metric) in enumerate(panels, start=1):
+        for i, method in enumerate(methods):
+            pts = sorted(
+                (r["active_fraction"], r["value"], r["knob"])
+                for r in rows
+                if r["task"] == task and r["metric"] == metric and r["method"] == method
+            )
+            if not pts:
+                continue
+            mode = "markers" if method == "dense" else "lines+markers"
+            fig.add_trace(
+                go.Scatter(
+                    x=[p[0] for p in pts],
+                    y=[p[1] for p in pts],
+                    mode=mode,
+                    name=method,
+                    legendgroup=method,
+                    showlegend=j == 1,
+                    marker=dict(color=palette[i % len(palette)], size=9),
+                    text=[f"knob {_fmt(p[2])}" for p in pts],
+                ),
+                row=1,
+                col=j,
+            )
+        fig.update_xaxes(title_text="mean active FFN fraction", row=1, col=j)
+        if metric == "perplexity":
+            fig.update_yaxes(type="log", row=1, col=j)
+    meta = meta or {}
+    fig.update_layout(
+        title=f"PrunePath vs baselines — {meta.get('checkpoint', '')} on {meta.get('device', '')}",
+        height=450,
+        width=420 * len(panels) + 150,
+    )
+    fig.write_html(path, include_plotlyjs="cdn")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _load(args):
+    import prunepath
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model, tok = prunepath.load(args.checkpoint, device=args.device)
+    return model.to(dtype), tok
+
+
+def _meta(args, model) -> dict:
+    import platform
+
+    import transformers
+
+    dev = args.device
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+    return {
+        "checkpoint": args.checkpoint,
+        "device": dev,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(__import__("sys").argv),
+        "train": getattr(model, "prunepath_train_info", {}),
+    }
+
+
+def run_sweep_cli(args) -> int:
+    model, tok = _load(args)
+    opts = {
+        t: {"protocol": args.protocol, "k": args.shots}
+        for t in args.tasks
+        if t not in ("wikitext2", "ifeval", "alpaca")
+    }
+    opts["wikitext2"] = {"context": args.context, "stride": args.context}
+    sw = run_sweep(
+        model,
+        tok,
+        args.out,
+        args.fractions,
+        args.taus,
+        args.methods,
+        args.tasks,
+        args.limit,
+        args.wt_tokens,
+        args.calib_tokens,
+        opts,
+        meta=_meta(args, model),
+    )
+    print(f"{len(sw.rows)} rows -> {Path(args.out).with_suffix('.json')}, .csv, .html")
+    return 0
+
+
+def run_calibrate(args) -> int:
+    from prunepath.data import calibration_batches
+
+    model, tok = _load(args)
+    ids = calibration_batches(tok, args.calib_tokens, 256, seed=1)
+    res = calibrate_tau(model, ids, args.target, tol=args.tol)
+    print(
+        json.dumps(res, indent=2)
+        if args.json
+        else f"target {res['target']:.3f}: global τ = {res['tau']:.4f} gives active fraction {res['active_fraction']:.4f} "
+        f"on {res['tokens']} calibration tokens\nper-layer τ: {', '.join(f'{t:.3f}' for t in res['per_layer_tau'])} "
+        f"(active fraction with them: {res['per_layer_active_fraction']:.4f})"
+    )
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="τ sweep and baselines at matched active fraction", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--checkpoint", default="default")
+    p.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5, 0.75], help="matched active fractions")
+    p.add_argument("--taus", type=float, nargs="*", default=[], help="extra τ values for PrunePath alone")
+    p.add_argument("--methods", nargs="+", default=list(baselines.METHODS), help=", ".join(baselines.METHODS))
+    p.add_argument("--tasks", nargs="+", default=["wikitext2", "sst2"], help="wikitext2 sst2 rte boolq ifeval ...")
+    p.add_argument("--limit", type=int, default=200, help="rows per classification / instruction task")
+    p.add_argument("--wt-tokens", type=int, default=4096, help="WikiText-2 test tokens (from the start)")
+    p.add_argument("--context", type=int, default=512, help="perplexity window (stride = context)")
+    p.add_argument("--protocol", default="prompt", help="classification protocol (prompt | probe)")
+    p.add_argument("--shots", type=int, default=4, help="demonstrations for the prompt protocol")
+    p.add_argument("--out", default="results/sweep_default", help="output stem: .json, .csv, .html")
+    _common(p)
+    p.set_defaults(func=run_sweep_cli)
+
+    c = subparsers.add_parser(
+        "calibrate",
+        help="find τ (global and per layer) for a target active fraction",
+        description="Bisection for the τ reaching a target mean active FFN fraction.",
+    )
+    c.add_argument("--checkpoint", default="default")
+    c.add_argument("--target", type=float, required=True, help="mean active FFN fraction, e.g. 0.5")
+    c.add_argument("--tol", type=float, default=0.005)
+    c.add_argument("--json", action="store_true")
+    _common(c)
+    c.set_defaults(func=run_calibrate)
+
+
+def _common(p) -> None:
+    p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (lm/wiki_demo.txt)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 is ~3x faster on recent CPUs")

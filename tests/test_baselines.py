@@ -1,0 +1,102 @@
+"""Baselines: static neuron pruning keeps what it says, FLAP compensates, knobs match the target fraction."""
+
+import copy
+
+import pytest
+import torch
+
+import prunepath
+from prunepath import baselines, routing
+
+
+@pytest.fixture
+def tiny(tiny_llama):
+    """The tiny Llama with 8 experts of 16 per layer, plus calibration statistics on random tokens."""
+    model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, gate="one"), progress=False)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    return model, ids, baselines.capture(model, ids)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap"])
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_neuron_pruning_keeps_requested_fraction(tiny, method, fraction):
+    model, _, calib = tiny
+    pruned, kept = baselines.neuron_pruned(model, calib, method, fraction)
+    assert kept == pytest.approx(fraction)
+    for f in pruned.prunepath_ffns():
+        live = (f.down_proj.weight != 0).any(0).sum().item()  # columns still in use
+        assert live == round(fraction * f.d_ff)
+        assert f.rule == routing.Dense() and f.gate == "one"
+    # the original is untouched
+    assert all((f.down_proj.weight != 0).any(0).all() for f in model.prunepath_ffns())
+
+
+def test_wanda_keeps_high_scoring_neurons(tiny):
+    model, _, calib = tiny
+    pruned, _ = baselines.neuron_pruned(model, calib, "wanda-sp", 0.5)
+    f, g = model.prunepath_ffns()[0], pruned.prunepath_ffns()[0]
+    score = baselines.neuron_scores(model, calib, "wanda-sp")[0]
+    kept = (g.down_proj.weight != 0).any(0)
+    assert score[kept].min() >= score[~kept].max()
+    assert torch.equal(g.down_proj.weight[:, kept], f.down_proj.weight[:, kept])
+
+
+def test_flap_bias_compensation_preserves_mean_output(tiny):
+    """With the pruned neurons' mean folded into the bias, the mean FFN output over calibration tokens is kept."""
+    model, _, calib = tiny
+    flap, _ = baselines.neuron_pruned(model, calib, "flap", 0.5)
+    x = calib.inputs[0].float()  # [N, D] the inputs the means were taken on
+    f, g = model.prunepath_ffns()[0], flap.prunepath_ffns()[0]
+    f.rule = routing.Dense()  # the unpruned reference: every neuron, unit gates
+    with torch.no_grad():
+        full, comp = f(x).mean(0), g(x).mean(0)
+        g.down_proj.bias.zero_()
+        bare = g(x).mean(0)
+    assert (comp - full).norm() < 1e-4 * max(1.0, full.norm())
+    assert (bare - full).norm() > 10 * (comp - full).norm()
+
+
+def test_static_experts_keep_highest_router_mass(tiny):
+    model, _, calib = tiny
+    rules = baselines.static_experts(model, calib, 3)
+    assert len(rules) == 2 and all(len(r.experts) == 3 for r in rules)
+    with pytest.raises(ValueError, match="1..8"):
+        baselines.static_experts(model, calib, 9)
+
+
+@pytest.mark.parametrize("method", ["prunepath", "threshold", "oracle", "topk", "static-expert"])
+def test_match_knob_hits_target(tiny, method):
+    model, _, calib = tiny
+    for target in (0.25, 0.5, 0.75):
+        knob, est = baselines.match_knob(model, calib, method, target)
+        if method in ("topk", "static-expert"):
+            assert knob == round(target * 8)
+            continue
+        rule = {
+            "prunepath": lambda: routing.CumulativeMass(knob),
+            "threshold": lambda: routing.Threshold(knob),
+            "oracle": lambda: routing.Oracle(tau=knob),
+        }[method]()
+        got = baselines.fraction_for(model, calib, lambda _i, r=rule: r)
+        assert got == pytest.approx(est)
+        assert abs(got - target) < 0.05, (method, target, got)
+
+
+def test_dense_configuration_is_the_base_model(tiny_llama):
+    base = copy.deepcopy(tiny_llama)
+    model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, gate="one"), progress=False)
+    ids = torch.randint(0, 128, (2, 16))
+    calib = baselines.capture(model, ids)
+    m = baselines.configure(model, calib, "dense", None)
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)
+
+
+def test_bad_knobs_are_refused(tiny):
+    model, _, calib = tiny
+    with pytest.raises(ValueError, match="target"):
+        baselines.match_knob(model, calib, "topk", 1.5)
+    with pytest.raises(ValueError, match="unknown method"):
+        baselines.match_knob(model, calib, "magic", 0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        baselines.neuron_pruned(model, calib, "flap", 0.0)

@@ -1,0 +1,114 @@
+"""τ calibration hits its target; a small sweep writes tidy rows, a CSV and a figure, and resumes."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import prunepath
+from prunepath import sweep
+
+
+@pytest.fixture
+def tiny16(tiny_llama):
+    """The tiny Llama with 16 experts of 8 per layer: fine enough steps for fractions near any target."""
+    return prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=8, gate="one"), progress=False)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_calibrate_hits_target(tiny16, target):
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    rules = [f.rule for f in tiny16.prunepath_ffns()]
+    res = sweep.calibrate_tau(tiny16, ids, target, tol=0.01)
+    assert abs(res["active_fraction"] - target) <= 0.02, res
+    tiny16.set_tau(res["tau"])  # the reported τ really gives that fraction
+    assert sweep.measured_fraction(tiny16, ids) == pytest.approx(res["active_fraction"])
+    assert len(res["per_layer_tau"]) == 2
+    assert all(abs(v - target) <= 0.03 for v in res["per_layer_fraction_captured"])
+    assert [f.rule for f in tiny16.prunepath_ffns()] != [None, None]
+    tiny16.set_tau([0.9, 0.9])
+    assert rules  # calibrate restored the rules it found (checked below on a fresh call)
+
+
+def test_calibrate_restores_rules_and_refuses_bad_targets(tiny16):
+    ids = torch.randint(0, 128, (4, 16))
+    tiny16.set_rule("topk:3")
+    sweep.calibrate_tau(tiny16, ids, 0.5, tol=0.05, iters=4)
+    assert tiny16.rule_spec == "topk:3"
+    for bad in (0.0, 1.0, 1.5, 0.01):
+        with pytest.raises(ValueError, match="target"):
+            sweep.calibrate_tau(tiny16, ids, bad)
+
+
+def test_small_sweep_writes_tidy_rows(tmp_path):
+    """End to end on a tiny random Llama that speaks the real tokenizer's vocabulary (no real weights)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from prunepath.models import model_cache_dir
+
+    if not (model_cache_dir() / "tokenizer.json").is_file():
+        pytest.skip("the default model's tokenizer is not cached yet")
+    tok = AutoTokenizer.from_pretrained(model_cache_dir())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+    )
+    model = prunepath.moefy(
+        LlamaForCausalLM(cfg).eval(), prunepath.MoefyConfig(expert_size=8, gate="one"), progress=False
+    )
+    out = tmp_path / "sw"
+    kw = dict(
+        fractions=(0.5,),
+        taus=(0.9,),
+        tasks=("wikitext2",),
+        wt_tokens=48,
+        calib_tokens=256,
+        task_opts={"wikitext2": {"context": 16, "stride": 16}},
+        progress=False,
+        meta={"device": "cpu"},
+    )
+    sw = sweep.run_sweep(model, tok, out, **kw)
+    methods = {r["method"] for r in sw.rows}
+    assert methods == {
+        "dense",
+        "prunepath",
+        "topk",
+        "threshold",
+        "oracle",
+        "static-expert",
+        "wanda-sp",
+        "flap",
+        "prunepath-tau",
+    }
+    ppl = [r for r in sw.rows if r["metric"] == "perplexity"]
+    assert len(ppl) == 9 and all(r["value"] > 1 for r in ppl)
+    for r in ppl:
+        if r["method"] in ("topk", "static-expert", "wanda-sp", "flap"):
+            assert r["active_fraction"] == pytest.approx(0.5)
+        elif r["method"] == "dense":
+            assert r["active_fraction"] == 1.0
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert len(rows) == len(sw.rows) and set(sweep.COLUMNS) <= set(rows[0])
+    assert json.loads(out.with_suffix(".json").read_text())["meta"] == {"device": "cpu"}
+    assert out.with_suffix(".html").stat().st_size > 1000
+    # a second call finds every row done and evaluates nothing new
+    again = sweep.run_sweep(model, tok, out, **kw)
+    assert len(again.rows) == len(sw.rows)
+
+
+def test_sweep_refuses_bad_input(tiny16, tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        sweep.run_sweep(tiny16, None, tmp_path / "x", tasks=("nope",))
+    with pytest.raises(ValueError, match="unknown method"):
+        sweep.run_sweep(tiny16, None, tmp_path / "x", methods=("magic",))
+    with pytest.raises(ValueError, match="fractions"):
+        sweep.run_sweep(tiny16, None, tmp_path / "x", fractions=(1.5,))
+    with pytest.raises(ValueError, match="tau"):
+        sweep.run_sweep(tiny16, None, tmp_path / "x", taus=(-1.0,))
