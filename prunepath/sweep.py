@@ -374,13 +374,13 @@ def run_calibrate(args) -> int:
     model, tok = _load(args)
     ids = calibration_batches(tok, args.calib_tokens, 256, seed=1)
     res = calibrate_tau(model, ids, args.target, tol=args.tol)
-    print(
-        json.dumps(res, indent=2)
-        if args.json
-        else f"target {res['target']:.3f}: global τ = {res['tau']:.4f} gives active fraction {res['active_fraction']:.4f} "
-        f"on {res['tokens']} calibration tokens\nper-layer τ: {', '.join(f'{t:.3f}' for t in res['per_layer_tau'])} "
-        f"(active fraction with them: {res['per_layer_active_fraction']:.4f})"
-    )
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    taus = ", ".join(f"{t:.3f}" for t in res["per_layer_tau"])
+    print(f"target {res['target']:.3f}: global τ = {res['tau']:.4f} gives active fraction "
+          f"{res['active_fraction']:.4f} on {res['tokens']} calibration tokens")
+    print(f"per-layer τ: {taus} (active fraction with them: {res['per_layer_active_fraction']:.4f})")
     return 0
 
 

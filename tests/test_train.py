@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import prunepath
-from prunepath.train import STATE_FILE, Trainer, TrainConfig, TrainingDiverged, routing_losses, train
+from prunepath.train import STATE_FILE, TrainConfig, Trainer, TrainingDiverged, routing_losses, train
 
 
 def _moefy(model, gate="sigmoid", tau=0.9, init="centroid"):
