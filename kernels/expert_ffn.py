@@ -193,8 +193,10 @@ class FFNConfig:
 
     block_g: int = 8  # neurons per gate/up program (a divisor of G)
     block_k: int = 512  # K tile of the gate/up stream
-    slots: int = 4  # active experts per down program (split-K chunk)
-    block_d: int = 256  # output columns per down program
+    # 8 active experts x 128 columns per down program: the best of the H200 sweep at Llama-3-8B, 25%
+    # kept (46 us against 49-57 for 2-4 slots or 256 columns); see prunepath/bench/NOTES.md
+    slots: int = 8  # active experts per down program (split-K chunk)
+    block_d: int = 128  # output columns per down program
     block_r: int = 64  # columns per reduce program
     num_warps: int = 4
     # K tile 512 -> at most 2 router slices at D = 4096: every gate/up program sums the slices' logits
