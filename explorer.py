@@ -16,13 +16,21 @@ import html
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pandas  # noqa: F401
 import panel as pn
+import plotly.graph_objects  # noqa: F401
+from panel.io.state import set_curdoc
 
+import prunepath.data  # noqa: F401
+import prunepath.evaluate  # noqa: F401
 from prunepath.explore import EXAMPLES, RESULTS_DIR, RULE_NAMES, Explorer, ExplorerError, Routed
 from prunepath.explore_results import live_decode_speed, load_sweep_rows, recorded_benchmarks, sweep_figures
 
+# The imports marked F401 above are eager on purpose: plotly, datasets and the evaluator import pandas
+# lazily, and two worker threads doing that at once left it half-initialised (seen in the browser test).
 pn.extension("plotly", sizing_mode="stretch_width")
 log = logging.getLogger("prunepath.explorer")
 
@@ -30,6 +38,7 @@ CSS = """
 .pp-tok {display:inline-block; margin:1px; padding:1px 3px; border-radius:3px; font-family:monospace;
          font-size:12px; white-space:pre; line-height:1.6}
 .pp-tok sub {font-size:9px; margin-left:2px; color:#333}
+.pp-cont {white-space:pre-wrap; font-size:13px; line-height:1.5; margin-bottom:4px}
 """
 
 
@@ -64,12 +73,13 @@ class ExplorerView(pn.viewable.Viewer):
         self.summary = pn.pane.HTML("", css_classes=["pp-summary"])
         self.tokens = pn.pane.HTML("", stylesheets=[CSS], css_classes=["pp-tokens"])
         self.heatmap = pn.pane.Plotly({"data": [], "layout": {"height": 360}}, css_classes=["pp-heatmap"])
-        self.cont_tau = pn.pane.Markdown("", css_classes=["pp-cont-tau"])
-        self.cont_dense = pn.pane.Markdown("", css_classes=["pp-cont-dense"])
+        self.cont_tau = pn.pane.HTML("", stylesheets=[CSS], css_classes=["pp-cont-tau"])
+        self.cont_dense = pn.pane.HTML("", stylesheets=[CSS], css_classes=["pp-cont-dense"])
         self.quick = pn.pane.Markdown("", css_classes=["pp-quick"])
         self.curves = pn.Column(css_classes=["pp-curves"])
         self.speed = pn.pane.Markdown("", css_classes=["pp-speed"])
         self.explorer: Explorer | None = None
+        self._doc = pn.state.curdoc  # the session's document: worker threads hand pane updates to it
         self._seq = 0  # request counter: only the newest request redraws
         self._cancel = threading.Event()
         self._fast = ThreadPoolExecutor(1, thread_name_prefix="pp-route")
@@ -106,6 +116,18 @@ class ExplorerView(pn.viewable.Viewer):
 
     # -- helpers ---------------------------------------------------------------------------------------
 
+    def _ui(self, fn) -> None:
+        """Run `fn` (which changes panes) on the session's event loop, under the document lock.
+
+        Worker threads must not change Bokeh models themselves: updates from several threads race, and
+        a heatmap update can be lost (seen in the browser test before this existed).
+        """
+        if self._doc is None or self._doc.session_context is None:
+            fn()  # headless or in a notebook: no event loop to hand over to
+            return
+        with set_curdoc(self._doc):
+            pn.state.execute(fn, schedule=True)
+
     def _error(self, msg: str = "") -> None:
         self.alert.object, self.alert.visible = msg, bool(msg)
 
@@ -120,27 +142,31 @@ class ExplorerView(pn.viewable.Viewer):
         if not ref:
             self._error("Type the path of a checkpoint folder, or choose 'default'.")
             return
-        self.info.object, self.info.visible = f"Loading checkpoint {ref!r}… (the first start converts the " \
-            "default model, about half a minute)", True
-        self.load_btn.loading = True
+        self.info.object = (f"Loading checkpoint {ref!r}… (the first start without a trained default converts "
+                            "the default model: a minute or more on 2 cores)")
+        self.info.visible = self.load_btn.loading = True
         self._fast.submit(self._load, ref)
 
     def _load(self, ref: str) -> None:
         try:
             ex = Explorer.open(ref)
         except Exception as e:  # noqa: BLE001 - any failure becomes a message; the old model stays
-            self._error(_friendly(e) + (" The previous checkpoint stays loaded." if self.explorer else ""))
-            self.info.visible = bool(self.explorer)
+            msg = _friendly(e) + (" The previous checkpoint stays loaded." if self.explorer else "")
+            self._ui(lambda: (self._error(msg), setattr(self.info, "visible", self.explorer is not None),
+                              setattr(self.load_btn, "loading", False)))
             return
-        finally:
-            self.load_btn.loading = False
         self.explorer = ex
-        self._error()
-        self.info.object = (f"**Checkpoint:** {ex.source} — {ex.n_layers} layers × {ex.n_experts} experts. "
-                            + (ex.note or ""))
-        self.info.alert_type = "warning" if ex.note else "info"
-        self.info.visible = True
-        self.request()
+
+        def show():
+            self._error()
+            self.load_btn.loading = False
+            self.info.object = (f"**Checkpoint:** {ex.source} — {ex.n_layers} layers × {ex.n_experts} experts. "
+                                + (ex.note or ""))
+            self.info.alert_type = "warning" if ex.note else "info"
+            self.info.visible = True
+            self.request()
+
+        self._ui(show)
 
     # -- fast path: route + redraw ---------------------------------------------------------------------
 
@@ -157,35 +183,41 @@ class ExplorerView(pn.viewable.Viewer):
             return  # superseded while queued
         prompt, rule, tau = setting
         try:
+            t0 = time.perf_counter()
             r = self.explorer.route(prompt, rule, tau)
+            fig = r.heatmap_figure()
+            ms = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # noqa: BLE001
-            self._error(_friendly(e))
+            msg = _friendly(e)
+            self._ui(lambda: self._error(msg) if seq == self._seq else None)
             return
-        if seq != self._seq:
-            return
-        self._draw(r, rule, tau)
+        self._ui(lambda: self._draw(seq, r, fig, rule, tau, ms))
         self._slow.submit(self._slow_work, seq, setting, r, cancel)
 
-    def _draw(self, r: Routed, rule: str, tau: float) -> None:
+    def _draw(self, seq: int, r: Routed, fig: dict, rule: str, tau: float, ms: float) -> None:
+        if seq != self._seq:
+            return  # a newer request is on its way: drawing this one would only flicker
         self._error()  # a truncation note is information, shown in the summary, not an error
-        self.heatmap.object = r.heatmap_figure()
+        self.heatmap.object = fig
         e = r.n_experts
         chips = []
         for tok, c in zip(r.tokens, r.per_token):
-            shade = int(255 - 155 * c / e)
-            chips.append(f'<span class="pp-tok" style="background:rgb({shade},{shade},255)" '
+            shade = int(235 - 175 * c / e)
+            chips.append(f'<span class="pp-tok" style="background:rgb({shade},{shade + 20},255)" '
                          f'title="{c:.1f} of {e} experts">{html.escape(tok)}<sub>{c:.1f}</sub></span>')
         self.tokens.object = "".join(chips)
         what = "dense (all experts, unit gates)" if rule == "dense" else f"{RULE_NAMES[rule]} at τ = {tau:.2f}"
-        gflops, dense = r.flops_per_token / 1e6, r.dense_flops_per_token / 1e6
+        mflops, dense = r.flops_per_token / 1e6, r.dense_flops_per_token / 1e6
         self.summary.object = (
             f'<div class="pp-numbers"><b>{what}</b> &nbsp;→ rule <code>{r.spec}</code><br>'
             f'tokens <b>{len(r.tokens)}</b> &nbsp;·&nbsp; '
             f'mean experts kept <b class="pp-mean">{r.mean_experts:.1f}</b> '
             f'of {e} &nbsp;·&nbsp; active FFN fraction <b class="pp-frac">{r.active_fraction:.1%}</b> &nbsp;·&nbsp; '
-            f'FFN MFLOPs per token <b>{gflops:,.1f}</b> (dense {dense:,.1f}) &nbsp;·&nbsp; '
-            f'routing {r.seconds * 1e3:.0f} ms{" (cached)" if r.seconds == 0 else ""}'
+            f'FFN MFLOPs per token <b>{mflops:,.1f}</b> (dense {dense:,.1f}) &nbsp;·&nbsp; '
+            f'update {ms:.0f} ms'
             + (f'<br><i>{html.escape(r.note)}</i>' if r.note else "") + "</div>")
+        for pane in (self.cont_tau, self.quick):  # stale until the slow work catches up
+            pane.loading = True
 
     # -- slow path: continuations, quick estimate, curves, decode speed ----------------------------------
 
@@ -193,46 +225,52 @@ class ExplorerView(pn.viewable.Viewer):
         prompt, rule, tau = setting
         ex = self.explorer
         try:
-            self._curves(tau if rule == "mass" else None, r.active_fraction)
+            figs = self._curves(tau if rule == "mass" else None, r.active_fraction)
+            self._ui(lambda: setattr(self.curves, "objects", figs))
             for pane, rl in ((self.cont_tau, rule), (self.cont_dense, "dense")):
                 if cancel.is_set():
                     return
-                pane.loading = True
+                self._ui(lambda pane=pane: setattr(pane, "loading", True))
                 c = ex.continuation(prompt, rl, tau, cancel=cancel)
-                pane.loading = False
-                if c is not None:
-                    pane.object = (f"{html.escape(prompt[-80:])}**{html.escape(c.text)}**\n\n"
-                                   f"<small>`{c.spec}` · {c.new_tokens} tokens greedy · "
-                                   f"{c.tokens_per_s:.1f} tokens/s on {ex.device}</small>")
+                if c is None:
+                    return
+                tail = ("…" if len(prompt) > 160 else "") + prompt[-160:]
+                text = (f'<div class="pp-cont"><span style="color:#777">{html.escape(tail)}</span>'
+                        f"<b>{html.escape(c.text)}</b></div>"
+                        f"<small><code>{c.spec}</code> · {c.new_tokens} tokens, greedy · "
+                        f"{c.tokens_per_s:.1f} tokens/s on {ex.device}</small>")
+                self._ui(lambda pane=pane, text=text: (setattr(pane, "object", text), setattr(pane, "loading", False)))
             if cancel.is_set():
                 return
-            self.quick.loading = True
             q = ex.quick_estimate(ex.rule_for(prompt, rule, tau))
             d = ex.quick_estimate(ex.rule_for(prompt, "dense", tau))
-            self.quick.loading = False
-            self.quick.object = (
-                f"**Quick estimate** (perplexity on the first {q.tokens + 1} tokens of WikiText-2 test, one "
-                f"window; not the committed evaluation): `{q.spec}` **{q.perplexity:.2f}** at "
-                f"{q.active_fraction:.1%} active versus dense **{d.perplexity:.2f}** "
-                f"({q.perplexity / d.perplexity - 1:+.1%}).")
+            text = (f"**Quick estimate** (perplexity on the first {q.tokens + 1} tokens of WikiText-2 test, one "
+                    f"window; not the committed evaluation): `{q.spec}` **{q.perplexity:.2f}** at "
+                    f"{q.active_fraction:.1%} active versus dense (base model) **{d.perplexity:.2f}** "
+                    f"({q.perplexity / d.perplexity - 1:+.1%}).")
+            self._ui(lambda: (setattr(self.quick, "object", text), setattr(self.quick, "loading", False)))
             if not cancel.is_set():
-                self._speed(prompt, rule, tau)
+                speed = self._speed(prompt, rule, tau)
+                self._ui(lambda: setattr(self.speed, "object", speed))
         except Exception as e:  # noqa: BLE001
-            self.quick.loading = self.cont_tau.loading = self.cont_dense.loading = False
-            if seq == self._seq:
-                self._error(_friendly(e))
+            msg = _friendly(e)
 
-    def _curves(self, tau, fraction) -> None:
+            def fail():
+                self.quick.loading = self.cont_tau.loading = self.cont_dense.loading = False
+                if seq == self._seq:
+                    self._error(msg)
+
+            self._ui(fail)
+
+    def _curves(self, tau, fraction) -> list:
         rows = load_sweep_rows(RESULTS_DIR)
         if not rows:
-            self.curves.objects = [pn.pane.Markdown(
+            return [pn.pane.Markdown(
                 f"No committed sweep results under `{RESULTS_DIR.name}/` yet. Make them with "
                 "`prunepath sweep --checkpoint default --taus 0.5 0.7 0.9 --out results/sweep_default`.")]
-            return
-        figs = sweep_figures(rows, tau, fraction)
-        self.curves.objects = [pn.pane.Plotly(f) for f in figs[:6]]
+        return [pn.pane.Plotly(f) for f in sweep_figures(rows, tau, fraction)[:6]]
 
-    def _speed(self, prompt: str, rule: str, tau: float) -> None:
+    def _speed(self, prompt: str, rule: str, tau: float) -> str:
         ex = self.explorer
         lines = []
         try:
@@ -255,7 +293,7 @@ class ExplorerView(pn.viewable.Viewer):
                 lines.append(f"**Recorded benchmark** `{b.source}` on **{b.device}**, {b.date}: {figs} tokens/s")
         else:
             lines.append("No recorded GPU benchmark under `results/bench/` yet (`prunepath bench` on a GPU).")
-        self.speed.object = "\n\n".join(lines)
+        return "\n\n".join(lines)
 
 
 def _app():
