@@ -79,6 +79,7 @@ class ExplorerView(pn.viewable.Viewer):
         self.curves = pn.Column(css_classes=["pp-curves"])
         self.speed = pn.pane.Markdown("", css_classes=["pp-speed"])
         self.explorer: Explorer | None = None
+        self._info_text = ""
         self._doc = pn.state.curdoc  # the session's document: worker threads hand pane updates to it
         self._seq = 0  # request counter: only the newest request redraws
         self._cancel = threading.Event()
@@ -152,16 +153,22 @@ class ExplorerView(pn.viewable.Viewer):
             ex = Explorer.open(ref)
         except Exception as e:  # noqa: BLE001 - any failure becomes a message; the old model stays
             msg = _friendly(e) + (" The previous checkpoint stays loaded." if self.explorer else "")
-            self._ui(lambda: (self._error(msg), setattr(self.info, "visible", self.explorer is not None),
-                              setattr(self.load_btn, "loading", False)))
+
+            def failed():
+                self._error(msg)
+                self.load_btn.loading = False
+                self.info.object, self.info.visible = self._info_text, self.explorer is not None
+
+            self._ui(failed)
             return
         self.explorer = ex
 
         def show():
             self._error()
             self.load_btn.loading = False
-            self.info.object = (f"**Checkpoint:** {ex.source} — {ex.n_layers} layers × {ex.n_experts} experts. "
-                                + (ex.note or ""))
+            self._info_text = (f"**Checkpoint:** {ex.source} — {ex.n_layers} layers × {ex.n_experts} experts "
+                               f"of {ex.ffns[0].expert_size} neurons. " + (ex.note or ""))
+            self.info.object = self._info_text
             self.info.alert_type = "warning" if ex.note else "info"
             self.info.visible = True
             self.request()
@@ -288,9 +295,10 @@ class ExplorerView(pn.viewable.Viewer):
                          "Triton kernels are what read only the kept experts on a GPU.")
         benches = recorded_benchmarks(RESULTS_DIR / "bench")
         if benches:
-            for b in benches[:3]:
-                figs = "; ".join(f"{k}: {v:,.0f}" for k, v in b.figures[:6])
-                lines.append(f"**Recorded benchmark** `{b.source}` on **{b.device}**, {b.date}: {figs} tokens/s")
+            for b in benches[:4]:
+                cells = " | ".join(f"{k}: **{v:,.0f}**" for k, v in b.figures)
+                lines.append(f"**Recorded on {b.device}**, {b.date[:16].replace('T', ' ')} — `{b.source}`, "
+                             f"tokens/s: {cells}")
         else:
             lines.append("No recorded GPU benchmark under `results/bench/` yet (`prunepath bench` on a GPU).")
         return "\n\n".join(lines)

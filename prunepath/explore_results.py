@@ -8,8 +8,10 @@ number per row: method, knob, active_fraction, task, metric, value. Benchmarks w
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,35 +103,28 @@ class RecordedBench:
     figures: tuple[tuple[str, float], ...]  # (what, tokens/s)
 
 
-def _walk(obj, path=()):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _walk(v, (*path, str(k)))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            name = v.get("name") or v.get("label") or v.get("method") if isinstance(v, dict) else None
-            yield from _walk(v, (*path, str(name) if name else str(i)))
-    else:
-        yield path, obj
+def recorded_benchmarks(bench_dir: Path, limit: int = 8) -> list[RecordedBench]:
+    """Decode tokens/s recorded under results/bench/decode*.json, each with its device and date.
 
-
-def recorded_benchmarks(bench_dir: Path, limit: int = 12) -> list[RecordedBench]:
-    """Decode tokens/s recorded under results/bench/*.json, each with its device and date."""
+    The decode benchmark (prunepath bench decode) writes {"device", "date", "model", "rows": [{"variant",
+    "tokens_per_s", ...}]}; other files under results/bench (kernel micro-benchmarks) are not decode
+    speed and are skipped.
+    """
     out = []
     for path in sorted(Path(bench_dir).glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        meta = data.get("meta", data) if isinstance(data, dict) else {}
-        device = str(meta.get("device") or meta.get("gpu") or (data.get("device") if isinstance(data, dict) else "")
-                     or "unknown device")
-        date = str(meta.get("date") or (data.get("date") if isinstance(data, dict) else "") or "unknown date")
-        figs = [(" / ".join(p[:-1] + (p[-1],)), float(v)) for p, v in _walk(data)
-                if p and isinstance(v, (int, float)) and not isinstance(v, bool)
-                and any(s in p[-1].lower() for s in ("tokens_per_s", "tok_s", "tokens/s", "tok_per_s"))]
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            continue
+        figs = [(str(r.get("variant") or r.get("rule") or i), float(r["tokens_per_s"]))
+                for i, r in enumerate(rows) if isinstance(r, dict) and isinstance(r.get("tokens_per_s"), (int, float))]
         if figs:
-            out.append(RecordedBench(path.name, device, date, tuple(figs[:limit])))
+            what = f"{path.name} ({data.get('model', '?')}, {data.get('dtype', '?')})"
+            out.append(RecordedBench(what, str(data.get("device") or "unknown device"),
+                                     str(data.get("date") or "unknown date"), tuple(figs[:limit])))
     return out
 
 
@@ -142,28 +137,51 @@ class LiveSpeed:
     how: str  # which loop measured it
 
 
-def live_decode_speed(explorer, rule: routing.Rule, n_tokens: int = 32) -> LiveSpeed:
-    """Tokens/s of our dense and PrunePath decode loops on CUDA (prunepath.decode), measured now.
+class _GPUDecoders:
+    """Our decode loops on CUDA for one explorer: the base model (dense) and a bf16 copy of the PrunePath
+    model, each in a prunepath.decode.Decoder (static cache, CUDA graph, Triton fast paths)."""
 
-    Raises RuntimeError with the reason when there is no GPU or the decode loop is not available; the
-    page then shows the recorded benchmark and the CPU figure from the continuations instead.
+    def __init__(self, explorer):
+        from prunepath.decode import DecodeConfig, Decoder
+        from prunepath.models import load_model, model_reference
+
+        dense, _ = load_model(model_reference(explorer.model), dtype=torch.bfloat16, device="cuda")
+        with explorer._lock:
+            sparse = copy.deepcopy(explorer.model).to("cuda", torch.bfloat16)
+        cfg = DecodeConfig(max_new_tokens=128)
+        self.dense, self.sparse = Decoder(dense, 512, cfg), Decoder(sparse, 512, cfg)
+        self.gate = explorer.gate
+        self.lock = threading.Lock()
+
+
+def live_decode_speed(explorer, rule: routing.Rule, n_tokens: int = 64) -> LiveSpeed:
+    """Tokens/s of our dense and PrunePath decode loops (prunepath.decode) on CUDA, measured now.
+
+    Raises RuntimeError with the reason when there is no GPU or the decode loop is missing; the page
+    then shows the recorded benchmark and the CPU figure from the continuations instead.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU on this machine")
     try:
-        from prunepath import decode
+        import prunepath.decode  # noqa: F401
     except ImportError as e:
         raise RuntimeError(f"the decode loop (prunepath.decode) is not available: {e}") from None
-    bench = getattr(decode, "decode_tokens_per_s", None) or getattr(decode, "tokens_per_s", None)
-    if bench is None:
-        raise RuntimeError("prunepath.decode has no tokens/s entry point (decode_tokens_per_s)")
-    ids = explorer.tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    with _GPU_LOCK:
+        gpu = getattr(explorer, "_gpu_decoders", None)
+        if gpu is None:
+            gpu = explorer._gpu_decoders = _GPUDecoders(explorer)
+    ids = explorer.tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids.cuda()
     t0 = time.perf_counter()
-    with explorer._lock:
-        dense = float(bench(explorer.model, ids, rule=routing.Dense(), n_tokens=n_tokens, device="cuda"))
-        sparse = float(bench(explorer.model, ids, rule=rule, n_tokens=n_tokens, device="cuda"))
-        explorer.model.to("cpu")
+    with gpu.lock:
+        dense = gpu.dense.time_decode(ids, n_tokens)["tokens_per_s"]
+        gpu.sparse.model.set_rule(rule)
+        gpu.sparse.model.set_gate("one" if isinstance(rule, routing.Dense) else gpu.gate)
+        sparse = gpu.sparse.time_decode(ids, n_tokens)["tokens_per_s"]
     if not (math.isfinite(dense) and math.isfinite(sparse)):
-        raise RuntimeError("the decode benchmark returned no figure")
-    return LiveSpeed(torch.cuda.get_device_name(), dense, sparse, rule.spec,
-                     f"prunepath.decode, {n_tokens} tokens, {time.perf_counter() - t0:.1f} s")
+        raise RuntimeError("the decode loop returned no figure")
+    return LiveSpeed(torch.cuda.get_device_name(), float(dense), float(sparse), rule.spec,
+                     f"prunepath.decode loop, bf16, batch 1, {n_tokens} tokens, measured in "
+                     f"{time.perf_counter() - t0:.1f} s")
+
+
+_GPU_LOCK = threading.Lock()

@@ -153,8 +153,9 @@ def test_sweep_rows_and_figures(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "decode.json").write_text(json.dumps(
-        {"meta": {"device": "NVIDIA H200", "date": "2026-11-28"}, "results": [
-            {"name": "dense", "tokens_per_s": 1000.0}, {"name": "prunepath", "tokens_per_s": 1500.0}]}))
+        {"device": "NVIDIA H200", "date": "2026-11-28", "model": "default", "rows": [
+            {"variant": "dense", "tokens_per_s": 1000.0}, {"variant": "mass 50%", "tokens_per_s": 1500.0}]}))
+    (tmp_path / "bench" / "ffn.json").write_text(json.dumps({"device": "x", "rows": [{"us": 3.0}]}))
     got = load_sweep_rows(tmp_path)
     assert len(got) == 4 and got[0]["source"] == "sweep_x.json"
     figs = sweep_figures(got, tau=0.7, active_fraction=0.5)
@@ -166,4 +167,4 @@ def test_sweep_rows_and_figures(tmp_path):
     assert "outside the swept" in out[0]["layout"]["title"]["text"]
     b = recorded_benchmarks(tmp_path / "bench")
     assert b[0].device == "NVIDIA H200" and b[0].date == "2026-11-28"
-    assert [v for _, v in b[0].figures] == [1000.0, 1500.0]
+    assert len(b) == 1 and b[0].figures == (("dense", 1000.0), ("mass 50%", 1500.0))
