@@ -410,10 +410,12 @@ def load_for_explorer(ref: str):
         raise ExplorerError(f"Could not load checkpoint {ref!r}: {e}") from None
 
 
-def build_tiny_checkpoint(folder: Path) -> Path:
-    """A 2-layer random Llama with a byte-level tokenizer, saved as a PrunePath checkpoint (for tests).
+def build_tiny_checkpoint(folder: Path, layers: int = 4, d_model: int = 64, d_ff: int = 256) -> Path:
+    """A small random Llama with a byte-level tokenizer, saved as a PrunePath checkpoint (for tests).
 
-    Offline and fast (~1 s): no download, no default model. Reused if already built.
+    Offline and fast (~1 s at the defaults: 4 layers, 8 experts of 32): no download, no default model.
+    Reused if already built. Larger shapes (e.g. the default model's 30 x 576 x 1536) exercise the
+    GPU decode loop at realistic sizes with no weights to ship.
     """
     folder = Path(folder)
     ckpt = folder / "checkpoint"
@@ -433,13 +435,13 @@ def build_tiny_checkpoint(folder: Path) -> Path:
     bpe.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
+                      num_attention_heads=max(4, d_model // 64), num_key_value_heads=2, max_position_embeddings=1024,
                       eos_token_id=len(vocab) - 1)
     base = folder / "base"
     LlamaForCausalLM(cfg).save_pretrained(base)
     tok.save_pretrained(base)
     model, _ = prunepath.load_model(base)
-    prunepath.moefy(model, prunepath.MoefyConfig(expert_size=32), progress=False)  # 8 experts per layer
+    prunepath.moefy(model, prunepath.MoefyConfig(expert_size=32), progress=False)  # F/32 experts per layer
     prunepath.save(model, ckpt)
     return ckpt
