@@ -1,0 +1,120 @@
+"""`FastPath`, the kernel hook of a PrunePathFFN, against the FFN's own torch path.
+
+Runs the Triton kernels in the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1);
+`PRUNEPATH_GPU_TESTS=1 pytest tests/test_kernels_fastpath.py` runs them compiled on a CUDA device.
+"""
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from prunepath.kernels import FastPath, attach_fast_paths, detach_fast_paths  # noqa: E402
+from prunepath.kernels import fastpath as fastpath_mod  # noqa: E402
+from prunepath.kernels.expert_ffn import expert_ffn  # noqa: E402
+
+from prunepath import MoefyConfig, moefy  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("PRUNEPATH_GPU_TESTS") else "cpu"
+
+
+@pytest.fixture
+def converted(tiny_llama):
+    """The 2-layer tiny Llama (D=64, 4 experts of 32) converted, with peaked random routers."""
+    m = copy.deepcopy(tiny_llama).to(DEV)
+    moefy(m, MoefyConfig(split="random", router_init="zero", rule="mass:0.6"), progress=False)
+    torch.manual_seed(0)
+    for f in m.prunepath_ffns():
+        f.router.weight.data.normal_(0, 0.5)
+    return m
+
+
+def _both(ffn, x):
+    """(fast path output, torch path output) for the same input."""
+    with torch.no_grad():
+        fast = ffn(x)
+        keep, ffn.fast_path = ffn.fast_path, None
+        ref = ffn(x)
+        ffn.fast_path = keep
+    return fast, ref
+
+
+@pytest.mark.parametrize("rows", [1, 3])  # the GEMV path and the padded tensor-core path
+def test_fast_path_equals_torch_path(converted, rows):
+    ffn = converted.prunepath_ffns()[0]
+    ffn.fast_path = FastPath(ffn)
+    x = torch.randn(1, rows, 64, device=DEV)
+    with torch.no_grad():  # with grad enabled (trainable weights) the torch path is the one to use
+        assert ffn.fast_path.accepts(x)
+    fast, ref = _both(ffn, x)
+    assert fast.shape == ref.shape
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_tau_change_reaches_the_kernel_and_stats_are_recorded(converted):
+    """set_tau updates the device parameter; record_stats counts kept experts on the fast path too."""
+    attach_fast_paths(converted)
+    ffn = converted.prunepath_ffns()[1]
+    x = torch.randn(1, 1, 64, device=DEV)
+    for tau in (0.3, 0.95, 1.05):
+        converted.set_tau(tau)
+        fast, ref = _both(ffn, x)
+        assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-5), f"tau={tau}"
+    converted.record_stats(True)
+    with torch.no_grad():
+        ffn(x)
+    assert ffn.last_counts.tolist() == [4]  # tau > 1 keeps all 4 experts
+    detach_fast_paths(converted)
+    assert all(f.fast_path is None for f in converted.prunepath_ffns())
+
+
+def test_share_down_keeps_outputs(converted):
+    """share_down re-stores down_proj as a view of the kernel slab: same values, no copy."""
+    ffn = converted.prunepath_ffns()[0]
+    x = torch.randn(1, 2, 64, device=DEV)
+    with torch.no_grad():
+        before = ffn(x)
+    ffn.fast_path = FastPath(ffn, share_down=True)
+    fast, ref = _both(ffn, x)
+    assert not ffn.down_proj.weight.is_contiguous()
+    assert ffn.down_proj.weight.data_ptr() == ffn.fast_path.layout.w_out.data_ptr()
+    assert torch.allclose(ref, before) and torch.allclose(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_accepts_falls_back_where_it_must(converted):
+    ffn = converted.prunepath_ffns()[0]
+    fp = FastPath(ffn)
+    assert not fp.accepts(torch.randn(1, 9, 64, device=DEV))  # prefill: more than 8 rows
+    with torch.enable_grad():
+        assert not fp.accepts(torch.randn(1, 1, 64, device=DEV))  # training: weights need grad
+    with torch.no_grad():
+        ffn.rule = type(ffn.rule).__mro__[0](0.5)  # still cumulative mass: accepted
+        assert fp.accepts(torch.randn(1, 1, 64, device=DEV))
+        from prunepath.routing import Static
+
+        ffn.rule = Static((0, 1))  # no kernel for static rules: torch path, silently
+        assert not fp.accepts(torch.randn(1, 1, 64, device=DEV))
+
+
+def test_unsupported_dtype_warns_once(converted):
+    ffn = converted.prunepath_ffns()[0].double()
+    fp = FastPath(ffn)
+    fastpath_mod._WARNED.clear()
+    x = torch.randn(1, 1, 64, device=DEV, dtype=torch.float64)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not fp.accepts(x) and not fp.accepts(x)
+    assert len([w for w in caught if "float64" in str(w.message)]) == 1
+
+
+def test_wrong_layout_is_a_clear_error(converted):
+    ffn = converted.prunepath_ffns()[0]
+    fp = FastPath(ffn)
+    with torch.no_grad():
+        fp(torch.randn(1, 1, 64, device=DEV))  # builds the fp32 layout
+    with pytest.raises(ValueError, match="rebuild it"):
+        expert_ffn(torch.randn(1, 64, device=DEV, dtype=torch.float16), fp.layout, 0, fp._param)
