@@ -30,7 +30,10 @@ METHODS = ("kmeans", "coact", "random")
 KMEANS_ITERS = 25  # Lloyd steps; on real gate rows assignments stop changing well before this
 SEED_DIM = 64  # k-means++ seeding runs on a random projection to this many dimensions (see _seed_centres)
 ACTIVE_FRACTION = 0.1  # smooth activations: a neuron counts as active if among the top 10% |h| of its token
-COACT_NEIGHBOURS = 8  # coact graph keeps each neuron's 8·G strongest co-activation partners
+# The coact graph keeps each neuron's 2·G strongest co-activation partners. Sparser is also better here:
+# on planted groups (1536 neurons, G = 32) 2·G recovered more of them than 8·G (0.47 vs 0.39 purity at a
+# noisy setting, 1.0 vs 0.90 at a cleaner one) — weak edges are mostly noise — and METIS runs 4x fewer edges.
+COACT_NEIGHBOURS = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,8 +270,9 @@ def coactivation_labels(
     # Sparse graph: each neuron keeps its strongest partners (the dense [F, F] would be 0.8 GB at F=14,336).
     n_nb = min(n - 1, COACT_NEIGHBOURS * g)
     rows, cols, wts = [], [], []
+    active_t = active.T.contiguous()  # [F, N]
     for s in range(0, n, 1024):
-        block = active[:, s : s + 1024].T @ active  # [b, F] co-activation counts
+        block = active_t[s : s + 1024] @ active  # [b, F] co-activation counts
         block[torch.arange(block.shape[0]), torch.arange(s, s + block.shape[0])] = -1  # no self-loops
         top = block.topk(n_nb, dim=1)
         rows.append(torch.arange(s, s + block.shape[0]).repeat_interleave(n_nb))
