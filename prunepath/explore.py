@@ -435,8 +435,10 @@ def build_tiny_checkpoint(folder: Path, layers: int = 4, d_model: int = 64, d_ff
     bpe.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     torch.manual_seed(0)
+    heads = max(4, d_model // 64)
+    kv_heads = next(k for k in (2, 3, 1) if heads % k == 0)  # grouped-query attention, as the default model
     cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
-                      num_attention_heads=max(4, d_model // 64), num_key_value_heads=2, max_position_embeddings=1024,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
                       eos_token_id=len(vocab) - 1)
     base = folder / "base"
     LlamaForCausalLM(cfg).save_pretrained(base)
