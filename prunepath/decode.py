@@ -149,11 +149,12 @@ class Decoder:
             fp.sync()
 
     @torch.no_grad()  # not inference_mode: its tensors refuse later in-place updates (tau)
-    def prefill(self, input_ids: torch.Tensor, temperature: float = 0.0) -> None:
+    def prefill(self, input_ids: torch.Tensor, temperature: float = 0.0, new_tokens: int | None = None) -> None:
         """Reset the cache, run the prompt [B, T] eagerly, and leave the first new token in `ids`."""
         B, T = input_ids.shape
-        if T + self.config.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {T} tokens + {self.config.max_new_tokens} new ones exceeds the cache "
+        n = self.config.max_new_tokens if new_tokens is None else new_tokens
+        if T + n > self.max_len:
+            raise ValueError(f"prompt of {T} tokens + {n} new ones exceeds the cache "
                              f"length {self.max_len}; build the Decoder with a larger max_len")
         self._setup(B)
         self._sync_rules()
@@ -185,7 +186,7 @@ class Decoder:
         """Prompt [B, T] -> [B, T + new] token ids (truncated after EOS when every row has one)."""
         n = max_new_tokens if max_new_tokens is not None else self.config.max_new_tokens
         t = self.config.temperature if temperature is None else temperature
-        self.prefill(input_ids, temperature=t)
+        self.prefill(input_ids, temperature=t, new_tokens=n)
         done = 1
         while done < n:  # check EOS every 16 tokens: one host sync per chunk, not per token
             k = min(16, n - done)
@@ -207,7 +208,7 @@ class Decoder:
             torch.cuda.reset_peak_memory_stats(self.device)
         runs = []
         for _ in range(3):
-            self.prefill(input_ids)
+            self.prefill(input_ids, new_tokens=n_tokens + warmup + 1)
             self.decode(warmup)
             if self.device.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
