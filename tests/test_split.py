@@ -159,7 +159,7 @@ def test_bench_cli_dispatches_to_split_benchmark(tmp_path):
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers())
     out = tmp_path / "bench_split.json"
-    args = parser.parse_args(["bench", "split", "--quick", "--repeats", "1", "--out", str(out)])
+    args = parser.parse_args(["bench", "split", "--quick", "--repeats", "1", "--no-coact", "--out", str(out)])
     assert args.func(args) == 0
     result = json.loads(out.read_text())
     assert {"device", "cores", "versions", "date", "cases"} <= set(result)

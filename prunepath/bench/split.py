@@ -12,6 +12,8 @@ objective), for k-means and for a random split of the same keys. Random Gaussian
 structure, so the gap there is small by construction; where the default model is installed we also
 report the same number on its real gate rows (layers 0, 15, 29), where the structure is real.
 
+Also one co-activation split per case (METIS on synthetic activations of 2048 tokens), for its time.
+
 Writes results/bench_split.json with the CPU model, cores, threads, versions, date and load average
 (the machine may be shared: the load average says how much to trust the times).
 """
@@ -34,6 +36,7 @@ from prunepath.split import split_neurons
 
 CASES = [(1536, 576, 32), (14336, 4096, 32)]  # (F, D, G)
 REAL_LAYERS = (0, 15, 29)
+COACT_TOKENS = 2048
 
 
 def cpu_name() -> str:
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per case, median reported (default 5)")
     ap.add_argument("--quick", action="store_true", help="only the small case, 3 repeats unless given, no real model")
     ap.add_argument("--no-real", action="store_true", help="skip the default model's gate rows")
+    ap.add_argument("--no-coact", action="store_true", help="skip the (single, untimed-quality) co-activation run")
     ap.add_argument("--out", default="results/bench_split.json")
     args = ap.parse_args(argv)
     cases = CASES[:1] if args.quick else CASES
@@ -121,10 +125,23 @@ def main(argv: list[str] | None = None) -> int:
             "kmeans_mean_cos": quality(km),
             "random_mean_cos": quality(rnd),
         }
+        if not args.no_coact:
+            # co-activation split on synthetic activations (the time, not the quality, is the point here):
+            # 2048 tokens, each switching on ~8 groups of G neurons that fire together
+            gen = torch.Generator().manual_seed(1)
+            truth = torch.randperm(n, generator=gen) // g
+            on = torch.rand(COACT_TOKENS, n // g, generator=gen) < 8 / (n // g)  # [N, E]
+            p_fire = torch.where(on[:, truth], 0.6, 0.03)  # [N, F]
+            acts = (torch.rand(p_fire.shape, generator=gen) < p_fire) * torch.randn(p_fire.shape, generator=gen)
+            t0 = time.perf_counter()
+            split_neurons(keys, g, "coact", seed=0, activations=acts)
+            case["coact_time_s"] = time.perf_counter() - t0
+            case["coact_tokens"] = COACT_TOKENS
         result["cases"].append(case)
         print(f"{n:>6} x {d:<5} -> {n // g:>3} experts: k-means median {case['kmeans']['median_s']:.2f} s "
               f"(p20 {case['kmeans']['p20_s']:.2f}, p80 {case['kmeans']['p80_s']:.2f}); mean cos to centre "
-              f"{case['kmeans_mean_cos']:.4f} vs random {case['random_mean_cos']:.4f}", flush=True)
+              f"{case['kmeans_mean_cos']:.4f} vs random {case['random_mean_cos']:.4f}"
+              + (f"; coact {case['coact_time_s']:.1f} s" if "coact_time_s" in case else ""), flush=True)
     if not (args.quick or args.no_real):
         result["real_model_gate_rows"] = real_keys_section()
         for name, r in (result["real_model_gate_rows"] or {}).items():
