@@ -12,13 +12,15 @@ cost about a of the dense FFN's bytes. Four launches, no host synchronisation, n
    [BLOCK_K] segments), applies act(gate) * up * g_token in fp32, and writes h [N, F] for those
    neurons (0 for tokens that dropped the expert). Programs with rb == 0 also write mask / gates /
    logits [N, E] and the union flag [E].
-3. `_down_kernel`, grid C x (D / BLOCK_D): each program compacts the union flags itself (a cumsum
+3. `_down_kernel` (batches, or E >= 128), grid C x (D / BLOCK_D): each program compacts the union flags itself (a cumsum
    over E in registers) and sums the contribution h[:, e] @ W_out[e] ([G, BLOCK_D] contiguous tiles)
    of SLOTS *active* experts into an fp32 partial [C, N, D]; programs past ceil(count / SLOTS) exit.
    Split-K with a second pass instead of bf16 atomics (PAPER §7): deterministic, fp32 accumulation,
-   no zero-fill launch. (A first version looped over expert ids and masked inactive ones: its
-   fixed cost was ~18 us at the Llama-3-8B shape; see prunepath/bench/NOTES.md.)
-4. `_reduce_kernel`: y = sum of the ceil(count / SLOTS) partials (+ bias), cast to the model dtype.
+   no zero-fill launch. `_down_by_id_kernel` (one token, E < 128) walks expert ids instead and masks
+   the inactive ones: no compaction latency, which wins when the whole FFN is a few microseconds,
+   but a ~18 us fixed cost at the Llama-3-8B shape (prunepath/bench/NOTES.md).
+4. `_reduce_kernel` / `_reduce_all_kernel`: y = sum of the written partials (+ bias), cast to the
+   model dtype.
 
 Batches (N <= 8): an expert is streamed once if *any* token keeps it (the union), so the cost follows
 the union's size. One token uses a GEMV path (fp32 FMA, no padding); 2..8 tokens a tensor-core path
@@ -186,6 +188,60 @@ def _reduce_kernel(dpart_ptr, b_out_ptr, y_ptr, flag_ptr, N, D, E,
     tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _down_by_id_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Id-order variant: program (c, d) covers expert ids c*SLOTS .. c*SLOTS+SLOTS-1 and masks the
+    inactive ones (no traffic for them). No compaction: the lowest latency for small E (the default
+    576 x 1536 model: 15-16.5 us against 18-20 for the compacted kernel, H200)."""
+    c = tl.program_id(0)
+    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d_offs < D
+    g_offs = tl.arange(0, BLOCK_G)
+    gm = g_offs < G
+    n_offs = tl.arange(0, BN)
+    nm = n_offs < N
+    if BN == 1:
+        acc2 = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
+    # Unrolled, branch-free: an inactive expert's loads are masked off (no memory traffic), so the
+    # compiler can issue every slot's flag and tile loads up front instead of one round trip each.
+    for i in tl.static_range(SLOTS):
+        e = c * SLOTS + i
+        f = tl.load(flag_ptr + e, mask=e < E, other=0)
+        on = gm & ((g_offs * 0 + f) != 0)  # [BLOCK_G] row valid and expert active
+        w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
+                    mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+        if BN == 1:
+            hv = tl.load(h_ptr + e * G + g_offs, mask=on, other=0.0)  # [BLOCK_G] fp32
+            acc2 += w.to(tl.float32) * hv[:, None]
+        else:
+            ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + e * G + g_offs[None, :],
+                         mask=nm[:, None] & on[None, :], other=0.0)  # [BN, BLOCK_G]
+            acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
+    if BN == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_D]
+    tl.store(dpart_ptr + c * N * D + n_offs[:, None] * D + d_offs[None, :], acc,
+             mask=nm[:, None] & dm[None, :])
+
+
+@triton.jit
+def _reduce_all_kernel(dpart_ptr, b_out_ptr, y_ptr, N, D, n_chunks,
+                   BN: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr):
+    d_offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_offs = tl.arange(0, BN)
+    m = (n_offs[:, None] < N) & (d_offs[None, :] < D)
+    off = n_offs[:, None] * D + d_offs[None, :]
+    acc = tl.zeros((BN, BLOCK_R), dtype=tl.float32)
+    for c in range(0, n_chunks):
+        acc += tl.load(dpart_ptr + c * N * D + off, mask=m, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_out_ptr + d_offs, mask=d_offs < D, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=m)
+
+
 # ----------------------------------------------------------------------------- launcher
 @dataclass(frozen=True)
 class FFNConfig:
@@ -197,6 +253,9 @@ class FFNConfig:
     # kept (46 us against 49-57 for 2-4 slots or 256 columns); see prunepath/bench/NOTES.md
     slots: int = 8  # active experts per down program (split-K chunk)
     block_d: int = 128  # output columns per down program
+    block_d_by_id: int = 256  # columns per program of the id-order down kernel (v2's measured tile)
+    # compacted down (None = auto: batches, or E >= 128) or id-order down (small E, one token)
+    compact: bool | None = None
     block_r: int = 64  # columns per reduce program
     num_warps: int = 4
     # K tile 512 -> at most 2 router slices at D = 4096: every gate/up program sums the slices' logits
@@ -295,16 +354,27 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
         return None
     C = triton.cdiv(E, cfg.slots)
     dpart = scratch.dpart[: C * N * D]
-    _down_kernel[(C, triton.cdiv(D, cfg.block_d))](
-        h, layout.w_out, scratch.flags, dpart, N, E, D, G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots,
-        BN=BN, BLOCK_D=cfg.block_d, BLOCK_E=next_pow2(E), DOT_PREC=prec, num_warps=cfg.num_warps)
+    compact = cfg.compact if cfg.compact is not None else (N > 1 or E >= 128)
+    if compact:
+        _down_kernel[(C, triton.cdiv(D, cfg.block_d))](
+            h, layout.w_out, scratch.flags, dpart, N, E, D, G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots,
+            BN=BN, BLOCK_D=cfg.block_d, BLOCK_E=next_pow2(E), DOT_PREC=prec, num_warps=cfg.num_warps)
+    else:
+        _down_by_id_kernel[(C, triton.cdiv(D, cfg.block_d_by_id))](
+            h, layout.w_out, scratch.flags, dpart, N, E, D, G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots,
+            BN=BN, BLOCK_D=cfg.block_d_by_id, DOT_PREC=prec, num_warps=cfg.num_warps)
     if stages < 4:
         return None
     y = out if out is not None else torch.empty(N, D, device=x2d.device, dtype=x2d.dtype)
     b_out = layout.b_out if layout.b_out is not None else dpart
-    _reduce_kernel[(triton.cdiv(D, cfg.block_r),)](
-        dpart, b_out, y, scratch.flags, N, D, E, SLOTS=cfg.slots, BLOCK_E=next_pow2(E), BN=next_pow2(N),
-        BLOCK_R=cfg.block_r, HAS_BIAS=layout.b_out is not None, num_warps=4)
+    if compact:
+        _reduce_kernel[(triton.cdiv(D, cfg.block_r),)](
+            dpart, b_out, y, scratch.flags, N, D, E, SLOTS=cfg.slots, BLOCK_E=next_pow2(E), BN=next_pow2(N),
+            BLOCK_R=cfg.block_r, HAS_BIAS=layout.b_out is not None, num_warps=4)
+    else:
+        _reduce_all_kernel[(triton.cdiv(D, cfg.block_r),)](
+            dpart, b_out, y, N, D, C, BN=next_pow2(N), BLOCK_R=cfg.block_r,
+            HAS_BIAS=layout.b_out is not None, num_warps=4)
     return FFNResult(y=y, mask=mask, gates=gates, logits=logits, active=scratch.flags)
 
 

@@ -10,6 +10,7 @@ intermediates (NaN) first, so an element the kernels forget to write, or read be
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -132,6 +133,18 @@ def test_tile_configs_agree():
     a = _run(x, layout, RULE_MASS, 0.7).y
     b = _run(x, layout, RULE_MASS, 0.7, cfg=FFNConfig(block_g=32, block_k=32, slots=3, block_d=16, block_r=32)).y
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,tau", [(1, 0.3), (1, 0.95), (3, 0.3), (3, 0.95)])
+def test_down_variants_agree(N, tau):
+    """Compacted and id-order down kernels (and their reduces) give the same output, sparse or dense."""
+    layout = _layout(11, 32, 40, torch.float32)  # E = 11: neither a multiple of 8 nor of 4 slots
+    x = torch.randn(N, 40, device=DEV)
+    cfgs = [replace(FFNConfig.for_batch(N), compact=c, slots=4) for c in (True, False)]
+    ys = [_run(x, layout, RULE_MASS, tau, cfg=cfg).y for cfg in cfgs]
+    assert torch.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-6)
+    ref = expert_ffn_reference(x, layout, route_reference(x, layout, RULE_MASS, tau).gates)
+    assert _rel(ys[0], ref) < TOL[torch.float32]
 
 
 def test_unit_gates_all_experts_equal_dense_ffn():
