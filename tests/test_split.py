@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prunepath.split import (
     _rebalance,
@@ -110,6 +112,20 @@ def test_balanced_assign_exact_capacities():
     # column 0 keeps the rows that would lose most by going elsewhere (largest margin)
     margin = scores[:, 0] - scores[:, 1:].max(1).values
     assert set(labels.eq(0).nonzero().flatten().tolist()) == set(margin.topk(3).indices.tolist())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 2**31 - 1), st.booleans())
+def test_balanced_assign_any_capacities(n_cols, seed, lopsided):
+    # any scores, any capacities summing to the row count: exact capacities, every row placed
+    gen = torch.Generator().manual_seed(seed)
+    cap = torch.randint(0, 6, (n_cols,), generator=gen)
+    cap[0] += 1  # at least one row
+    scores = torch.randn(int(cap.sum()), n_cols, generator=gen)
+    if lopsided:  # everyone wants the same column
+        scores[:, -1] += 10
+    labels = balanced_assign(scores, cap)
+    assert torch.equal(torch.bincount(labels, minlength=n_cols), cap)
 
 
 def test_rebalance_moves_weakest_members():
