@@ -183,6 +183,23 @@ def fraction_for(model, calib: Calibration, rule_of) -> float:
     return float(torch.stack(fr).mean())
 
 
+def expert_counts(model, calib: Calibration, rule) -> torch.Tensor:
+    """Experts kept per (layer, calibration token) under `rule`, from the captured inputs.  # [L, N]"""
+    out = []
+    for f, x, nrm in zip(model.prunepath_ffns(), calib.inputs, calib.norms):
+        out.append(rule.select(_logits(f, x), nrm if rule.needs_scores else None).sum(-1))
+    return torch.stack(out)
+
+
+def count_distribution(counts: torch.Tensor, n_experts: int) -> dict:
+    """Histogram of experts kept per (layer, token) and quantiles of the per-token mean over layers."""
+    per_token = counts.float().mean(0)  # [N]
+    q = torch.quantile(per_token, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
+    return {"histogram_per_layer_token": torch.bincount(counts.reshape(-1), minlength=n_experts + 1).tolist(),
+            "per_token_mean_quantiles_5_25_50_75_95": q, "per_token_mean_std": float(per_token.std()),
+            "per_layer_token_std": float(counts.float().std()), "min": int(counts.min()), "max": int(counts.max())}
+
+
 def bisect(fn, lo: float, hi: float, target: float, increasing: bool = True, iters: int = 30, tol: float = 2e-3):
     """x in [lo, hi] with fn(x) ≈ target for a monotone fn; returns (x, fn(x))."""
     best = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -89,8 +90,19 @@ def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, i
             model.set_tau(t)
             return measured_fraction(model, ids)
 
-        tau, got = baselines.bisect(frac, 1e-4, 1.0, target, iters=iters, tol=tol)
+        # Start from the τ that reaches the target on the dense model's FFN inputs (one forward, then free);
+        # sparse earlier layers shift later layers' inputs a little, so refine by bisection on real forwards
+        # in a bracket around it.
         calib = baselines.capture(model, ids)
+        tau0, _ = baselines.match_knob(model, calib, "prunepath", target)
+        got0 = frac(tau0)
+        if abs(got0 - target) <= tol:
+            tau, got = tau0, got0
+        else:
+            lo, hi = (tau0, min(1.0, tau0 + 0.15)) if got0 < target else (max(1e-4, tau0 - 0.15), tau0)
+            tau, got = baselines.bisect(frac, lo, hi, target, iters=iters, tol=tol)
+            if abs(got0 - target) < abs(got - target):
+                tau, got = tau0, got0
         layers = baselines.per_layer_taus(model, calib, target)
         model.set_tau([t for t, _ in layers])
         per_layer_measured = measured_fraction(model, ids)
@@ -154,9 +166,12 @@ class Sweep:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.json = self.out.with_suffix(".json")
         self.rows: list[dict] = []
-        self.meta = meta
-        if self.json.is_file():
-            self.rows = json.loads(self.json.read_text()).get("rows", [])
+        self.meta = dict(meta)
+        if self.json.is_file():  # resume / extend: keep the rows and every command that made them
+            old = json.loads(self.json.read_text())
+            self.rows = old.get("rows", [])
+            self.meta = {**old.get("meta", {}), **meta, "expert_counts": old.get("meta", {}).get("expert_counts", {})}
+            self.meta["commands"] = old.get("meta", {}).get("commands", []) + meta.get("commands", [])
 
     def done(self, method, target, task) -> bool:
         return any(r["method"] == method and r["target_fraction"] == target and r["task"] == task for r in self.rows)
@@ -221,6 +236,10 @@ def run_sweep(
         else:
             knob, est = baselines.match_knob(model, calib, method, target)
             m = baselines.configure(model, calib, method, knob)
+            if method == "prunepath":  # the adaptive count is the point of the method: keep its distribution
+                counts = baselines.expert_counts(model, calib, routing.CumulativeMass(knob))
+                dist = baselines.count_distribution(counts, model.prunepath_ffns()[0].n_experts)
+                sw.meta.setdefault("expert_counts", {})[f"{target}"] = {"tau": knob, **dist}
         static = getattr(m, "prunepath_static_fraction", None)
         for task in todo:
             t0 = time.time()
@@ -241,12 +260,36 @@ def run_sweep(
         if m is model:
             model.set_gate(gate)
         del m
+    sw.add([])  # writes the meta (expert-count distributions) even when every row was already done
     write_figure(sw.rows, Path(out).with_suffix(".html"), sw.meta)
+    write_table(sw.rows, Path(out).with_suffix(".md"))
     return sw
 
 
 def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def write_table(rows: list[dict], path: Path) -> Path:
+    """Markdown table: one line per (method, target fraction), one column per (task, metric)."""
+    cols = sorted({(r["task"], r["metric"]) for r in rows})
+    keys = []
+    for r in rows:
+        k = (r["method"], r["target_fraction"])
+        if k not in keys:
+            keys.append(k)
+    lines = [
+        "| method | target | knob | active fraction (measured) | " + " | ".join(f"{t} {m}" for t, m in cols) + " |",
+        "|" + "---|" * (4 + len(cols)),
+    ]
+    for method, target in keys:
+        rs = [r for r in rows if r["method"] == method and r["target_fraction"] == target]
+        cell = {(r["task"], r["metric"]): r["value"] for r in rs}
+        frac = ", ".join(sorted({f"{r['active_fraction']:.3f}" for r in rs}))
+        vals = " | ".join(f"{cell[c]:.4g}" if c in cell else "" for c in cols)
+        lines.append(f"| {method} | {_fmt(target)} | {_fmt(rs[0]['knob'])} | {frac} | {vals} |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def write_figure(rows: list[dict], path: Path, meta: dict | None = None) -> Path | None:
@@ -337,7 +380,7 @@ def _meta(args, model) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(__import__("sys").argv),
+        "commands": ["prunepath " + " ".join(sys.argv[1:])],
         "train": getattr(model, "prunepath_train_info", {}),
     }
 
@@ -378,8 +421,10 @@ def run_calibrate(args) -> int:
         print(json.dumps(res, indent=2))
         return 0
     taus = ", ".join(f"{t:.3f}" for t in res["per_layer_tau"])
-    print(f"target {res['target']:.3f}: global τ = {res['tau']:.4f} gives active fraction "
-          f"{res['active_fraction']:.4f} on {res['tokens']} calibration tokens")
+    print(
+        f"target {res['target']:.3f}: global τ = {res['tau']:.4f} gives active fraction "
+        f"{res['active_fraction']:.4f} on {res['tokens']} calibration tokens"
+    )
     print(f"per-layer τ: {taus} (active fraction with them: {res['per_layer_active_fraction']:.4f})")
     return 0
 

@@ -86,9 +86,7 @@ class TrainConfig:
         if self.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.objective == "distill" and self.trainable != "router":
-            raise ValueError(
-                "the distill objective trains routers only (backbone frozen); use --trainable router"
-            )
+            raise ValueError("the distill objective trains routers only (backbone frozen); use --trainable router")
         if self.distill_loss not in ("kl", "bce"):
             raise ValueError(f"distill_loss must be 'kl' or 'bce', got {self.distill_loss!r}")
         if not (self.tau > 0 and math.isfinite(self.tau)):
@@ -104,6 +102,7 @@ class TrainConfig:
             raise ValueError("need steps >= 0, stage1_steps >= 0 and at least one step in all")
         if self.gate not in (None, "sigmoid", "softmax", "one"):
             raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {self.gate!r}")
+        check_data(self.data)
         if self.lora_targets not in ("ffn", "attn", "all"):
             raise ValueError(f"lora_targets must be 'ffn', 'attn' or 'all', got {self.lora_targets!r}")
 
@@ -122,9 +121,7 @@ class RunState:
 # losses on captured router logits
 
 
-def routing_losses(
-    logits: list[torch.Tensor], mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def routing_losses(logits: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean-over-layers token entropy, mean-over-layers load balance) of logits L x [N, E]; mask [N] bool."""
     ent, lb = [], []
     for z in logits:
@@ -162,9 +159,7 @@ class LogitCapture:
             if inputs:
                 self.handles.append(
                     f.register_forward_pre_hook(
-                        lambda _m, a, i=i: self.inputs.__setitem__(
-                            i, a[0].detach().reshape(-1, a[0].shape[-1])
-                        )
+                        lambda _m, a, i=i: self.inputs.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]))
                     )
                 )
 
@@ -176,6 +171,20 @@ class LogitCapture:
 
 # ---------------------------------------------------------------------------------------------------------
 # data
+
+
+def check_data(name: str) -> str:
+    """Refuse an unknown training source before any model is loaded."""
+    from prunepath import data
+
+    lm = ("calibration", "wikitext2", "alpaca")
+    cls = tuple(t for t, s in data.TASKS.items() if s.kind == "classification")
+    if name in lm + cls or name.split(":", 1)[0] in ("jsonl", "json", "csv", "tsv"):
+        return name
+    raise ValueError(
+        f"unknown training data {name!r}; choose one of {', '.join(lm + cls)} or a labelled file "
+        "'jsonl:PATH?text=FIELD&label=FIELD' (also csv:)"
+    )
 
 
 def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,14 +201,10 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
     elif cfg.data in data.TASKS and data.TASKS[cfg.data].kind == "classification" or ":" in cfg.data:
         ds = data.load_classification(cfg.data, "train")
         names = ds.features["label"].names
-        texts = [
-            " ".join(filter(None, [r["text"], r.get("text_pair")])) + f"\nLabel: {names[r['label']]}"
-            for r in ds
-        ]
+        texts = [" ".join(filter(None, [r["text"], r.get("text_pair")])) + f"\nLabel: {names[r['label']]}" for r in ds]
     else:
         known = ", ".join(
-            ["calibration", "wikitext2", "alpaca"]
-            + [t for t, s in data.TASKS.items() if s.kind == "classification"]
+            ["calibration", "wikitext2", "alpaca"] + [t for t, s in data.TASKS.items() if s.kind == "classification"]
         )
         raise ValueError(
             f"unknown training data {cfg.data!r}; choose one of {known} or a 'jsonl:PATH?text=..&label=..' spec"
@@ -305,9 +310,7 @@ class Trainer:
 
         self.cfg, self.out, self.progress, self.tok = cfg, Path(out), progress, tokenizer
         if not hasattr(model, "prunepath_ffns"):
-            raise ValueError(
-                "train needs a PrunePath model: prunepath.moefy(model) or prunepath.load(ckpt) first"
-            )
+            raise ValueError("train needs a PrunePath model: prunepath.moefy(model) or prunepath.load(ckpt) first")
         if cfg.gate is not None:
             model.set_gate(cfg.gate)
         self.base_fp = getattr(model, "prunepath_base_fingerprint", None)
@@ -455,7 +458,8 @@ class Trainer:
         losses, logits = [], []
         for f, x, t in zip(_ffns(self.model), xs, norms):
             w = next(f.router.parameters())
-            z = f.router(x[rows].to(w.device, w.dtype))  # [n, E]
+            with _autocast(cfg):  # bf16 matmuls: ~3x faster on CPUs with AVX512-BF16, the loss stays fp32
+                z = f.router(x[rows].to(w.device, w.dtype))  # [n, E]
             losses.append(distill_loss(z, t[rows].to(w.device), cfg.distill_loss))
             logits.append(z)
         ent, lb = routing_losses(logits, None)
@@ -548,12 +552,8 @@ def add_cli(subparsers) -> None:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="start from this PrunePath checkpoint ('default' or a folder)")
-    src.add_argument(
-        "--model", default=None, help="convert this base model first (default SmolLM2-135M-Instruct)"
-    )
-    p.add_argument(
-        "--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json"
-    )
+    src.add_argument("--model", default=None, help="convert this base model first (default SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     d = TrainConfig()
     for name, kind, help_ in (
@@ -589,9 +589,7 @@ def add_cli(subparsers) -> None:
             default=getattr(d, name),
             help=f"{help_} (default {getattr(d, name)})",
         )
-    p.add_argument(
-        "--tau-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="sample τ per batch"
-    )
+    p.add_argument("--tau-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="sample τ per batch")
     p.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast on CUDA)")
     p.add_argument("--amp", action=_BoolFlag, default=None, help="bf16 autocast (--amp / --no-amp)")
     p.add_argument("--router-init", default="centroid", choices=["zero", "centroid"], help="with --model")
@@ -613,9 +611,7 @@ def run(args) -> int:
     from prunepath.convert import MoefyConfig
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(
-        **{k: (tuple(v) if k == "tau_range" and v else v) for k, v in vars(args).items() if k in fields}
-    )
+    cfg = TrainConfig(**{k: (tuple(v) if k == "tau_range" and v else v) for k, v in vars(args).items() if k in fields})
     out = Path(args.out)
     # A resumed run starts from the same source as the interrupted one; train_state.pt restores the rest.
     if args.checkpoint:
@@ -634,9 +630,7 @@ def run(args) -> int:
             ),
         )
     if not args.resume and (out / STATE_FILE).is_file():
-        raise ValueError(
-            f"{out} already holds a training run; pass --resume to continue it or choose another --out"
-        )
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     try:
         _, log = train(model, tok, cfg, out, resume=args.resume)
     except TrainingDiverged as e:
