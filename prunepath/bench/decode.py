@@ -167,17 +167,27 @@ def bench_random(args, device, dtype) -> list[dict]:
 
 
 def bench_default(args, device, dtype) -> list[dict]:
+    """Base model first (our loop, then transformers generate), freed; then the PrunePath model across
+    tau. One model on the device at a time, so each peak memory belongs to the model measured."""
     from prunepath.decode import encode_prompt, load_for_decode
 
     rows = []
-    model, tok = load_for_decode(args.checkpoint, False, str(device), dtype)
-    base, _ = load_for_decode(args.checkpoint, True, str(device), dtype)
+    base, tok = load_for_decode(args.checkpoint, True, str(device), dtype)
     ids = encode_prompt(tok, "Write a short story about a lighthouse keeper who finds a message in a bottle.")
     max_len = ids.shape[1] + args.new_tokens + 16
     dcfg = DecodeConfig(max_new_tokens=args.new_tokens, cuda_graph=not args.no_graph)
     dense = time_loop(Decoder(base, max_len=max_len, config=dcfg), ids, args.new_tokens)
     rows.append({"variant": "dense (our loop)", **dense})
     print(f"default dense loop: {dense['tokens_per_s']:.1f} tok/s", flush=True)
+    if not args.no_hf:
+        for static in (False, True):
+            name = f"dense transformers generate ({'static' if static else 'dynamic'} cache)"
+            rows.append({"variant": name, **time_hf(base, ids, args.new_tokens, static)})
+            print(f"{name}: {rows[-1]['tokens_per_s']:.1f} tok/s", flush=True)
+    del base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model, _ = load_for_decode(args.checkpoint, False, str(device), dtype)
     dec = Decoder(model, max_len=max_len, config=dcfg)
     for t in args.taus:
         if t == "dense":
@@ -186,13 +196,9 @@ def bench_default(args, device, dtype) -> list[dict]:
         r = time_loop(dec, ids, args.new_tokens)
         frac = realised_fraction(model, torch.cat([ids, dec.out[:, : args.new_tokens].cpu()], 1))
         rows.append({"variant": f"prunepath tau={t} (our loop)", "tau": float(t), "realised_fraction": frac,
+                     "fast_path": bool(dec.fast_paths) and all(fp.layout is not None for fp in dec.fast_paths),
                      "speedup_vs_dense": r["tokens_per_s"] / dense["tokens_per_s"], **r})
         print(f"default tau={t}: kept {frac:.3f}, {r['tokens_per_s']:.1f} tok/s", flush=True)
-    if not args.no_hf:
-        for static in (False, True):
-            name = f"dense transformers generate ({'static' if static else 'dynamic'} cache)"
-            rows.append({"variant": name, **time_hf(base, ids, args.new_tokens, static)})
-            print(f"{name}: {rows[-1]['tokens_per_s']:.1f} tok/s", flush=True)
     return rows
 
 
