@@ -26,7 +26,6 @@ import warnings
 import torch
 
 from .layout import ExpertLayout, detect_activation
-from .route import rule_code
 
 _WARNED: set[str] = set()
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -36,6 +35,13 @@ def _warn_once(key: str, msg: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(msg, stacklevel=3)
+
+
+def rule_code(rule):
+    """route.rule_code, imported late: this module must import without triton (CPU installs)."""
+    from .route import rule_code as code
+
+    return code(rule)
 
 
 def _capturing() -> bool:
@@ -85,10 +91,16 @@ class FastPath:
         return None
 
     def accepts(self, x: torch.Tensor) -> bool:
+        from . import HAS_TRITON
+
         ffn = self.ffn
         n = x.numel() // ffn.d_model
         if n == 0 or n > self.max_rows:
             return False  # prefill / large batches: the torch path (expected, no warning)
+        if not HAS_TRITON:
+            _warn_once("triton", "prunepath.kernels: triton is not installed (pip install prunepath[kernels]); "
+                                 "using the torch FFN")
+            return False
         if rule_code(ffn.rule) is None:
             return False  # oracle / static rules: torch path
         if torch.is_grad_enabled() and (x.requires_grad or ffn.router.weight.requires_grad):
