@@ -121,15 +121,28 @@ class FastPath:
             mods = (f.fc_in.weight, f.fc_out.weight, f.fc_in.bias, f.fc_out.bias)
         return mods + (f.router.weight,)
 
+    def _weights_key(self) -> tuple:
+        """Storage, dtype, device and in-place version of every weight: a change means a stale layout
+        (the transposed down copy would not see an optimizer step, for instance)."""
+        def one(t):
+            if t is None:
+                return None
+            try:
+                version = t._version
+            except RuntimeError:  # inference tensors keep no version counter
+                version = 0
+            return t.data_ptr(), t.dtype, t.device, version
+
+        return tuple(one(t) for t in self._weights())
+
     def _layout(self) -> ExpertLayout:
-        key = tuple((t.data_ptr(), t.dtype, t.device) if t is not None else None for t in self._weights())
+        key = self._weights_key()
         if self.layout is None or key != self._key:
             if _capturing():
                 raise RuntimeError("the PrunePath layout must be built before CUDA-graph capture: run one "
                                    "eager step first (prunepath.decode does)")
             self.layout = ExpertLayout.from_ffn(self.ffn, share_down=self.share_down)
-            self._key = tuple((t.data_ptr(), t.dtype, t.device) if t is not None else None
-                              for t in self._weights())
+            self._key = self._weights_key()
         if self.layout.gate != self.ffn.gate:
             from dataclasses import replace
 

@@ -85,6 +85,18 @@ def test_share_down_keeps_outputs(converted):
     assert torch.allclose(ref, before) and torch.allclose(fast, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_layout_follows_in_place_weight_updates(converted):
+    """An in-place update of the down weights (an optimizer step) rebuilds the transposed copy."""
+    ffn = converted.prunepath_ffns()[0]
+    ffn.fast_path = FastPath(ffn)
+    x = torch.randn(1, 1, 64, device=DEV)
+    _both(ffn, x)
+    with torch.no_grad():
+        ffn.down_proj.weight.mul_(-2.0)
+    fast, ref = _both(ffn, x)
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_accepts_falls_back_where_it_must(converted):
     ffn = converted.prunepath_ffns()[0]
     fp = FastPath(ffn)
