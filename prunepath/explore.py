@@ -363,7 +363,7 @@ def matched_knobs(logits: torch.Tensor, fraction: float, n_experts: int) -> tupl
     k = int(min(max(round(fraction * n_experts), 1), n_experts))
     s = torch.sigmoid(logits.reshape(-1).float())
     t = float(torch.quantile(s[:1_000_000], 1.0 - min(max(fraction, 0.0), 1.0)))
-    return k, min(max(t, 1e-6), 1 - 1e-6)
+    return k, round(min(max(t, 1e-4), 1 - 1e-4), 4)  # 4 decimals: a readable spec, well within the quantile's noise
 
 
 # ---------------------------------------------------------------------------------------------------
