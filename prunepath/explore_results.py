@@ -50,6 +50,17 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float | None:
     return ys[0] if len(xs) == 1 and abs(x - xs[0]) < 1e-9 else None
 
 
+# One colour per method in every figure; PrunePath's curves in the strong red the τ marker uses.
+_PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e")
+_FIXED = {"prunepath": "#d62728", "prunepath-tau": "#ff9896", "dense": "#000000"}
+
+
+def _color(method: str) -> str:
+    if method in _FIXED:
+        return _FIXED[method]
+    return _PALETTE[sum(map(ord, method)) % len(_PALETTE)]  # stable across runs (str hash is salted)
+
+
 def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | None) -> list[dict]:
     """One plotly figure (dict) per (source, task, metric): metric versus measured active fraction, one
     line per method, the current active fraction as a dashed line and the current τ as a star on the
@@ -60,14 +71,18 @@ def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | 
     figs = []
     for (source, task, metric), rs in sorted(groups.items()):
         data = []
-        for method in sorted({r["method"] for r in rs}):
+        for method in sorted({r["method"] for r in rs}, key=lambda m: (m not in TAU_METHODS, m)):
             pts = sorted((r["active_fraction"], r["value"]) for r in rs if r["method"] == method)
             data.append({"type": "scatter", "mode": "lines+markers", "name": method,
-                         "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
-        shapes, note = [], ""
+                         "x": [p[0] for p in pts], "y": [p[1] for p in pts],
+                         "line": {"color": _color(method), "width": 3 if method in TAU_METHODS else 1.5}})
+        shapes, notes, note = [], [], ""
         if active_fraction is not None:
             shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": active_fraction,
                            "x1": active_fraction, "y0": 0, "y1": 1, "line": {"dash": "dash", "color": "#d62728"}})
+            notes.append({"x": active_fraction, "y": 1, "xref": "x", "yref": "paper", "yanchor": "bottom",
+                          "text": f"this prompt: {active_fraction:.0%}", "showarrow": False,
+                          "font": {"size": 10, "color": "#d62728"}})
         taus = sorted((float(r["knob"]), r["active_fraction"], r["value"]) for r in rs
                       if r["method"] in TAU_METHODS and isinstance(r.get("knob"), (int, float)))
         if tau is not None and taus:
@@ -83,7 +98,7 @@ def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | 
             "title": {"text": f"{task} {metric} ({better}){note}<br><sup>{source}</sup>", "font": {"size": 13}},
             "xaxis": {"title": {"text": "mean active FFN fraction"}, "range": [0, 1.02]},
             "yaxis": {"title": {"text": metric}, "type": "log" if metric == "perplexity" else "linear"},
-            "shapes": shapes, "height": 320, "margin": {"l": 55, "r": 10, "t": 55, "b": 45},
+            "shapes": shapes, "annotations": notes, "height": 320, "margin": {"l": 55, "r": 10, "t": 55, "b": 45},
             "legend": {"font": {"size": 10}},
         }})
     return figs
