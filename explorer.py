@@ -283,12 +283,15 @@ class ExplorerView(pn.viewable.Viewer):
                 self._ui(lambda pane=pane, text=text: (setattr(pane, "object", text), setattr(pane, "loading", False)))
             if cancel.is_set():
                 return
-            q = ex.quick_estimate(ex.rule_for(prompt, rule, tau))
-            d = ex.quick_estimate(ex.rule_for(prompt, "dense", tau))
-            text = (f"**Quick estimate** (perplexity on the first {q.tokens + 1} tokens of WikiText-2 test, one "
-                    f"window; not the committed evaluation): `{q.spec}` **{q.perplexity:.2f}** at "
-                    f"{q.active_fraction:.1%} active versus dense (base model) **{d.perplexity:.2f}** "
-                    f"({q.perplexity / d.perplexity - 1:+.1%}).")
+            try:
+                q = ex.quick_estimate(ex.rule_for(prompt, rule, tau))
+                d = ex.quick_estimate(ex.rule_for(prompt, "dense", tau))
+                text = (f"**Quick estimate** (perplexity on the first {q.tokens + 1} tokens of WikiText-2 test, "
+                        f"one window; not the committed evaluation): `{q.spec}` **{q.perplexity:.2f}** at "
+                        f"{q.active_fraction:.1%} active versus dense (base model) **{d.perplexity:.2f}** "
+                        f"({q.perplexity / d.perplexity - 1:+.1%}).")
+            except ExplorerError as e:  # no data folder: the rest of the page still works
+                text = f"Quick estimate unavailable: {e}"
             self._ui(lambda: (setattr(self.quick, "object", text), setattr(self.quick, "loading", False)))
             if not cancel.is_set():
                 speed = self._speed(prompt, rule, tau)

@@ -159,7 +159,7 @@ def test_bad_input_gives_messages_not_tracebacks(page):
     _wait(lambda: "routes and continues the first" in _numbers(pg), 60, "the truncation note")
     assert not pg.locator(".alert-danger").is_visible()
     # a checkpoint folder that does not exist: a message, and the loaded model stays
-    pg.get_by_role("button", name="path").click()
+    pg.get_by_role("button", name="path", exact=True).click()
     path = pg.get_by_placeholder("/path/to/checkpoint")
     path.fill("/nonexistent/checkpoint")
     path.press("Enter")
