@@ -84,7 +84,7 @@ class RoutingRecorder:
         ffns = self.model.prunepath_ffns()
         recorded = sum(h.numel() for h in ffns[0].history)
         mask = torch.cat(self.masks) if self.masks else None
-        # Masks only line up when every recorded forward supplied one (not so inside generate()).
+        # Masks line up only if every recorded forward supplied one; otherwise every routed row counts.
         stats = self.model.routing_stats(mask if mask is not None and mask.numel() == recorded else None)
         per_token = stats.counts.float().mean(0)  # [N] experts kept per token, averaged over layers
         q = torch.quantile(per_token, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(per_token) else [0] * 3
@@ -102,7 +102,7 @@ class RoutingRecorder:
 
 @contextmanager
 def recording(model):
-    """`with recording(model) as rec: ...; rec.summary()` — starts fresh stats, stops them after."""
+    """`with recording(model) as rec: <forwards>` then `rec.info`: fresh stats for the block, then off."""
     rec = RoutingRecorder(model)
     if rec.active:
         model.record_stats(True)

@@ -216,7 +216,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-2
 
 
 def select_l2(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int,
-              grid=(1e-4, 1e-3, 1e-2, 1e-1)) -> float:
+              grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> float:
     """Pick the L2 weight on a 20% split of the training features (the eval split is never seen)."""
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))
     cut = max(1, len(y) // 5)
