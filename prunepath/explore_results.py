@@ -91,8 +91,10 @@ def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | 
             if x is not None and y is not None:
                 data.append({"type": "scatter", "mode": "markers", "name": f"τ = {tau:.2f}", "x": [x], "y": [y],
                              "marker": {"symbol": "star", "size": 16, "color": "#d62728"}})
+            elif len({t[0] for t in taus}) == 1:
+                note = f" (the sweep has only τ = {taus[0][0]:.2f} so far)"
             else:
-                note = f" (τ = {tau:.2f} is outside the swept τ {taus[0][0]:g}–{taus[-1][0]:g})"
+                note = f" (τ = {tau:.2f} is outside the swept τ {taus[0][0]:.2f}–{taus[-1][0]:.2f})"
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
         figs.append({"data": data, "layout": {
             "title": {"text": f"{task} {metric} ({better}){note}<br><sup>{source}</sup>", "font": {"size": 13}},
