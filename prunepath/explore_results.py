@@ -35,10 +35,15 @@ def load_sweep_rows(results_dir: Path) -> list[dict]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # a half-written file from a sweep in progress: skip it, show the rest
+        meta = data.get("meta", {}) if isinstance(data, dict) else {}
+        # Each figure names the sweep file and the checkpoint it measured: it may not be the one loaded.
+        source = str(path.relative_to(results_dir))
+        if isinstance(meta, dict) and meta.get("checkpoint"):
+            source += f" · checkpoint {meta['checkpoint']}, {meta.get('device', '?')} {meta.get('dtype', '')}"
         for r in data.get("rows", []) if isinstance(data, dict) else []:
             if isinstance(r, dict) and {"method", "task", "metric", "value", "active_fraction"} <= r.keys():
                 if isinstance(r["value"], (int, float)) and isinstance(r["active_fraction"], (int, float)):
-                    rows.append({**r, "source": str(path.relative_to(results_dir))})
+                    rows.append({**r, "source": source})
     return rows
 
 

@@ -149,7 +149,7 @@ def test_sweep_rows_and_figures(tmp_path):
         for m, k, f, v in [("prunepath-tau", 0.5, 0.3, 30.0), ("prunepath-tau", 0.9, 0.7, 20.0),
                            ("topk", 10, 0.3, 40.0), ("dense", None, 1.0, 18.0)]
     ]
-    (tmp_path / "sweep_x.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    (tmp_path / "sweep_x.json").write_text(json.dumps({"meta": {"checkpoint": "default"}, "rows": rows}))
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "decode.json").write_text(json.dumps(
@@ -157,7 +157,7 @@ def test_sweep_rows_and_figures(tmp_path):
             {"variant": "dense", "tokens_per_s": 1000.0}, {"variant": "mass 50%", "tokens_per_s": 1500.0}]}))
     (tmp_path / "bench" / "ffn.json").write_text(json.dumps({"device": "x", "rows": [{"us": 3.0}]}))
     got = load_sweep_rows(tmp_path)
-    assert len(got) == 4 and got[0]["source"] == "sweep_x.json"
+    assert len(got) == 4 and got[0]["source"].startswith("sweep_x.json · checkpoint default")
     figs = sweep_figures(got, tau=0.7, active_fraction=0.5)
     assert len(figs) == 1
     star = [d for d in figs[0]["data"] if d["name"].startswith("τ")][0]
