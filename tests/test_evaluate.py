@@ -272,3 +272,16 @@ def test_cli_parses_and_refuses_tau_on_dense(monkeypatch):
         evaluate.run(parser.parse_args(["--task", "wikitext2", "--tau", "7"]))
     with pytest.raises(ValueError, match="unknown task"):
         evaluate.run(parser.parse_args(["--task", "nope"]))
+
+
+@pytest.mark.slow
+def test_real_model_wikitext_perplexity_is_plausible(default_model):
+    # Guards tokenizer/model/data wiring on the real model: the first 1024 WikiText-2 test tokens in one
+    # window. Measured 2026-11-28 (CPU, fp32): PPL ~23 on the first 4k tokens with 1024-token windows.
+    from prunepath import data
+
+    model, tokenizer = default_model
+    res = evaluate.perplexity(model, tokenizer, data.load_lm_text("wikitext2", "test"), context=1024,
+                              stride=1024, max_tokens=1024)
+    assert res.n == 1023
+    assert 12 < res.metrics["perplexity"] < 40 and 0.3 < res.metrics["next_token_accuracy"] < 0.6
