@@ -74,7 +74,9 @@ class ExplorerView(pn.viewable.Viewer):
                                               placeholder="/path/to/checkpoint")
         self.load_btn = pn.widgets.Button(name="Load checkpoint", button_type="primary")
         self.example = pn.widgets.Select(name="example prompts", options=list(EXAMPLES), value="Fox")
-        self.prompt = pn.widgets.TextAreaInput(name="prompt", value=EXAMPLES["Fox"], height=110)
+        # max_length: the widget's default (5,000 characters) would cut a long paste silently; the
+        # explorer truncates to its token limit instead and says so.
+        self.prompt = pn.widgets.TextAreaInput(name="prompt", value=EXAMPLES["Fox"], height=110, max_length=200_000)
         # -- outputs
         self.alert = pn.pane.Alert("", alert_type="danger", visible=False)
         self.info = pn.pane.Alert("Loading the checkpoint…", alert_type="info")

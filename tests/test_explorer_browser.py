@@ -157,6 +157,7 @@ def test_bad_input_gives_messages_not_tracebacks(page):
     box.fill("many words " * 2500)  # ~27,500 byte tokens: truncated with a note
     box.blur()
     _wait(lambda: "routes and continues the first" in _numbers(pg), 60, "the truncation note")
+    assert "27,500 tokens" in _numbers(pg)  # the whole paste reached the app (byte tokenizer: 1 per char)
     assert not pg.locator(".alert-danger").is_visible()
     # a checkpoint folder that does not exist: a message, and the loaded model stays
     pg.get_by_role("button", name="path", exact=True).click()
