@@ -212,7 +212,14 @@ class ExplorerView(pn.viewable.Viewer):
             ms = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # noqa: BLE001
             msg = _friendly(e)
-            self._ui(lambda: self._error(msg) if seq == self._seq else None)
+
+            def failed():
+                if seq == self._seq:
+                    self._error(msg)
+                    for pane in (self.cont_tau, self.cont_dense, self.quick):  # no slow work will follow
+                        pane.loading = False
+
+            self._ui(failed)
             return
         self._ui(lambda: self._draw(seq, r, fig, rule, tau, ms))
         self._slow.submit(self._slow_work, seq, setting, r, cancel)
