@@ -59,6 +59,9 @@ def _friendly(e: BaseException) -> str:
 
 
 class ExplorerView(pn.viewable.Viewer):
+    """The page for one browser session. The model and its caches live in `Explorer` (one per process,
+    shared by every session); this class only owns widgets, two worker threads and a request counter."""
+
     def __init__(self, checkpoint: str | None = None, **params):
         super().__init__(**params)
         ckpt = checkpoint or os.environ.get("PRUNEPATH_EXPLORER_CHECKPOINT", "default")
