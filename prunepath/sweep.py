@@ -167,11 +167,11 @@ class Sweep:
         self.json = self.out.with_suffix(".json")
         self.rows: list[dict] = []
         self.meta = dict(meta)
-        if self.json.is_file():  # resume / extend: keep the rows and every command that made them
+        if self.json.is_file():  # resume / extend: keep the rows, the first run's meta, and every run's meta
             old = json.loads(self.json.read_text())
             self.rows = old.get("rows", [])
-            self.meta = {**old.get("meta", {}), **meta, "expert_counts": old.get("meta", {}).get("expert_counts", {})}
-            self.meta["commands"] = old.get("meta", {}).get("commands", []) + meta.get("commands", [])
+            self.meta = old.get("meta", {}) or dict(meta)
+        self.meta.setdefault("runs", []).append({k: v for k, v in meta.items() if k != "runs"})
 
     def done(self, method, target, task) -> bool:
         return any(r["method"] == method and r["target_fraction"] == target and r["task"] == task for r in self.rows)
@@ -199,6 +199,7 @@ def run_sweep(
     task_opts=None,
     progress=True,
     meta=None,
+    tag: str = "",
 ) -> Sweep:
     """Evaluate every (method, fraction) and every τ on every task; returns the Sweep with its rows."""
     from prunepath.data import calibration_batches
@@ -223,7 +224,7 @@ def run_sweep(
     plan += [(m, f) for f in fractions for m in methods if m != "dense"]
     plan += [("prunepath-tau", t) for t in taus]
     for method, target in plan:
-        todo = [t for t in tasks if not sw.done(method, target, t)]
+        todo = [t for t in tasks if not sw.done(method + tag, target, t)]
         if not todo:
             continue
         if method == "prunepath-tau":
@@ -239,14 +240,14 @@ def run_sweep(
             if method == "prunepath":  # the adaptive count is the point of the method: keep its distribution
                 counts = baselines.expert_counts(model, calib, routing.CumulativeMass(knob))
                 dist = baselines.count_distribution(counts, model.prunepath_ffns()[0].n_experts)
-                sw.meta.setdefault("expert_counts", {})[f"{target}"] = {"tau": knob, **dist}
+                sw.meta.setdefault("expert_counts", {})[f"{target}{tag}"] = {"tau": knob, **dist}
         static = getattr(m, "prunepath_static_fraction", None)
         for task in todo:
             t0 = time.time()
             opts = dict(task_opts.get(task, {}))
             limit_t = wt_tokens if task == "wikitext2" else limit
             res = evaluate_task(m, tok, task, limit=limit_t, **opts).to_dict()
-            rows = _rows(res, method, knob, target, static, gate)
+            rows = _rows(res, method + tag, knob, target, static, gate)
             for r in rows:
                 r["calibrated_fraction"] = est
             sw.add(rows)
@@ -406,6 +407,7 @@ def run_sweep_cli(args) -> int:
         args.calib_tokens,
         opts,
         meta=_meta(args, model),
+        tag=args.tag,
     )
     print(f"{len(sw.rows)} rows -> {Path(args.out).with_suffix('.json')}, .csv, .html")
     return 0
@@ -444,6 +446,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--protocol", default="prompt", help="classification protocol (prompt | probe)")
     p.add_argument("--shots", type=int, default=4, help="demonstrations for the prompt protocol")
     p.add_argument("--out", default="results/sweep_default", help="output stem: .json, .csv, .html")
+    p.add_argument("--tag", default="", help="suffix for method names, to add another checkpoint's rows to --out")
     _common(p)
     p.set_defaults(func=run_sweep_cli)
 
