@@ -123,11 +123,11 @@ def neuron_pruned(model, calib: Calibration, method: str, fraction: float):
     with torch.no_grad():
         for f, s, mu in zip(pruned.prunepath_ffns(), scores, calib.h_mean):
             n_keep = max(1, round(fraction * s.numel()))
-            drop = s.argsort(descending=True)[n_keep:]  # [F - n_keep]
+            drop = s.argsort(descending=True)[n_keep:].to(_down(f).weight.device)  # [F - n_keep]
             lin = _down(f)
             w = lin.weight  # [D, F]
             if method == "flap":
-                comp = w[:, drop].float() @ mu[drop].to(w.device)  # [D] E[h_j] of the pruned neurons
+                comp = w[:, drop].float() @ mu.to(w.device)[drop]  # [D] E[h_j] of the pruned neurons
                 if lin.bias is None:
                     lin.bias = nn.Parameter(
                         torch.zeros(w.shape[0], device=w.device, dtype=w.dtype), requires_grad=False

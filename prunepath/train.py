@@ -370,7 +370,7 @@ class Trainer:
         path = self.out / STATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist (start without --resume)")
-        st = torch.load(path, weights_only=False)
+        st = torch.load(path, weights_only=False, map_location="cpu")
         if st["fingerprint"] and self.base_fp and st["fingerprint"] != self.base_fp:
             raise ValueError(
                 f"{path} was trained on another base model (fingerprint {st['fingerprint']}, "
