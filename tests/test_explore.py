@@ -168,3 +168,26 @@ def test_sweep_rows_and_figures(tmp_path):
     b = recorded_benchmarks(tmp_path / "bench")
     assert b[0].device == "NVIDIA H200" and b[0].date == "2026-11-28"
     assert len(b) == 1 and b[0].figures == (("dense", 1000.0), ("mass 50%", 1500.0))
+
+
+@pytest.mark.slow
+def test_default_checkpoint_routes(default_model):
+    """The real default checkpoint (or, until it exists, the default model converted): 30 x 48 experts."""
+    import copy
+
+    import prunepath
+    from prunepath.checkpoint import CheckpointError
+
+    model, tok = copy.deepcopy(default_model[0]), default_model[1]
+    try:
+        model, tok = prunepath.load("default", base=(model, tok))
+    except CheckpointError:
+        prunepath.moefy(model, prunepath.MoefyConfig(split="random"), progress=False)  # fast, still 48 experts
+        model.set_gate("one")
+    ex = Explorer(model, tok, "default", config=ExploreConfig(max_tokens=64, gen_tokens=4))
+    long = PROMPT * 8  # ~80 tokens: truncated to 64
+    r5, r9 = ex.route(long, "mass", 0.5), ex.route(long, "mass", 0.9)
+    assert r5.counts.shape == (30, 64) and r5.n_experts == 48
+    assert r5.mean_experts < r9.mean_experts
+    assert ex.route(PROMPT, "topk", 0.5).spec == f"topk:{ex.route(PROMPT, 'mass', 0.5).knobs[0]}"
+    assert ex.continuation(PROMPT, "dense", 0.5).new_tokens >= 1
