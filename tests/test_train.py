@@ -29,9 +29,7 @@ def _batch(seed=0, b=4, t=16, vocab=128):
 
 
 def _cfg(**kw):
-    base = dict(
-        objective="lm", steps=8, stage1_steps=0, batch_size=4, seq_len=16, lr=5e-2, save_every=4, tau=0.9
-    )
+    base = dict(objective="lm", steps=8, stage1_steps=0, batch_size=4, seq_len=16, lr=5e-2, save_every=4, tau=0.9)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -96,9 +94,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_llama, tmp_path):
 def test_resume_refuses_other_settings(tiny_llama, tmp_path):
     model = _moefy(tiny_llama)
     Trainer(model, None, _cfg(steps=2, save_every=1), tmp_path, progress=False, batches=_batch()).run()
-    tr = Trainer(
-        model, None, _cfg(steps=2, save_every=1, lr=1e-3), tmp_path, progress=False, batches=_batch()
-    )
+    tr = Trainer(model, None, _cfg(steps=2, save_every=1, lr=1e-3), tmp_path, progress=False, batches=_batch())
     with pytest.raises(ValueError, match="other settings.*lr"):
         tr.run(resume=True)
 
@@ -151,3 +147,21 @@ def test_bad_config_is_refused():
         TrainConfig(objective="distill", trainable="lora")
     with pytest.raises(ValueError, match="tau_range"):
         TrainConfig(tau_range=(0.9, 0.5))
+
+
+def test_resume_refuses_another_base_model(tiny_llama, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    Trainer(
+        _moefy(copy.deepcopy(tiny_llama)), None, _cfg(steps=2, save_every=1), tmp_path, progress=False, batches=_batch()
+    ).run(stop_after=1)
+    torch.manual_seed(99)  # same architecture, other weights: another base model
+    other = _moefy(LlamaForCausalLM(tiny_llama.config).eval())
+    tr = Trainer(other, None, _cfg(steps=2, save_every=1), tmp_path, progress=False, batches=_batch())
+    with pytest.raises(ValueError, match="another base model"):
+        tr.run(resume=True)
+
+
+def test_unknown_training_data_is_refused_before_loading_anything():
+    with pytest.raises(ValueError, match="unknown training data 'nope'.*sst2"):
+        TrainConfig(data="nope")
