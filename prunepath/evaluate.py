@@ -87,13 +87,18 @@ class RoutingRecorder:
         # Masks line up only if every recorded forward supplied one; otherwise every routed row counts.
         stats = self.model.routing_stats(mask if mask is not None and mask.numel() == recorded else None)
         per_token = stats.counts.float().mean(0)  # [N] experts kept per token, averaged over layers
-        q = torch.quantile(per_token, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(per_token) else [0] * 3
+        cells = stats.counts.float().flatten()  # [L*N] every (layer, token) decision
+        cells = cells[:: max(1, cells.numel() // 10_000_000)]  # torch.quantile refuses > 16M elements
+        qs = torch.tensor([0.1, 0.5, 0.9])
+        q = torch.quantile(per_token, qs).tolist() if len(per_token) else [0] * 3
+        q_cells = torch.quantile(cells, qs).tolist() if len(cells) else [0] * 3
         knobs = {_knob(f.rule) for f in ffns}
         return {
             "rule": self.model.rule_spec,
             "knob": knobs.pop() if len(knobs) == 1 else "per-layer",
             **stats.summary(),
-            "experts_kept_p10_p50_p90": q,
+            "experts_kept_p10_p50_p90": q,  # of the per-token mean over layers
+            "experts_kept_layer_token_p10_p50_p90": q_cells,  # of single (layer, token) decisions
             "experts_kept_std": float(per_token.std()) if per_token.numel() > 1 else 0.0,
             "per_layer_fraction": stats.per_layer_fraction(),
             "padding_excluded": mask is not None and mask.numel() == recorded,

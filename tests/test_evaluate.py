@@ -214,6 +214,7 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
     assert r["mean_experts_kept"] == pytest.approx(2.0) and r["active_fraction"] == pytest.approx(0.5)
     assert r["ffn_flops_per_token"] < r["dense_ffn_flops_per_token"]
     assert len(r["per_layer_fraction"]) == 2 and r["padding_excluded"]
+    assert r["experts_kept_p10_p50_p90"] == [2.0] * 3 == r["experts_kept_layer_token_p10_p50_p90"]
     # right-padded batches of unequal prompts: statistics cover the real tokens only
     sparse.set_tau(0.5)
     res = nlu.classify(sparse, tok, _jsonl(tmp_path, n=12), protocol="prompt", k=1, batch_size=4)
