@@ -5,6 +5,7 @@ Shape legend: L layers, N calibration tokens, D hidden, F ffn neurons, E experts
 Dynamic (per token, on the same checkpoint's experts and routers; only the rule changes):
   * `topk`       MoEfication: the k experts with the largest router logits        knob k
   * `threshold`  independent expert-wise threshold sigmoid(z_e) > t                knob t
+  * `prunepath-layer`  PrunePath with one τ per layer, each reaching the target in its own layer  knob [τ_l]
   * `oracle`     ground truth: cumulative mass over true expert output norms     knob τ (no speed-up)
 Static (the same FFN units for every token):
   * `static-expert`  keep the experts with the highest mean router mass p_e on calibration text, per
@@ -32,7 +33,7 @@ from torch import nn
 
 from prunepath import routing
 
-DYNAMIC = ("prunepath", "topk", "threshold", "oracle")
+DYNAMIC = ("prunepath", "prunepath-layer", "topk", "threshold", "oracle")
 STATIC = ("static-expert", "wanda-sp", "flap")
 METHODS = DYNAMIC + STATIC + ("dense",)
 
@@ -195,9 +196,14 @@ def count_distribution(counts: torch.Tensor, n_experts: int) -> dict:
     """Histogram of experts kept per (layer, token) and quantiles of the per-token mean over layers."""
     per_token = counts.float().mean(0)  # [N]
     q = torch.quantile(per_token, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
-    return {"histogram_per_layer_token": torch.bincount(counts.reshape(-1), minlength=n_experts + 1).tolist(),
-            "per_token_mean_quantiles_5_25_50_75_95": q, "per_token_mean_std": float(per_token.std()),
-            "per_layer_token_std": float(counts.float().std()), "min": int(counts.min()), "max": int(counts.max())}
+    return {
+        "histogram_per_layer_token": torch.bincount(counts.reshape(-1), minlength=n_experts + 1).tolist(),
+        "per_token_mean_quantiles_5_25_50_75_95": q,
+        "per_token_mean_std": float(per_token.std()),
+        "per_layer_token_std": float(counts.float().std()),
+        "min": int(counts.min()),
+        "max": int(counts.max()),
+    }
 
 
 def bisect(fn, lo: float, hi: float, target: float, increasing: bool = True, iters: int = 30, tol: float = 2e-3):
@@ -229,6 +235,9 @@ def match_knob(model, calib: Calibration, method: str, target: float) -> tuple[o
         return target, target
     if method == "prunepath":
         return bisect(lambda t: fraction_for(model, calib, lambda _i: routing.CumulativeMass(t)), 1e-4, 1.0, target)
+    if method == "prunepath-layer":
+        layers = per_layer_taus(model, calib, target)
+        return [round(t, 5) for t, _ in layers], sum(v for _, v in layers) / len(layers)
     if method == "oracle":
         return bisect(lambda t: fraction_for(model, calib, lambda _i: routing.Oracle(tau=t)), 1e-4, 1.0, target)
     if method == "threshold":
@@ -258,6 +267,8 @@ def configure(model, calib: Calibration, method: str, knob):
         return model
     if method == "prunepath":
         model.set_tau(float(knob))
+    elif method == "prunepath-layer":
+        model.set_tau([float(t) for t in knob])
     elif method == "topk":
         model.set_rule(routing.TopK(int(knob)))
     elif method == "threshold":

@@ -268,6 +268,8 @@ def run_sweep(
 
 
 def _fmt(v) -> str:
+    if isinstance(v, list):  # per-layer knobs: their range
+        return f"{min(v):.3g}..{max(v):.3g}"
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 

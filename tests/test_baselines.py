@@ -56,6 +56,15 @@ def test_flap_bias_compensation_preserves_mean_output(tiny):
     assert (bare - full).norm() > 10 * (comp - full).norm()
 
 
+def test_per_layer_taus_hit_target_in_every_layer(tiny):
+    model, _, calib = tiny
+    taus, est = baselines.match_knob(model, calib, "prunepath-layer", 0.5)
+    assert len(taus) == 2 and abs(est - 0.5) < 0.05
+    for i, t in enumerate(taus):
+        got = baselines.expert_counts(model, calib, routing.CumulativeMass(t))[i].float().mean() / 8
+        assert abs(got - 0.5) < 0.05
+
+
 def test_static_experts_keep_highest_router_mass(tiny):
     model, _, calib = tiny
     rules = baselines.static_experts(model, calib, 3)

@@ -77,6 +77,7 @@ def test_small_sweep_writes_tidy_rows(tmp_path):
     assert methods == {
         "dense",
         "prunepath",
+        "prunepath-layer",
         "topk",
         "threshold",
         "oracle",
@@ -86,7 +87,7 @@ def test_small_sweep_writes_tidy_rows(tmp_path):
         "prunepath-tau",
     }
     ppl = [r for r in sw.rows if r["metric"] == "perplexity"]
-    assert len(ppl) == 9 and all(r["value"] > 1 for r in ppl)
+    assert len(ppl) == 10 and all(r["value"] > 1 for r in ppl)
     for r in ppl:
         if r["method"] in ("topk", "static-expert", "wanda-sp", "flap"):
             assert r["active_fraction"] == pytest.approx(0.5)
