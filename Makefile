@@ -9,8 +9,12 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The data folder that ships beside the checkout (../shared/data); override with PRUNEPATH_DATA=...
-export PRUNEPATH_DATA ?= $(abspath $(CURDIR)/../shared/data)
+# The data folder that ships beside the checkout (../shared/data), if there is one; override with
+# PRUNEPATH_DATA=... (without either, prunepath.data falls back to the Hugging Face hub).
+SHARED_DATA := $(wildcard $(abspath $(CURDIR)/../shared/data))
+ifneq ($(SHARED_DATA),)
+export PRUNEPATH_DATA ?= $(SHARED_DATA)
+endif
 export PLOTLY_RENDERER ?= plotly_mimetype+notebook
 PORT ?= 5006
 
