@@ -16,6 +16,7 @@ BENCHMARKS = {
     "ffn": "PrunePath FFN kernels against the dense FFN at matched active fraction (GPU)",
     "decode": "single-batch KV-cache decode tokens/s, dense vs PrunePath at several τ (GPU)",
     "explorer": "response times of the explorer app's compute layer",
+    "load": "second load of the default model from its safetensors cache (CPU)",
 }
 
 
@@ -24,7 +25,7 @@ def add_cli(subparsers) -> None:
     lines = "\n".join(f"  {name:<9} {text}" for name, text in BENCHMARKS.items())
     p = subparsers.add_parser(
         "bench",
-        help="run a benchmark (split, ffn, decode, explorer)",
+        help="run a benchmark (split, ffn, decode, explorer, load)",
         description=f"Run a benchmark script; results go to results/*.json.\n\n{lines}\n\n"
         "Arguments after NAME go to the benchmark: `prunepath bench split --help`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
