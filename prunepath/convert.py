@@ -102,7 +102,7 @@ class PrunePathMixin:
 
     def set_rule(self, rule: routing.Rule | str, layer: int | None = None) -> None:
         """Change the routing rule (whole model or one layer); a spec string such as 'topk:8' works too."""
-        rule = routing.parse_rule(rule) if isinstance(rule, str) else rule
+        rule = routing.as_rule(rule)
         for f in self._targets(layer):
             if isinstance(rule, routing.TopK) and rule.k > f.n_experts:
                 raise ValueError(f"top-k {rule.k} exceeds the {f.n_experts} experts of layer {f.layer_idx}")
