@@ -28,7 +28,9 @@ LOWER_IS_BETTER = ("perplexity", "nll")
 def load_sweep_rows(results_dir: Path) -> list[dict]:
     """Every sweep row under `results_dir` (not results/bench), with its source file in row["source"]."""
     rows = []
-    for path in sorted(Path(results_dir).glob("**/*.json")):
+    # The main sweeps (top level of results/) first, then those in sub-folders (e.g. results/h200/).
+    paths = sorted(Path(results_dir).glob("**/*.json"), key=lambda p: (len(p.relative_to(results_dir).parts), str(p)))
+    for path in paths:
         if "bench" in path.relative_to(results_dir).parts[:-1] or path.name.startswith("bench"):
             continue
         try:
