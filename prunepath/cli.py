@@ -135,10 +135,10 @@ def route_table(model, tokenizer, prompt: str, taus: list[float]) -> tuple[list[
 
 
 def cmd_route(args) -> int:
-    model, tok = _load(args)
-    for t in args.tau:
+    for t in args.tau:  # checked before the model loads: bad input costs nothing
         if not t > 0:
             raise SystemExit(f"error: τ must be > 0 (got {t}); τ > 1 keeps every expert")
+    model, tok = _load(args)
     tokens, counts = route_table(model, tok, args.prompt, args.tau)
     e = model.prunepath_ffns()[0].n_experts
     head = f"{'#':>3}  {'token':<16}" + "".join(f"  τ={t:<5} mean/min/max" for t in args.tau)

@@ -1,0 +1,45 @@
+"""The `prunepath` command line: help for every subcommand, the core commands, clear errors."""
+
+import json
+
+import pytest
+
+from prunepath.cli import _PLUGINS, main
+
+
+@pytest.mark.parametrize("command", ["moefy", "info", "route", *_PLUGINS])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: prunepath " + command in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_info_on_the_default_checkpoint(capsys):
+    assert main(["info", "--checkpoint", "default", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["layers"], info["experts_per_layer"], info["expert_size"]) == (30, 48, 32)
+    assert info["router_parameters"] == 30 * 48 * 576
+
+
+@pytest.mark.slow
+def test_route_prints_per_token_counts_at_each_tau(capsys):
+    assert main(["route", "Sparse experts, one token at a time.", "--tau", "0.5", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "τ=0.5" in out and "τ=0.9" in out and "' experts'" in out
+    fractions = [
+        float(line.rsplit(" ", 1)[1].rstrip("%")) for line in out.splitlines() if "active FFN fraction" in line
+    ]
+    assert len(fractions) == 2 and fractions[0] < fractions[1]  # a larger budget keeps more experts
+
+
+def test_bad_tau_is_one_clear_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["route", "text", "--tau", "0", "--checkpoint", "/nonexistent"])
+    assert "τ must be > 0" in str(exit_.value)
+
+
+def test_missing_checkpoint_is_a_clear_error(capsys, tmp_path):
+    assert main(["info", "--checkpoint", str(tmp_path)]) == 2
+    assert "not a PrunePath checkpoint" in capsys.readouterr().err
