@@ -25,20 +25,14 @@ from pathlib import Path
 
 import torch
 
+from prunepath.bench.split import cpu_name
+
 TEXT = ("The explorer routes this prompt through every layer of the model and counts, for each token, how "
         "many experts the cumulative-mass rule keeps. A benchmark needs a prompt long enough to reach "
         "sixty-four tokens, so this one goes on for a while about nothing in particular, like a lecture "
         "that has run out of slides but not out of time.")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _quantiles(xs: list[float]) -> dict:
@@ -102,7 +96,7 @@ def run(checkpoint: str = "default", n: int = 20, warmup: int = 3, tokens: int =
                  "once that has run."),
         "active_fraction_range": [min(fractions), max(fractions)],
         "checkpoint_load_s": load_s,
-        "device": f"CPU: {cpu_model()}",
+        "device": f"CPU: {cpu_name()}",
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "versions": _versions(),
