@@ -12,11 +12,12 @@ is still the base class's own.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from prunepath import routing
 from prunepath.ffn import FFNSpec, PrunePathFFN, build_ffn, find_ffns
@@ -174,9 +175,9 @@ def _promote(model: nn.Module) -> None:
 
 def ffn_keys(model: nn.Module, spec: FFNSpec) -> torch.Tensor:
     """The vectors neurons are clustered by: rows of W_gate (gated) or W_in (two-layer).  # [F, D]"""
-    m = model.get_submodule(spec.path)
-    w = getattr(m, spec.names[0]).weight.detach()
-    return w.t() if w.shape[0] == spec.d_model and w.shape[1] == spec.d_ff and spec.d_ff != spec.d_model else w
+    lin = getattr(model.get_submodule(spec.path), spec.names[0])
+    w = lin.weight.detach()
+    return w.t() if isinstance(lin, Conv1D) else w  # GPT-2's Conv1D stores its weight as [in, out]
 
 
 @torch.no_grad()
@@ -258,6 +259,3 @@ def _centroids(keys: torch.Tensor, perm: torch.Tensor, g: int) -> torch.Tensor:
     k = torch.nn.functional.normalize(keys, dim=-1)[perm]  # [F, D] in expert order
     return k.reshape(-1, g, k.shape[-1]).mean(1)
 
-
-def config_dict(config: MoefyConfig) -> dict:
-    return asdict(config)
