@@ -18,7 +18,7 @@ import sys
 # Subcommands other modules contribute through their add_cli(): imported only when chosen, so
 # `prunepath --help` and the core commands do not pay for training, evaluation or Triton imports.
 _PLUGINS = {
-    "train": ("prunepath.train", "train routers (end-to-end objective or distillation)"),
+    "train": ("prunepath.train_cli", "train routers (end-to-end objective or distillation)"),
     "eval": ("prunepath.evaluate", "evaluate a model or checkpoint on a task"),
     "sweep": ("prunepath.sweep", "sweep τ and the baselines at matched active fraction"),
     "calibrate": ("prunepath.sweep", "find the τ that reaches a target active fraction"),

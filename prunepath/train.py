@@ -31,11 +31,11 @@ A non-finite loss stops the run before the optimizer step, leaving the last good
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,8 +43,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prunepath.losses import LogitCapture, distill_loss, kd_loss, routing_losses
+from prunepath.train_data import check_data, training_batches
+
 OBJECTIVES = ("lm", "distill")
 TRAINABLE = ("router", "lora", "all")
+TEACHERS = (None, "dense")
 DENSE_TAU = 1.05  # stage 1: τ > 1 keeps every expert
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.json"
@@ -74,6 +78,8 @@ class TrainConfig:
     distill_loss: str = "kl"  # kl | bce
     distill_power: float = 1.0  # kl target q ∝ norm^power: < 1 flattens p, so counts vary less between tokens
     gate: str | None = None  # override the checkpoint's gate kind (sigmoid | softmax | one)
+    teacher: str | None = None  # lm only: "dense" adds KL(dense model ‖ sparse model) to the task loss
+    kd_weight: float = 1.0  # with a teacher: task = kd_weight · KL + (1 - kd_weight) · cross-entropy
     lora_r: int = 8
     lora_targets: str = "ffn"  # ffn | attn | all
     seed: int = 0
@@ -105,6 +111,12 @@ class TrainConfig:
             raise ValueError("need steps >= 0, stage1_steps >= 0 and at least one step in all")
         if self.gate not in (None, "sigmoid", "softmax", "one"):
             raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {self.gate!r}")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher must be 'dense' or None, got {self.teacher!r}")
+        if self.teacher is not None and self.objective != "lm":
+            raise ValueError("a teacher needs the lm objective (distill already learns from the dense model)")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise ValueError(f"kd_weight must lie in [0, 1], got {self.kd_weight}")
         check_data(self.data)
         if self.lora_targets not in ("ffn", "attn", "all"):
             raise ValueError(f"lora_targets must be 'ffn', 'attn' or 'all', got {self.lora_targets!r}")
@@ -118,121 +130,6 @@ class TrainConfig:
 class RunState:
     step: int = 0
     log: list = field(default_factory=list)  # one dict per step: the loss curves
-
-
-# ---------------------------------------------------------------------------------------------------------
-# losses on captured router logits
-
-
-def routing_losses(logits: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean-over-layers token entropy, mean-over-layers load balance) of logits L x [N, E]; mask [N] bool."""
-    ent, lb = [], []
-    for z in logits:
-        if mask is not None:
-            z = z[mask]  # real tokens only
-        logp = F.log_softmax(z.float(), dim=-1)  # [n, E]
-        p = logp.exp()
-        ent.append(-(p * logp).sum(-1).mean())
-        lb.append(z.shape[-1] * (p.mean(0) ** 2).sum())
-    return torch.stack(ent).mean(), torch.stack(lb).mean()
-
-
-def distill_loss(z: torch.Tensor, norms: torch.Tensor, kind: str = "kl", power: float = 1.0) -> torch.Tensor:
-    """Router logits z [N, E] against true expert norms [N, E]."""
-    norms = norms.float() ** power
-    if kind == "kl":
-        q = norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)  # [N, E] each expert's share
-        return F.kl_div(F.log_softmax(z.float(), -1), q, reduction="batchmean")
-    # MoEfication: positive-activation importance divided by the max, BCE with logits
-    target = norms / norms.amax().clamp_min(1e-12)
-    return F.binary_cross_entropy_with_logits(z.float(), target)
-
-
-class LogitCapture:
-    """Forward hooks on every `ffn.router` (and optionally the FFN input) — removed by `close()`."""
-
-    def __init__(self, ffns, inputs: bool = False):
-        self.logits: list = [None] * len(ffns)
-        self.inputs: list = [None] * len(ffns)
-        self.handles = []
-        for i, f in enumerate(ffns):
-            self.handles.append(
-                f.router.register_forward_hook(lambda _m, _a, out, i=i: self.logits.__setitem__(i, out))
-            )
-            if inputs:
-                self.handles.append(
-                    f.register_forward_pre_hook(
-                        lambda _m, a, i=i: self.inputs.__setitem__(i, a[0].detach().reshape(-1, a[0].shape[-1]))
-                    )
-                )
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-# ---------------------------------------------------------------------------------------------------------
-# data
-
-
-def check_data(name: str) -> str:
-    """Refuse an unknown training source before any model is loaded."""
-    from prunepath import data
-
-    lm = ("calibration", "wikitext2", "alpaca")
-    cls = tuple(t for t, s in data.TASKS.items() if s.kind == "classification")
-    if name in lm + cls or name.split(":", 1)[0] in ("jsonl", "json", "csv", "tsv"):
-        return name
-    raise ValueError(
-        f"unknown training data {name!r}; choose one of {', '.join(lm + cls)} or a labelled file "
-        "'jsonl:PATH?text=FIELD&label=FIELD' (also csv:)"
-    )
-
-
-def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids [B, T], attention_mask [B, T]) for the configured data, cfg.tokens in all."""
-    from prunepath import data
-
-    if cfg.data in ("calibration", "wikitext2"):
-        source = "calibration" if cfg.data == "calibration" else "wikitext2:valid"
-        ids = data.calibration_batches(tokenizer, cfg.tokens, cfg.seq_len, seed=cfg.seed, source=source)
-        return ids, torch.ones_like(ids)
-    if cfg.data == "alpaca":
-        rows = data.load_instructions("alpaca", "train")
-        texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}".replace("\n\n", "\n") for r in rows]
-    elif cfg.data in data.TASKS and data.TASKS[cfg.data].kind == "classification" or ":" in cfg.data:
-        ds = data.load_classification(cfg.data, "train")
-        names = ds.features["label"].names
-        texts = [" ".join(filter(None, [r["text"], r.get("text_pair")])) + f"\nLabel: {names[r['label']]}" for r in ds]
-    else:
-        known = ", ".join(
-            ["calibration", "wikitext2", "alpaca"] + [t for t, s in data.TASKS.items() if s.kind == "classification"]
-        )
-        raise ValueError(
-            f"unknown training data {cfg.data!r}; choose one of {known} or a 'jsonl:PATH?text=..&label=..' spec"
-        )
-    if not texts:
-        raise ValueError(f"training data {cfg.data!r} has no rows")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(texts), generator=g).tolist()
-    seqs, total = [], 0
-    for i in order:
-        s = tokenizer(texts[i], add_special_tokens=False)["input_ids"][: cfg.seq_len]
-        if len(s) < 2:
-            continue
-        seqs.append(s)
-        total += len(s)
-        if total >= cfg.tokens:
-            break
-    if not seqs:
-        raise ValueError(f"training data {cfg.data!r} yields no sequence of >= 2 tokens")
-    ids = torch.full((len(seqs), cfg.seq_len), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):  # right padding; the mask keeps it out of every loss term
-        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,7 +216,18 @@ class Trainer:
         self.base_fp = getattr(model, "prunepath_base_fingerprint", None)
         self.rule_after = model.rule_spec
         torch.manual_seed(cfg.seed)
-        self.model, groups = setup_trainable(model.to(cfg.device), cfg)
+        model = model.to(cfg.device)
+        # The dense teacher: the model itself with every expert on and unit gates — exactly the base model
+        # while the backbone is frozen (router) or its LoRA adapters are switched off; a frozen copy when
+        # every weight trains.
+        self.frozen_teacher = None
+        if cfg.teacher == "dense" and cfg.trainable == "all":
+            from prunepath import routing
+
+            self.frozen_teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            for f in _ffns(self.frozen_teacher):
+                f.rule, f.gate = routing.Dense(), "one"
+        self.model, groups = setup_trainable(model, cfg)
         self.opt = torch.optim.AdamW(groups)
         self.state = RunState()
         self._save_model = prunepath.save
@@ -377,7 +285,8 @@ class Trainer:
                 f"this model {self.base_fp}); resume with the same base"
             )
         if st["config"] != asdict(self.cfg):
-            diff = sorted(k for k in st["config"] if st["config"][k] != asdict(self.cfg).get(k))
+            now = asdict(self.cfg)
+            diff = sorted(k for k in st["config"].keys() | now.keys() if st["config"].get(k) != now.get(k))
             raise ValueError(
                 f"cannot resume: the saved run used other settings ({', '.join(diff)}); use the same flags"
             )
@@ -402,6 +311,34 @@ class Trainer:
             return 2, float(lo + (hi - lo) * torch.rand(()).item())
         return 2, cfg.tau
 
+    @contextmanager
+    def _dense_teacher(self):
+        """The model that gives the teacher's logits: dense rule, unit gates, no adapters (restored after)."""
+        if self.frozen_teacher is not None:
+            yield self.frozen_teacher
+            return
+        from prunepath import routing
+
+        ffns = _ffns(self.model)
+        saved = [(f.rule, f.gate) for f in ffns]
+        adapters = self.model.disable_adapter() if self.cfg.trainable == "lora" else nullcontext()
+        try:
+            for f in ffns:
+                f.rule, f.gate = routing.Dense(), "one"
+            with adapters:
+                yield self.model
+        finally:
+            for f, (r, g) in zip(ffns, saved):
+                f.rule, f.gate = r, g
+
+    @torch.no_grad()
+    def _teacher_logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p_dense(next token) at the real tokens: [N, V] (fp32)."""
+        with self._dense_teacher() as teacher, _autocast(self.cfg):
+            z = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
+        keep = mask.reshape(-1).bool()
+        return F.log_softmax(z.reshape(-1, z.shape[-1])[keep].float(), dim=-1)
+
     def _lm_step(self, step: int, tau: float) -> dict:
         cfg = self.cfg
         n = self.ids.shape[0]
@@ -411,15 +348,21 @@ class Trainer:
         rows = order[torch.arange(pos, pos + cfg.batch_size) % n]
         ids, mask = self.ids[rows].to(cfg.device), self.mask[rows].to(cfg.device)  # [B, T]
         labels = ids.masked_fill(mask == 0, -100)
+        teacher = self._teacher_logprobs(ids, mask) if cfg.teacher else None  # [N, V]
         _set_tau(self.model, tau)
         cap = LogitCapture(_ffns(self.model))
         try:
             with _autocast(cfg):
-                task = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                out = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
             ent, lb = routing_losses(cap.logits, mask.reshape(-1).bool())
         finally:
             cap.close()
-        return {"task": task.float(), "entropy": ent, "load_balance": lb}
+        parts = {"task": out.loss.float(), "entropy": ent, "load_balance": lb}
+        if teacher is not None:
+            keep = mask.reshape(-1).bool()
+            kd = kd_loss(out.logits.reshape(-1, out.logits.shape[-1])[keep], teacher)
+            parts.update(kd=kd, ce=parts["task"], task=cfg.kd_weight * kd + (1 - cfg.kd_weight) * parts["task"])
+        return parts
 
     @torch.no_grad()
     def _build_cache(self) -> None:
@@ -541,104 +484,3 @@ def train(model, tokenizer, cfg: TrainConfig, out, resume: bool = False, progres
     if cfg.trainable == "lora":  # fold the adapter in, so the returned model equals prunepath.load(out)
         model = tr.model.merge_and_unload()
     return model.eval(), log
-
-
-# ---------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train PrunePath routers (and optionally LoRA / all weights)",
-        description=__doc__.split("\n\n")[0],
-    )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="start from this PrunePath checkpoint ('default' or a folder)")
-    src.add_argument("--model", default=None, help="convert this base model first (default SmolLM2-135M-Instruct)")
-    p.add_argument("--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
-    d = TrainConfig()
-    for name, kind, help_ in (
-        (
-            "objective",
-            str,
-            "lm (paper: task loss through gates) | distill (MoEfication-style, frozen backbone)",
-        ),
-        ("trainable", str, "router | lora | all"),
-        ("data", str, "calibration | wikitext2 | alpaca | sst2 | rte | jsonl:..."),
-        ("tokens", int, "training tokens"),
-        ("seq_len", int, "tokens per sequence"),
-        ("batch_size", int, "sequences per step"),
-        ("stage1_steps", int, "lm: steps at τ=1.05 (all experts)"),
-        ("steps", int, "stage-2 steps"),
-        ("tau", float, "stage-2 τ"),
-        ("gamma", float, "entropy weight γ"),
-        ("gamma_lb", float, "load-balance weight γ_lb"),
-        ("lr", float, "router learning rate"),
-        ("backbone_lr", float, "LoRA / full learning rate"),
-        ("weight_decay", float, "router weight decay"),
-        ("distill_loss", str, "kl | bce"),
-        ("distill_power", float, "KL target q ∝ expert norm^power (<1 flattens p)"),
-        ("gate", str, "set the gate kind: sigmoid | softmax | one"),
-        ("lora_r", int, "LoRA rank"),
-        ("lora_targets", str, "ffn | attn | all"),
-        ("seed", int, "random seed"),
-        ("save_every", int, "save every K steps"),
-    ):
-        p.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=kind,
-            default=getattr(d, name),
-            help=f"{help_} (default {getattr(d, name)})",
-        )
-    p.add_argument("--tau-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="sample τ per batch")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast on CUDA)")
-    p.add_argument("--amp", action=_BoolFlag, default=None, help="bf16 autocast (--amp / --no-amp)")
-    p.add_argument("--router-init", default="centroid", choices=["zero", "centroid"], help="with --model")
-    p.add_argument("--expert-size", type=int, default=32, help="with --model")
-    p.set_defaults(func=run)
-
-
-class _BoolFlag(argparse.Action):
-    def __init__(self, option_strings, dest, **kw):
-        opts = option_strings + [s.replace("--", "--no-") for s in option_strings]
-        super().__init__(opts, dest, nargs=0, **kw)
-
-    def __call__(self, parser, ns, values, option_string=None):
-        setattr(ns, self.dest, not option_string.startswith("--no-"))
-
-
-def run(args) -> int:
-    import prunepath
-    from prunepath.convert import MoefyConfig
-
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{k: (tuple(v) if k == "tau_range" and v else v) for k, v in vars(args).items() if k in fields})
-    out = Path(args.out)
-    # A resumed run starts from the same source as the interrupted one; train_state.pt restores the rest.
-    if args.checkpoint:
-        model, tok = prunepath.load(args.checkpoint, device=cfg.device)
-    else:
-        model, tok = prunepath.load_model(args.model or prunepath.DEFAULT_MODEL, device=cfg.device)
-        gate = cfg.gate or ("one" if cfg.objective == "distill" else "sigmoid")
-        model = prunepath.moefy(
-            model,
-            MoefyConfig(
-                expert_size=args.expert_size,
-                router_init=args.router_init,
-                rule=f"mass:{cfg.tau}",
-                gate=gate,
-                seed=cfg.seed,
-            ),
-        )
-    if not args.resume and (out / STATE_FILE).is_file():
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    try:
-        _, log = train(model, tok, cfg, out, resume=args.resume)
-    except TrainingDiverged as e:
-        print(f"prunepath train: {e}")
-        return 3
-    print(f"trained {len(log)} steps; final loss {log[-1]['loss']:.4f}; checkpoint in {out}")
-    return 0

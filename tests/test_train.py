@@ -165,3 +165,74 @@ def test_resume_refuses_another_base_model(tiny_llama, tmp_path):
 def test_unknown_training_data_is_refused_before_loading_anything():
     with pytest.raises(ValueError, match="unknown training data 'nope'.*sst2"):
         TrainConfig(data="nope")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the dense teacher (--teacher dense): KL(dense model ‖ sparse model)
+
+
+def test_kd_loss_is_zero_for_equal_distributions_and_positive_otherwise():
+    from prunepath.losses import kd_loss
+
+    z = torch.randn(5, 11)
+    assert kd_loss(z, torch.log_softmax(z, -1)).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(z, torch.log_softmax(z.flip(-1), -1)).item() > 0.01
+    with pytest.raises(ValueError, match="differ"):
+        kd_loss(z, z[:, :5])
+
+
+@pytest.mark.parametrize("trainable", ["router", "lora", "all"])
+def test_teacher_is_the_dense_base_model(tiny_llama, tmp_path, trainable):
+    # At τ > 1 with unit gates the student is the base model, so the first KL is 0 whatever is trained;
+    # at a sparse τ it is positive, and cross-entropy is still logged next to it.
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = torch.log_softmax(tiny_llama(input_ids=ids).logits, -1)  # [B, T, V] the base model
+    model = _moefy(copy.deepcopy(tiny_llama), gate="one")
+    cfg = _cfg(teacher="dense", trainable=trainable, steps=1, tau=1.05, backbone_lr=1e-2)
+    tr = Trainer(model, None, cfg, tmp_path, progress=False, batches=(ids, mask))
+    assert torch.allclose(tr._teacher_logprobs(ids, mask), want.reshape(-1, want.shape[-1]), atol=1e-5)
+    parts = tr._lm_step(0, 1.05)
+    assert parts["kd"].item() == pytest.approx(0.0, abs=1e-7) and parts["ce"].item() > 1.0
+    assert tr._lm_step(0, 0.3)["kd"].item() > 1e-5  # a random tiny model: near-uniform logits, small KL
+
+
+def test_teacher_stays_the_base_model_while_every_weight_trains(tiny_llama, tmp_path):
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = torch.log_softmax(tiny_llama(input_ids=ids).logits, -1).reshape(-1, 128)
+    model = _moefy(copy.deepcopy(tiny_llama), gate="one")
+    cfg = _cfg(teacher="dense", trainable="all", steps=10, tau=0.6, lr=1e-3, backbone_lr=1e-4)
+    tr = Trainer(model, None, cfg, tmp_path, progress=False, batches=(ids, mask))
+    log = tr.run()
+    assert log[-1]["kd"] < 0.5 * log[0]["kd"]  # the sparse model moves towards the dense distribution
+    assert torch.allclose(tr._teacher_logprobs(ids, mask), want, atol=1e-5)  # and the teacher did not move
+
+
+def test_kd_weight_mixes_kl_and_cross_entropy(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama, gate="one")
+    tr = Trainer(model, None, _cfg(teacher="dense", kd_weight=0.25), tmp_path, progress=False, batches=_batch())
+    p = tr._lm_step(0, 0.5)
+    assert p["task"].item() == pytest.approx(0.25 * p["kd"].item() + 0.75 * p["ce"].item(), rel=1e-5)
+
+
+def test_teacher_settings_are_checked():
+    with pytest.raises(ValueError, match="teacher must be"):
+        TrainConfig(teacher="big")
+    with pytest.raises(ValueError, match="lm objective"):
+        TrainConfig(objective="distill", teacher="dense")
+    with pytest.raises(ValueError, match="kd_weight"):
+        TrainConfig(objective="lm", teacher="dense", kd_weight=1.5)
+
+
+def test_mixed_training_data_takes_half_from_each_source(default_model):
+    from prunepath.train_data import training_batches
+
+    tokenizer = default_model[1]
+    cfg = TrainConfig(objective="lm", data="calibration+alpaca", tokens=2048, seq_len=64)
+    ids, mask = training_batches(tokenizer, cfg)
+    lm_ids, _ = training_batches(tokenizer, dataclasses.replace(cfg, data="calibration", tokens=1024))
+    al_ids, al_mask = training_batches(tokenizer, dataclasses.replace(cfg, data="alpaca", tokens=1024))
+    assert torch.equal(ids, torch.cat([lm_ids, al_ids])) and torch.equal(mask[len(lm_ids) :], al_mask)
+    with pytest.raises(ValueError, match="unknown training data 'nope'"):
+        TrainConfig(data="calibration+nope")

@@ -1,0 +1,108 @@
+"""`prunepath train`: the command line of prunepath.train (kept apart so the trainer stays readable)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prunepath.train import STATE_FILE, TrainConfig, TrainingDiverged, train
+from prunepath.train import __doc__ as _TRAIN_DOC
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train PrunePath routers (and optionally LoRA / all weights)",
+        description=_TRAIN_DOC.split("\n\n")[0],
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="start from this PrunePath checkpoint ('default' or a folder)")
+    src.add_argument("--model", default=None, help="convert this base model first (default SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    d = TrainConfig()
+    for name, kind, help_ in (
+        (
+            "objective",
+            str,
+            "lm (paper: task loss through gates) | distill (MoEfication-style, frozen backbone)",
+        ),
+        ("trainable", str, "router | lora | all"),
+        ("data", str, "calibration | wikitext2 | alpaca | sst2 | rte | jsonl:..."),
+        ("tokens", int, "training tokens"),
+        ("seq_len", int, "tokens per sequence"),
+        ("batch_size", int, "sequences per step"),
+        ("stage1_steps", int, "lm: steps at τ=1.05 (all experts)"),
+        ("steps", int, "stage-2 steps"),
+        ("tau", float, "stage-2 τ"),
+        ("gamma", float, "entropy weight γ"),
+        ("gamma_lb", float, "load-balance weight γ_lb"),
+        ("lr", float, "router learning rate"),
+        ("backbone_lr", float, "LoRA / full learning rate"),
+        ("weight_decay", float, "router weight decay"),
+        ("distill_loss", str, "kl | bce"),
+        ("distill_power", float, "KL target q ∝ expert norm^power (<1 flattens p)"),
+        ("gate", str, "set the gate kind: sigmoid | softmax | one"),
+        ("teacher", str, "lm: 'dense' adds KL(dense model || sparse model) to the task loss"),
+        ("kd_weight", float, "with --teacher: task = w * KL + (1 - w) * cross-entropy"),
+        ("lora_r", int, "LoRA rank"),
+        ("lora_targets", str, "ffn | attn | all"),
+        ("seed", int, "random seed"),
+        ("save_every", int, "save every K steps"),
+    ):
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=getattr(d, name),
+            help=f"{help_} (default {getattr(d, name)})",
+        )
+    p.add_argument("--tau-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="sample τ per batch")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast on CUDA)")
+    p.add_argument("--amp", action=_BoolFlag, default=None, help="bf16 autocast (--amp / --no-amp)")
+    p.add_argument("--router-init", default="centroid", choices=["zero", "centroid"], help="with --model")
+    p.add_argument("--expert-size", type=int, default=32, help="with --model")
+    p.set_defaults(func=run)
+
+
+class _BoolFlag(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        opts = option_strings + [s.replace("--", "--no-") for s in option_strings]
+        super().__init__(opts, dest, nargs=0, **kw)
+
+    def __call__(self, parser, ns, values, option_string=None):
+        setattr(ns, self.dest, not option_string.startswith("--no-"))
+
+
+def run(args) -> int:
+    import prunepath
+    from prunepath.convert import MoefyConfig
+
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{k: (tuple(v) if k == "tau_range" and v else v) for k, v in vars(args).items() if k in fields})
+    out = Path(args.out)
+    # A resumed run starts from the same source as the interrupted one; train_state.pt restores the rest.
+    if args.checkpoint:
+        model, tok = prunepath.load(args.checkpoint, device=cfg.device)
+    else:
+        model, tok = prunepath.load_model(args.model or prunepath.DEFAULT_MODEL, device=cfg.device)
+        gate = cfg.gate or ("one" if cfg.objective == "distill" else "sigmoid")
+        model = prunepath.moefy(
+            model,
+            MoefyConfig(
+                expert_size=args.expert_size,
+                router_init=args.router_init,
+                rule=f"mass:{cfg.tau}",
+                gate=gate,
+                seed=cfg.seed,
+            ),
+        )
+    if not args.resume and (out / STATE_FILE).is_file():
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    try:
+        _, log = train(model, tok, cfg, out, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"prunepath train: {e}")
+        return 3
+    print(f"trained {len(log)} steps; final loss {log[-1]['loss']:.4f}; checkpoint in {out}")
+    return 0

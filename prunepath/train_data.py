@@ -1,0 +1,85 @@
+"""Training text for prunepath.train: LM windows, instruction rows or a labelled task, as padded id batches.
+
+Shape legend: B sequences, T tokens per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from prunepath.train import TrainConfig
+
+
+def check_data(name: str) -> str:
+    """Refuse an unknown training source before any model is loaded; 'a+b' mixes sources."""
+    from prunepath import data
+
+    lm = ("calibration", "wikitext2", "alpaca")
+    cls = tuple(t for t, s in data.TASKS.items() if s.kind == "classification")
+    if "+" in name and ":" not in name:
+        for part in name.split("+"):
+            check_data(part)
+        return name
+    if name in lm + cls or name.split(":", 1)[0] in ("jsonl", "json", "csv", "tsv"):
+        return name
+    raise ValueError(
+        f"unknown training data {name!r}; choose one of {', '.join(lm + cls)} or a labelled file "
+        "'jsonl:PATH?text=FIELD&label=FIELD' (also csv:)"
+    )
+
+
+def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [B, T], attention_mask [B, T]) for the configured data, cfg.tokens in all.
+
+    'a+b' takes cfg.tokens / 2 from each source (in order, so the mix is reproducible); the trainer's
+    per-epoch permutation interleaves them.
+    """
+    from prunepath import data
+
+    if "+" in cfg.data and ":" not in cfg.data:
+        parts = cfg.data.split("+")
+        got = [training_batches(tokenizer, replace(cfg, data=d, tokens=-(-cfg.tokens // len(parts)))) for d in parts]
+        return torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
+    if cfg.data in ("calibration", "wikitext2"):
+        source = "calibration" if cfg.data == "calibration" else "wikitext2:valid"
+        ids = data.calibration_batches(tokenizer, cfg.tokens, cfg.seq_len, seed=cfg.seed, source=source)
+        return ids, torch.ones_like(ids)
+    if cfg.data == "alpaca":
+        rows = data.load_instructions("alpaca", "train")
+        texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}".replace("\n\n", "\n") for r in rows]
+    elif cfg.data in data.TASKS and data.TASKS[cfg.data].kind == "classification" or ":" in cfg.data:
+        ds = data.load_classification(cfg.data, "train")
+        names = ds.features["label"].names
+        texts = [" ".join(filter(None, [r["text"], r.get("text_pair")])) + f"\nLabel: {names[r['label']]}" for r in ds]
+    else:
+        known = ", ".join(
+            ["calibration", "wikitext2", "alpaca"] + [t for t, s in data.TASKS.items() if s.kind == "classification"]
+        )
+        raise ValueError(
+            f"unknown training data {cfg.data!r}; choose one of {known} or a 'jsonl:PATH?text=..&label=..' spec"
+        )
+    if not texts:
+        raise ValueError(f"training data {cfg.data!r} has no rows")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(texts), generator=g).tolist()
+    seqs, total = [], 0
+    for i in order:
+        s = tokenizer(texts[i], add_special_tokens=False)["input_ids"][: cfg.seq_len]
+        if len(s) < 2:
+            continue
+        seqs.append(s)
+        total += len(s)
+        if total >= cfg.tokens:
+            break
+    if not seqs:
+        raise ValueError(f"training data {cfg.data!r} yields no sequence of >= 2 tokens")
+    ids = torch.full((len(seqs), cfg.seq_len), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):  # right padding; the mask keeps it out of every loss term
+        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
+    return ids, mask
