@@ -125,6 +125,25 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, rpart_ptr, param_ptr,
 
 
 @triton.jit
+def _down_tile(acc, h_ptr, w_out_ptr, e, on, g_offs, d_offs, dm, n_offs, nm, E, D,
+               G: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Add expert e's down contribution h[:, e] @ W_out[e] over the BLOCK_D columns d_offs to acc and
+    return it. Tile rows (neurons) where `on` is false are masked off (no memory traffic), so an empty
+    slot or an inactive expert adds 0. acc is [BLOCK_G, BLOCK_D] elementwise products for one token
+    (GEMV; the caller sums over G once at the end), else [BN, BLOCK_D]."""
+    w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
+                mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if BN == 1:
+        hv = tl.load(h_ptr + e * G + g_offs, mask=on, other=0.0)  # [BLOCK_G] fp32
+        acc += w.to(tl.float32) * hv[:, None]
+    else:
+        ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + e * G + g_offs[None, :],
+                     mask=nm[:, None] & on[None, :], other=0.0)  # [BN, BLOCK_G]
+        acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
 def _down_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -146,24 +165,17 @@ def _down_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
     n_offs = tl.arange(0, BN)
     nm = n_offs < N
     if BN == 1:
-        acc2 = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # GEMV: elementwise products, summed at the end
     else:
         acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
     for s in range(SLOTS):
         j = lo + s  # compacted slot; its expert id is the active expert of rank j + 1
         e = tl.sum(tl.where((fl != 0) & (rank == j + 1), e_offs, 0), axis=0)
         on = gm & ((g_offs * 0 + j) < count)  # [BLOCK_G]; the last chunk may be partly empty
-        w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
-                    mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-        if BN == 1:
-            hv = tl.load(h_ptr + e * G + g_offs, mask=on, other=0.0)  # [BLOCK_G] fp32
-            acc2 += w.to(tl.float32) * hv[:, None]
-        else:
-            ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + e * G + g_offs[None, :],
-                         mask=nm[:, None] & on[None, :], other=0.0)  # [BN, BLOCK_G]
-            acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
+        acc = _down_tile(acc, h_ptr, w_out_ptr, e, on, g_offs, d_offs, dm, n_offs, nm, E, D,
+                         G=G, BN=BN, DOT_PREC=DOT_PREC)
     if BN == 1:
-        acc = tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_D]
+        acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_D]
     tl.store(dpart_ptr + c * N * D + n_offs[:, None] * D + d_offs[None, :], acc,
              mask=nm[:, None] & dm[None, :])
 
@@ -203,7 +215,7 @@ def _down_by_id_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
     n_offs = tl.arange(0, BN)
     nm = n_offs < N
     if BN == 1:
-        acc2 = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # GEMV: elementwise products, summed at the end
     else:
         acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
     # Unrolled, branch-free: an inactive expert's loads are masked off (no memory traffic), so the
@@ -212,17 +224,10 @@ def _down_by_id_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
         e = c * SLOTS + i
         f = tl.load(flag_ptr + e, mask=e < E, other=0)
         on = gm & ((g_offs * 0 + f) != 0)  # [BLOCK_G] row valid and expert active
-        w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
-                    mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-        if BN == 1:
-            hv = tl.load(h_ptr + e * G + g_offs, mask=on, other=0.0)  # [BLOCK_G] fp32
-            acc2 += w.to(tl.float32) * hv[:, None]
-        else:
-            ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + e * G + g_offs[None, :],
-                         mask=nm[:, None] & on[None, :], other=0.0)  # [BN, BLOCK_G]
-            acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
+        acc = _down_tile(acc, h_ptr, w_out_ptr, e, on, g_offs, d_offs, dm, n_offs, nm, E, D,
+                         G=G, BN=BN, DOT_PREC=DOT_PREC)
     if BN == 1:
-        acc = tl.sum(acc2, axis=0)[None, :]  # [1, BLOCK_D]
+        acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_D]
     tl.store(dpart_ptr + c * N * D + n_offs[:, None] * D + d_offs[None, :], acc,
              mask=nm[:, None] & dm[None, :])
 
