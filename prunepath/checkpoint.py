@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_model as load_safetensors_model
 
 from prunepath import routing
 from prunepath.convert import MoefyConfig, moefy
@@ -57,9 +58,8 @@ def save(model, directory: str | os.PathLike, train_info: dict | None = None, fu
     }
     # Write to temporary names, then rename: an interrupted save never leaves a half-written checkpoint.
     save_file(tensors, out / "prunepath.safetensors.tmp")
-    if full_weights:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, out / "model.safetensors.tmp")
+    if full_weights:  # save_model writes a tied tensor (e.g. lm_head = embeddings) once
+        save_model(model, str(out / "model.safetensors.tmp"))
         os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     (out / "prunepath.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(out / "prunepath.safetensors.tmp", out / "prunepath.safetensors")
@@ -131,8 +131,12 @@ def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtyp
             raise CheckpointError(f"router of layer {f.layer_idx} does not match the checkpoint: {e}") from None
         f.rule, f.gate = routing.parse_rule(layer["rule"]), layer["gate"]
     if meta.get("full_weights"):
-        state = load_file(folder / "model.safetensors")
-        model.load_state_dict(state)
+        try:
+            load_safetensors_model(model, str(folder / "model.safetensors"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{folder} records full weights but has no model.safetensors; re-save it") from None
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{folder / 'model.safetensors'} is corrupt or does not fit ({e}); re-save it") from None
     if (folder / "adapter").is_dir():
         from peft import PeftModel
 

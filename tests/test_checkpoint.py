@@ -90,3 +90,30 @@ def test_corrupt_or_missing_metadata(saved, tmp_path):
 def test_saving_an_unconverted_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not converted"):
         prunepath.save(_tiny(), tmp_path / "x")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_full_weights_round_trip_with_and_without_tied_embeddings(tmp_path, tied):
+    # A full fine-tune saves every weight; a tied lm_head (SmolLM2's) is written once and tied again on load.
+    def base():
+        m = _tiny()
+        m.config.tie_word_embeddings = tied
+        if tied:
+            m.tie_weights()
+        else:
+            m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
+        return m
+
+    model = moefy(base(), MoefyConfig(rule="mass:0.7", router_init="centroid"), progress=False)
+    with torch.no_grad():  # what training does: move the backbone away from the base
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    prunepath.save(model, tmp_path / "full", full_weights=True)
+    loaded, _ = prunepath.load(tmp_path / "full", base=(base(), _Tok()))
+    assert (loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()) == tied
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    (tmp_path / "full" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        prunepath.load(tmp_path / "full", base=(base(), _Tok()))
