@@ -4,6 +4,8 @@ Opens two built chapters (book/_build/html, made by `make book`) in headless Chr
 non-file request blocked, as a reader without network would see them, and checks that a plotly figure
 is actually drawn: a `.plotly-graph-div` holding an SVG with plotted traces and a non-zero size.
 Chapter 3 must also draw its offline τ slider (the static fallback for the ipywidgets slider).
+The chapters with maths must show it typeset by MathJax, which the book ships itself (the
+sphinx-mathjax-offline extension copies it into _static), not as raw TeX.
 
 Skips, saying why, when the book has not been built or no Chromium is available; CI builds the book
 before running the tests.
@@ -20,6 +22,20 @@ pytestmark = pytest.mark.browser
 
 HTML = Path(__file__).resolve().parents[1] / "book" / "_build" / "html"
 PAGES = ("notebooks/01_why_ffn.html", "notebooks/03_routing.html")
+# Chapters with display maths ($$ … $$ in notebooks/02_splitting.md and notebooks/04_training.md).
+MATH_PAGES = ("notebooks/02_splitting.html", "notebooks/04_training.html")
+
+
+# No sandbox (root in CI) and none of Chromium's own background traffic: the pages are all it loads.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium_path() -> str | None:
@@ -40,14 +56,15 @@ def browser():
         exe = _chromium_path()
         try:
             # A system Chromium when there is one; else Playwright's own (`playwright install chromium`).
-            b = p.chromium.launch(headless=True, executable_path=exe, args=["--no-sandbox"])
+            b = p.chromium.launch(headless=True, executable_path=exe, args=CHROMIUM_ARGS)
         except Exception as e:  # noqa: BLE001 - any launch failure means "no usable browser here"
             pytest.skip(f"cannot start headless Chromium ({exe or 'playwright bundle'}): {str(e).splitlines()[0]}")
         yield b
         b.close()
 
 
-def _open_offline(browser, page_path: str):
+def _open_offline(browser, page_path: str, failed: list[str] | None = None):
+    """Open a built page with every non-file request blocked; `failed` collects file:// loads that failed."""
     path = HTML / page_path
     if not path.is_file():
         pytest.fail(f"{path} was not built: is it still in book/_toc.yml?")
@@ -60,6 +77,8 @@ def _open_offline(browser, page_path: str):
 
     # Offline, as the issue requires: only file:// (and data:) may load; everything else fails.
     page.route("http*://**", block_network)
+    if failed is not None:
+        page.on("requestfailed", lambda r: failed.append(r.url) if r.url.startswith("file:") else None)
     page.goto(path.as_uri(), wait_until="load")
     return page, blocked
 
@@ -112,5 +131,65 @@ def test_routing_chapter_has_offline_tau_slider(browser):
         page.wait_for_timeout(500)
         after = page.evaluate(title_js)
         assert after != before, f"moving the τ slider did not change the figure (title stayed {before!r})"
+    finally:
+        page.close()
+
+
+# Every text node of the article outside code, scripts and MathJax's own output: any TeX delimiter
+# left there is maths that was not typeset.
+_RAW_TEX_JS = r"""() => {
+    const root = document.querySelector('article') || document.body;
+    const skip = 'pre, code, script, style, mjx-container, .highlight, .cell_output';
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    const raw = [];
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+        const t = n.textContent;
+        if (n.parentElement.closest(skip)) continue;
+        if (/\\[\(\[]|\$\$|\$[^$\s][^$]*\$/.test(t)) raw.push(t.trim().slice(0, 120));
+    }
+    return raw;
+}"""
+
+
+@pytest.mark.parametrize("page_path", MATH_PAGES)
+def test_maths_is_typeset_offline(browser, page_path):
+    failed: list[str] = []
+    page, blocked = _open_offline(browser, page_path, failed)
+    try:
+        # Sphinx's MathJax must be the book's own copy; a CDN one is blocked here and nothing gets typeset.
+        srcs = page.evaluate(
+            "() => [...document.querySelectorAll('head script[src]')].map(s => s.src).filter(s => /mathjax/i.test(s))"
+        )
+        assert srcs, f"{page_path}: no MathJax script in the page head (is sphinx.ext.mathjax still loaded?)"
+        remote = [s for s in srcs if not s.startswith("file:")]
+        assert not remote, f"{page_path}: MathJax is loaded from the network, not from the book: {remote}"
+
+        page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=30_000)
+        page.evaluate("() => MathJax.startup.promise.then(() => document.fonts.ready).then(() => true)")
+        result = page.evaluate(
+            """() => ({
+                version: MathJax.version,
+                math: document.querySelectorAll('.math').length,
+                untypeset: [...document.querySelectorAll('.math')]
+                    .filter(el => !el.querySelector('mjx-container'))
+                    .map(el => el.textContent.trim().slice(0, 120)),
+                display: [...document.querySelectorAll('mjx-container[display="true"]')].map(c => ({
+                    w: c.getBoundingClientRect().width, h: c.getBoundingClientRect().height })),
+                errors: document.querySelectorAll('mjx-merror').length,
+                fonts: [...document.fonts].filter(f => f.family.replace(/"/g, '').startsWith('MJX'))
+                    .map(f => f.status),
+            })"""
+        )
+        assert result["math"] > 0, f"{page_path}: no maths on the page; pick another page for MATH_PAGES"
+        assert not result["untypeset"], f"{page_path}: maths left as raw TeX: {result['untypeset']}"
+        assert result["display"], f"{page_path}: no display maths typeset"
+        assert all(d["w"] > 50 and d["h"] > 10 for d in result["display"]), f"{page_path}: {result['display']}"
+        assert result["errors"] == 0, f"{page_path}: MathJax reported {result['errors']} TeX error(s)"
+        # The CHTML output draws with MathJax's own web fonts, shipped beside it in _static.
+        assert "loaded" in result["fonts"], f"{page_path}: no MathJax font loaded: {result['fonts']}"
+        assert "error" not in result["fonts"], f"{page_path}: a MathJax font failed to load: {result['fonts']}"
+        assert not [u for u in failed if "mathjax" in u.lower()], f"{page_path}: local MathJax files missing: {failed}"
+        raw = page.evaluate(_RAW_TEX_JS)
+        assert not raw, f"{page_path}: raw TeX left in the text: {raw}"
     finally:
         page.close()
