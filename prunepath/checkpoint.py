@@ -136,7 +136,8 @@ def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtyp
         except FileNotFoundError:
             raise CheckpointError(f"{folder} records full weights but has no model.safetensors; re-save it") from None
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{folder / 'model.safetensors'} is corrupt or does not fit ({e}); re-save it") from None
+            msg = f"{folder / 'model.safetensors'} is corrupt or does not fit ({e}); re-save it"
+            raise CheckpointError(msg) from None
     if (folder / "adapter").is_dir():
         from peft import PeftModel
 
