@@ -127,6 +127,9 @@ def test_distill_fits_expert_norms(tiny_llama, tmp_path):
 
 def test_lora_saves_adapter_that_load_merges(tiny_llama, tmp_path):
     base = copy.deepcopy(tiny_llama)
+    fresh = [copy.deepcopy(tiny_llama) for _ in range(2)]
+    for m in fresh:
+        m.config.prunepath_base = "tiny-llama"
     model = _moefy(tiny_llama)
     cfg = _cfg(trainable="lora", steps=2, save_every=2, backbone_lr=1e-2)
     trained, _ = train(model, None, cfg, tmp_path, batches=_batch(), progress=False)
@@ -136,6 +139,17 @@ def test_lora_saves_adapter_that_load_merges(tiny_llama, tmp_path):
     ids = _batch()[0]
     with torch.no_grad():
         assert torch.allclose(trained(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)
+    # adapter=False: the routers on the untouched base; the hand merge equals peft's own merge
+    from peft import PeftModel
+
+    plain, _ = prunepath.load(tmp_path, base=(fresh[0], None), adapter=False)
+    with torch.no_grad():
+        assert not torch.allclose(plain(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)
+        via_peft = PeftModel.from_pretrained(plain, tmp_path / "adapter").merge_and_unload()
+        assert torch.allclose(via_peft(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-5)
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"junk")
+    with pytest.raises(prunepath.CheckpointError, match="adapter.*corrupt"):
+        prunepath.load(tmp_path, base=(fresh[1], None))
 
 
 def test_bad_config_is_refused():
