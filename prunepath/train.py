@@ -22,6 +22,14 @@ the paper's sigmoid gate starts at sigmoid(0) = 0.5 (halving every FFN) and, wit
 sigmoid(z) in ~(0.3, 0.7); the linear router has no bias, so pushing every kept gate towards 1 is
 something only the full fine-tune of the paper can absorb. Unit gates make the kept experts exact.
 
+Two options of the `lm` objective, both measured on an H200 (results/h200/README.md):
+
+* `--teacher dense`: the task loss becomes KL(dense model ‖ sparse model) (or a mix with cross-entropy,
+  `--kd-weight`); the teacher is the same model with every expert on, unit gates and no adapter.
+* With unit gates the kept set is a hard mask, so the task loss gives the routers *no gradient*: only the
+  γ terms move them, sharpening p until every τ keeps fewer experts. Freeze them with `--lr 0` when the
+  backbone trains (the default checkpoint's stage 2); the trainer warns otherwise.
+
 Trainable parts (`--trainable`): `router` (default; checkpoint ~2 MB), `lora` (peft adapters on the
 FFN's gate/up/down and/or attention, saved to <out>/adapter/, merged by prunepath.load), `all`
 (saved with full weights, never committed). Every K steps the run state (trainable tensors, optimizer,
@@ -35,6 +43,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -213,6 +222,13 @@ class Trainer:
             raise ValueError("train needs a PrunePath model: prunepath.moefy(model) or prunepath.load(ckpt) first")
         if cfg.gate is not None:
             model.set_gate(cfg.gate)
+        if cfg.objective == "lm" and cfg.lr > 0 and model.prunepath_ffns()[0].gate == "one":
+            warnings.warn(
+                "unit gates: the task loss gives the routers no gradient, so only the entropy and load-balance "
+                "terms will move them (they sharpen, and every τ keeps fewer experts). Pass --lr 0 to freeze "
+                "the routers, or --gate sigmoid to train them through the gates.",
+                stacklevel=2,
+            )
         self.base_fp = getattr(model, "prunepath_base_fingerprint", None)
         self.rule_after = model.rule_spec
         torch.manual_seed(cfg.seed)

@@ -250,3 +250,14 @@ def test_mixed_training_data_takes_half_from_each_source(default_model):
     assert torch.equal(ids, torch.cat([lm_ids, al_ids])) and torch.equal(mask[len(lm_ids) :], al_mask)
     with pytest.raises(ValueError, match="unknown training data 'nope'"):
         TrainConfig(data="calibration+nope")
+
+
+def test_unit_gates_warn_that_routers_get_no_task_gradient(tiny_llama, tmp_path):
+    import warnings
+
+    with pytest.warns(UserWarning, match="no gradient.*--lr 0"):
+        Trainer(_moefy(copy.deepcopy(tiny_llama), gate="one"), None, _cfg(), tmp_path / "a", batches=_batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # frozen routers, or sigmoid gates: nothing to warn about
+        Trainer(_moefy(copy.deepcopy(tiny_llama), gate="one"), None, _cfg(lr=0.0), tmp_path / "b", batches=_batch())
+        Trainer(_moefy(copy.deepcopy(tiny_llama), gate="sigmoid"), None, _cfg(), tmp_path / "c", batches=_batch())
