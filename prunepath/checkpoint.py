@@ -190,5 +190,6 @@ def _merge_adapter(model, folder: Path):
             if b is None or lin is None or lin.weight.shape != (b.shape[0], a.shape[1]):
                 raise CheckpointError(f"adapter tensor {key} in {folder} does not fit this model; re-train the adapter")
             w = lin.weight
-            w.copy_((w.float() + scale * (b.float() @ a.float())).to(w.dtype))
+            delta = scale * (b.float() @ a.float())  # on the CPU, where safetensors loaded it
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
     return model
