@@ -25,6 +25,7 @@ import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -78,6 +79,22 @@ class RoutingRecorder:
         if self.active:
             self.masks.append(attention_mask.reshape(-1).bool().cpu())  # [N], the order forwards see rows
 
+    def take_last(self) -> list[torch.Tensor] | None:
+        """Remove the last recorded forward's counts from every layer and return them (L x [N])."""
+        ffns = self.model.prunepath_ffns() if self.active else []
+        if not ffns or not all(f.history for f in ffns):
+            return None
+        return [f.history.pop() for f in ffns]
+
+    def add_repeated(self, counts: list[torch.Tensor] | None, times: int) -> None:
+        """Count one forward's real tokens (`counts`, L x [N], from `take_last`) `times` times over, as if
+        that many forwards had run them (a shared prompt prefix run once for many rows)."""
+        if not self.active or counts is None or times < 1:
+            return
+        for f, c in zip(self.model.prunepath_ffns(), counts):
+            f.history.append(c.repeat(times))
+        self.masks.append(torch.ones(counts[0].numel() * times, dtype=torch.bool))
+
     def summary(self) -> dict:
         if not self.active:
             return {"rule": "dense", "active_fraction": 1.0}
@@ -87,11 +104,11 @@ class RoutingRecorder:
         # Masks line up only if every recorded forward supplied one; otherwise every routed row counts.
         stats = self.model.routing_stats(mask if mask is not None and mask.numel() == recorded else None)
         per_token = stats.counts.float().mean(0)  # [N] experts kept per token, averaged over layers
-        cells = stats.counts.float().flatten()  # [L*N] every (layer, token) decision
+        cells = stats.counts.flatten()  # [L*N] every (layer, token) decision
         cells = cells[:: max(1, cells.numel() // 10_000_000)]  # torch.quantile refuses > 16M elements
         qs = torch.tensor([0.1, 0.5, 0.9])
         q = torch.quantile(per_token, qs).tolist() if len(per_token) else [0] * 3
-        q_cells = torch.quantile(cells, qs).tolist() if len(cells) else [0] * 3
+        q_cells = count_quantiles(cells, qs) if len(cells) else [0] * 3
         knobs = {_knob(f.rule) for f in ffns}
         return {
             "rule": self.model.rule_spec,
@@ -103,6 +120,16 @@ class RoutingRecorder:
             "per_layer_fraction": stats.per_layer_fraction(),
             "padding_excluded": mask is not None and mask.numel() == recorded,
         }
+
+
+def count_quantiles(counts: torch.Tensor, qs: torch.Tensor) -> list[float]:
+    """`torch.quantile(counts.float(), qs)` (linear interpolation) for non-negative integer counts,
+    read off their histogram instead of sorting them: the same numbers, for tens of millions of cells."""
+    cum = torch.bincount(counts.reshape(-1)).cumsum(0)  # [max + 1] how many counts are <= v
+    ranks = qs * (counts.numel() - 1)  # as torch.quantile computes them
+    below, above = ranks.long(), ranks.ceil().long()
+    value = lambda k: torch.searchsorted(cum, k, right=True).float()  # the k-th smallest count
+    return torch.lerp(value(below), value(above), ranks - below).tolist()
 
 
 @contextmanager
@@ -148,6 +175,12 @@ def keeps_logits(model) -> bool:
 # Perplexity
 
 
+@lru_cache(maxsize=4)
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a whole test set, cached: a sweep evaluates the same text under every method.  # [L]"""
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, context: int = 1024, stride: int = 512,
                max_tokens: int | None = None, batch_size: int = 4) -> EvalResult:
@@ -163,7 +196,7 @@ def perplexity(model, tokenizer, text: str, context: int = 1024, stride: int = 5
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2 (one to predict from, one to score), got {max_tokens}")
     t0 = time.time()
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]  # [L]
+    ids = _encode(tokenizer, text)  # [L]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.numel() < 2:

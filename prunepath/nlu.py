@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from prunepath import scoring
 from prunepath.evaluate import EvalResult, RoutingRecorder, keeps_logits, model_name, recording, run_meta
 
 PROTOCOLS = ("prompt", "probe")
@@ -101,65 +103,29 @@ def calibrate(probs: torch.Tensor, p_cf: torch.Tensor) -> torch.Tensor:
     return q / q.sum(-1, keepdim=True)
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists -> (ids [B, T], attention mask [B, T])."""
-    lengths = torch.tensor([len(q) for q in seqs])
-    x = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)  # [B, T]
-    for i, q in enumerate(seqs):
-        x[i, : len(q)] = torch.tensor(q)
-    return x, (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
-
-
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 @torch.no_grad()
-def _logits_from(model, seqs: list[list[int]], first: int, pad_id: int, rec: RoutingRecorder | None):
-    """Logits at positions >= `first` of right-padded rows -> [B, T - first, V] (float32)."""
-    x, mask = _pad(seqs, pad_id)
-    if rec is not None:
-        rec.add_mask(mask)
-    device = next(model.parameters()).device
-    keep = x.shape[1] - first
-    kw = {"logits_to_keep": keep} if keeps_logits(model) else {}
-    out = model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False, **kw)
-    return out.logits[:, -keep:].float().cpu()
-
-
-@torch.no_grad()
 def label_logprobs(model, tokenizer, prompts: list[str], words: tuple[str, ...], batch_size: int = 8,
-                   rec: RoutingRecorder | None = None) -> torch.Tensor:
+                   rec: RoutingRecorder | None = None, batch_tokens: int | None = None,
+                   share_prefix: bool = True) -> torch.Tensor:
     """log P(words[c] | prompt), summed over the word's tokens -> [B, C].
 
     Single-token words (the usual case) need one forward per prompt, reading the next-token
     distribution at the prompt's last token; longer words need one forward per class. Prompts are
-    sorted by length so batches pad little and `logits_to_keep` drops the logits nobody reads.
+    sorted by length and batched (`batch_size` rows, and with `batch_tokens` at most that many prompt
+    tokens, padding included) so batches pad little, and `logits_to_keep` drops the logits nobody reads.
+    With `share_prefix` the prompts' common prefix (the demonstrations) runs once and every batch reuses
+    its KV cache; the numbers are the same (see `prunepath.scoring`). Pass `rec` when recording routing.
     """
     word_ids = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
     if any(len(w) == 0 for w in word_ids):
         raise ValueError(f"a label word tokenizes to nothing: {words}")
-    single = all(len(w) == 1 for w in word_ids)
-    ctx = [tokenizer(p).input_ids for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(ctx[i]))
-    out = torch.zeros(len(prompts), len(words))  # [B, C]
-    pad_id = _pad_id(tokenizer)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        first = min(len(ctx[i]) for i in idx) - 1  # earliest position whose logits we read
-        if single:
-            logits = _logits_from(model, [ctx[i] for i in idx], first, pad_id, rec)  # [B, T', V]
-            for j, i in enumerate(idx):
-                lp = torch.log_softmax(logits[j, len(ctx[i]) - 1 - first], -1)  # [V]
-                out[i] = lp[[w[0] for w in word_ids]]
-            continue
-        for c, w in enumerate(word_ids):
-            logits = _logits_from(model, [ctx[i] + w for i in idx], first, pad_id, rec)
-            for j, i in enumerate(idx):
-                pos = torch.arange(len(ctx[i]) - 1, len(ctx[i]) - 1 + len(w)) - first  # predicts w
-                lp = torch.log_softmax(logits[j, pos], -1)  # [len(w), V]
-                out[i, c] = lp[torch.arange(len(w)), torch.tensor(w)].sum()
-    return out
+    ctx = scoring.encode_all(tokenizer, tuple(prompts))
+    return scoring.word_logprobs(model, ctx, word_ids, _pad_id(tokenizer), batch_size, rec, batch_tokens,
+                                 share_prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,18 +134,17 @@ def label_logprobs(model, tokenizer, prompts: list[str], words: tuple[str, ...],
 
 @torch.no_grad()
 def hidden_features(model, tokenizer, texts: list[str], pooling: str = "last", batch_size: int = 8,
-                    rec: RoutingRecorder | None = None) -> torch.Tensor:
+                    rec: RoutingRecorder | None = None, batch_tokens: int | None = None) -> torch.Tensor:
     """Final hidden state per text -> [B, D]: at the last real token, or averaged over real tokens."""
     if pooling not in ("last", "mean"):
         raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
-    ids = [tokenizer(t).input_ids for t in texts]
+    ids = scoring.encode_all(tokenizer, tuple(texts))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     feats: list[torch.Tensor | None] = [None] * len(ids)
     device = next(model.parameters()).device
     kw = {"logits_to_keep": 1} if keeps_logits(model) else {}
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        x, mask = _pad([ids[i] for i in idx], _pad_id(tokenizer))
+    for idx in scoring.batches(order, lambda i: len(ids[i]), batch_size, batch_tokens):
+        x, mask = scoring.pad([list(ids[i]) for i in idx], _pad_id(tokenizer))
         if rec is not None:
             rec.add_mask(mask)
         out = model(input_ids=x.to(device), attention_mask=mask.to(device), output_hidden_states=True,
@@ -261,15 +226,36 @@ def _split_file_exists(spec: str, split: str) -> bool:
     return Path(str(path).replace("{split}", split)).is_file()
 
 
-def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 4, calibrated: bool = True,
-             seed: int = 0, limit: int | None = None, pooling: str = "last", n_train: int = 1000,
-             batch_size: int = 8) -> EvalResult:
-    """Accuracy on `dataset` (sst2 | rte | boolq | jsonl:... | csv:...) under a stated protocol."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
-    if k < 0 or n_train < 2:
-        raise ValueError(f"need k >= 0 and n_train >= 2, got k={k}, n_train={n_train}")
-    t0 = time.time()
+def _stamp(dataset: str) -> tuple:
+    """What the task's rows are read from (data folder, file times): a changed file is read again."""
+    from prunepath import data
+
+    spec = data.TASKS.get(dataset)
+    if spec is None:
+        path = str(data.parse_file_spec(dataset)[1])
+        paths = [Path(path.replace("{split}", s)) for s in ("train", "validation", "test")] if "{split}" in path \
+            else [Path(path)]
+    else:
+        root = data.data_dir()
+        paths = [root / f for f in spec.files.values()] if root is not None else []
+    return (str(data.data_dir()), *(p.stat().st_mtime_ns if p.is_file() else None for p in paths))
+
+
+@dataclass(frozen=True)
+class _Task:
+    """A classification task's rows, read once per process (a sweep evaluates them under every method)."""
+
+    rows: tuple  # eval rows as dicts, `limit` applied
+    y: torch.Tensor  # [B] labels
+    names: tuple
+    template: Template
+    pool: object  # demonstration / probe-training rows
+    source: str
+    split: str
+
+
+@lru_cache(maxsize=8)
+def _task(dataset: str, seed: int, limit: int | None, stamp: tuple) -> _Task:
     ev, pool, source, split = task_splits(dataset, seed)
     if limit is not None:
         ev = ev.select(range(min(limit, len(ev))))
@@ -277,19 +263,44 @@ def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 
         raise ValueError(f"nothing to score for {dataset!r} (limit={limit})")
     names = _label_names(dataset, ev)
     t = template_for(dataset, names, "text_pair" in ev.column_names)
-    y = torch.tensor(ev["label"])  # [B]
-    rows = [dict(r) for r in ev]
+    return _Task(tuple(dict(r) for r in ev), torch.tensor(ev["label"]), names, t, pool, source, split)
+
+
+@lru_cache(maxsize=8)
+def _demos(dataset: str, seed: int, limit: int | None, stamp: tuple, k: int) -> tuple:
+    task = _task(dataset, seed, limit, stamp)
+    return tuple(pick_demos(task.pool, k, len(task.names), seed))
+
+
+def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 4, calibrated: bool = True,
+             seed: int = 0, limit: int | None = None, pooling: str = "last", n_train: int = 1000,
+             batch_size: int = 8, batch_tokens: int | None = None, share_prefix: bool = True) -> EvalResult:
+    """Accuracy on `dataset` (sst2 | rte | boolq | jsonl:... | csv:...) under a stated protocol.
+
+    `batch_size` rows (and with `batch_tokens` at most that many tokens) per forward; `share_prefix`:
+    the k-shot demonstrations run once per call (see `label_logprobs`). Neither changes the numbers.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if k < 0 or n_train < 2:
+        raise ValueError(f"need k >= 0 and n_train >= 2, got k={k}, n_train={n_train}")
+    t0 = time.time()
+    key = (dataset, seed, limit, _stamp(dataset))
+    task = _task(*key)
+    rows, y, names, t, pool, source, split = (task.rows, task.y.clone(), task.names, task.template, task.pool,
+                                              task.source, task.split)
     settings = {"seed": seed, "train_source": source, "label_words": list(t.words), "template": t.fmt}
     metrics = {"majority_rate": float(torch.bincount(y, minlength=len(names)).max()) / len(y)}
     if protocol == "prompt":
-        demos = pick_demos(pool, k, len(names), seed)
+        demos = [dict(d) for d in _demos(*key, k)]
+        opts = {"batch_tokens": batch_tokens, "share_prefix": share_prefix}
         if calibrated:  # content-free inputs, same demonstrations: the prompt's own label prior
             cf = [build_prompt(t, demos, {"text": c, "text_pair": c}) for c in CONTENT_FREE]
-            p_cf = label_logprobs(model, tokenizer, cf, t.words, batch_size).softmax(-1).mean(0)  # [C]
+            p_cf = label_logprobs(model, tokenizer, cf, t.words, batch_size, **opts).softmax(-1).mean(0)  # [C]
             settings["p_content_free"] = p_cf.tolist()
         with recording(model) as rec:
             lp = label_logprobs(model, tokenizer, [build_prompt(t, demos, r) for r in rows], t.words,
-                                batch_size, rec)  # [B, C]
+                                batch_size, rec, **opts)  # [B, C]
         probs = lp.softmax(-1)  # renormalised over the label words
         metrics["accuracy_uncalibrated"] = float((probs.argmax(-1) == y).float().mean())
         pred = calibrate(probs, p_cf).argmax(-1) if calibrated else probs.argmax(-1)
@@ -299,12 +310,14 @@ def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 
         g = torch.Generator().manual_seed(seed)
         tr_idx = torch.randperm(len(pool), generator=g)[: min(n_train, len(pool))].tolist()
         tr = pool.select(tr_idx)
-        x_tr = hidden_features(model, tokenizer, [_fill(t, dict(r)) for r in tr], pooling, batch_size)
+        x_tr = hidden_features(model, tokenizer, [_fill(t, dict(r)) for r in tr], pooling, batch_size,
+                               batch_tokens=batch_tokens)
         y_tr = torch.tensor(tr["label"])
         l2 = select_l2(x_tr, y_tr, len(names), seed)
         predict = fit_probe(x_tr, y_tr, len(names), l2)
         with recording(model) as rec:
-            x_ev = hidden_features(model, tokenizer, [_fill(t, r) for r in rows], pooling, batch_size, rec)
+            x_ev = hidden_features(model, tokenizer, [_fill(t, r) for r in rows], pooling, batch_size, rec,
+                                   batch_tokens)
         pred = predict(x_ev)
         metrics["train_accuracy"] = float((predict(x_tr) == y_tr).float().mean())
         desc = f"linear probe ({pooling} token final hidden state, L-BFGS, L2 {l2:g}) on {len(tr)} train rows"

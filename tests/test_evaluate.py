@@ -108,6 +108,57 @@ def test_label_logprobs_match_direct(model, tok):
                 assert float(got[i, c]) == pytest.approx(want, abs=1e-4)
 
 
+def test_shared_prefix_and_token_batches_change_nothing(model, tok):
+    """The demonstrations run once (KV cache) and batches are cut by tokens: same log-probs, same routing
+    statistics as full prompts in fixed-size batches — the prefix's tokens still count once per row."""
+    import copy
+
+    from prunepath import scoring
+    from prunepath.convert import MoefyConfig, moefy
+
+    sparse = moefy(copy.deepcopy(model), MoefyConfig(expert_size=16, rule="mass:0.6"), progress=False)
+    demos = "Review: the film is a delight\nSentiment: positive\n\nReview: a dull movie\nSentiment: negative\n\n"
+    prompts = [demos + f"Review: {t}\nSentiment:" for t in ("great", "dull and tedious", "the cast", "a film")]
+    ids = scoring.encode_all(tok, tuple(prompts))
+    assert scoring.shared_prefix_len(ids) >= scoring.MIN_PREFIX
+    assert scoring.run_prefix(sparse, list(ids[0][: scoring.MIN_PREFIX])) is not None  # the cached path runs
+    for words in [(" negative", " positive"), (" no", " a delight from start")]:  # 1 token; multi-token
+        runs = []
+        for share, budget in [(False, None), (True, None), (True, 40)]:
+            with evaluate.recording(sparse) as rec:
+                lp = nlu.label_logprobs(sparse, tok, prompts, words, batch_size=3, rec=rec, batch_tokens=budget,
+                                        share_prefix=share)
+            runs.append((lp, rec.info))
+        (want, info), *others = runs
+        for got, other in others:
+            assert torch.allclose(got, want, atol=1e-5)
+            assert other["tokens"] == info["tokens"] and other["padding_excluded"]
+            for key in ("mean_experts_kept", "active_fraction", "experts_kept_std"):
+                assert other[key] == pytest.approx(info[key], rel=1e-6)
+            assert other["experts_kept_p10_p50_p90"] == pytest.approx(info["experts_kept_p10_p50_p90"])
+    assert not sparse.prunepath_ffns()[0].history  # nothing left over once recording ends
+
+
+def test_token_budget_batches():
+    from prunepath import scoring
+
+    lengths = [1, 2, 2, 5, 9]
+    cut = scoring.batches(range(5), lambda i: lengths[i], batch_size=3, max_tokens=8)
+    assert cut == [[0, 1, 2], [3], [4]]  # 3 x 2 <= 8; 2 x 5 > 8; a row longer than the budget goes alone
+    assert scoring.batches(range(5), lambda i: lengths[i], batch_size=2) == [[0, 1], [2, 3], [4]]
+    assert scoring.shared_prefix_len([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 1  # each row keeps its last token
+    assert scoring.shared_prefix_len([[1, 2, 3]]) == 0
+
+
+def test_count_quantiles_equal_torch_quantile():
+    g = torch.Generator().manual_seed(0)
+    qs = torch.tensor([0.1, 0.5, 0.9])
+    for n in (1, 2, 7, 1001, 100_003):
+        for top in (1, 5, 49):
+            c = torch.randint(0, top, (n,), generator=g)
+            assert evaluate.count_quantiles(c, qs) == torch.quantile(c.float(), qs).tolist()
+
+
 def test_contextual_calibration_math():
     probs = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]])
     p_cf = torch.tensor([0.8, 0.2])  # the prompt alone prefers class 0 four to one
