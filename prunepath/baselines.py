@@ -26,7 +26,7 @@ sparse) is what the sweep reports.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ class Calibration:
     h_norm: list  # L x [F] ||h_j||_2 over tokens (permuted neuron order)
     h_mean: list  # L x [F] mean h_j
     h_var: list  # L x [F] variance of h_j
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # layer -> (router state, logits)
 
 
 @torch.no_grad()
@@ -170,6 +171,17 @@ def _logits(f, x: torch.Tensor) -> torch.Tensor:
     return f.router(x.to(w.device, w.dtype)).float().cpu()  # [N, E]
 
 
+def _calib_logits(calib: Calibration, i: int, f) -> torch.Tensor:
+    """Layer i's router logits on its calibration inputs, computed once per router state.  # [N, E]
+
+    Knob matching evaluates many knobs on the same logits; the router runs once, not once per step."""
+    state = (id(f.router), tuple((p.data_ptr(), p._version) for p in f.router.parameters()))
+    hit = calib.memo.get(i)
+    if hit is None or hit[0] != state:
+        hit = calib.memo[i] = (state, _logits(f, calib.inputs[i]))
+    return hit[1]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # knob matching
 
@@ -177,9 +189,9 @@ def _logits(f, x: torch.Tensor) -> torch.Tensor:
 def fraction_for(model, calib: Calibration, rule_of) -> float:
     """Mean active fraction over layers and calibration tokens; rule_of(layer) -> Rule."""
     fr = []
-    for i, (f, x, nrm) in enumerate(zip(model.prunepath_ffns(), calib.inputs, calib.norms)):
+    for i, (f, nrm) in enumerate(zip(model.prunepath_ffns(), calib.norms)):
         rule = rule_of(i)
-        mask = rule.select(_logits(f, x), nrm if rule.needs_scores else None)  # [N, E]
+        mask = rule.select(_calib_logits(calib, i, f), nrm if rule.needs_scores else None)  # [N, E]
         fr.append(mask.float().mean())
     return float(torch.stack(fr).mean())
 
@@ -187,8 +199,8 @@ def fraction_for(model, calib: Calibration, rule_of) -> float:
 def expert_counts(model, calib: Calibration, rule) -> torch.Tensor:
     """Experts kept per (layer, calibration token) under `rule`, from the captured inputs.  # [L, N]"""
     out = []
-    for f, x, nrm in zip(model.prunepath_ffns(), calib.inputs, calib.norms):
-        out.append(rule.select(_logits(f, x), nrm if rule.needs_scores else None).sum(-1))
+    for i, (f, nrm) in enumerate(zip(model.prunepath_ffns(), calib.norms)):
+        out.append(rule.select(_calib_logits(calib, i, f), nrm if rule.needs_scores else None).sum(-1))
     return torch.stack(out)
 
 
@@ -254,8 +266,8 @@ def match_knob(model, calib: Calibration, method: str, target: float) -> tuple[o
 def per_layer_taus(model, calib: Calibration, target: float) -> list[tuple[float, float]]:
     """Per-layer τ reaching `target` in each layer on its own inputs -> L x (τ, fraction)."""
     out = []
-    for f, x in zip(model.prunepath_ffns(), calib.inputs):
-        z = _logits(f, x)
+    for i, f in enumerate(model.prunepath_ffns()):
+        z = _calib_logits(calib, i, f)
         out.append(bisect(lambda t, z=z: float(routing.CumulativeMass(t).select(z).float().mean()), 1e-4, 1.0, target))
     return out
 

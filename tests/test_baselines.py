@@ -91,6 +91,23 @@ def test_match_knob_hits_target(tiny, method):
         assert abs(got - target) < 0.05, (method, target, got)
 
 
+def test_router_logits_are_computed_once_per_router_state(tiny):
+    """Knob matching reuses each layer's calibration logits, and recomputes them once a router changes."""
+    model, _, calib = tiny
+    rule = routing.CumulativeMass(0.6)
+    fresh = lambda: torch.stack(  # noqa: E731
+        [rule.select(baselines._logits(f, x)).sum(-1) for f, x in zip(model.prunepath_ffns(), calib.inputs)]
+    )
+    assert torch.equal(baselines.expert_counts(model, calib, rule), fresh())
+    first = calib.memo[0][1]
+    baselines.fraction_for(model, calib, lambda _i: rule)
+    assert calib.memo[0][1] is first  # reused
+    with torch.no_grad():
+        next(model.prunepath_ffns()[0].router.parameters()).mul_(-1)
+    assert torch.equal(baselines.expert_counts(model, calib, rule), fresh())
+    assert calib.memo[0][1] is not first
+
+
 def test_dense_configuration_is_the_base_model(tiny_llama):
     base = copy.deepcopy(tiny_llama)
     model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, gate="one"), progress=False)
