@@ -15,6 +15,13 @@ an interrupted sweep resumes where it stopped; `<out>.html` is a plotly figure o
 measured active fraction. Active fraction is measured during each evaluation (not the calibration
 value); for neuron pruning it is the kept-neuron fraction.
 
+Cost. A sweep evaluates the same texts under every (method, knob), so what does not depend on the
+model is done once per process: tokenised test text and prompts, task rows and demonstrations
+(`nlu`), and each layer's router logits on the calibration inputs (`baselines`). On a GPU the evaluators
+get large batches (`GPU_BATCHING`), and the k-shot demonstrations every prompt starts with run once per
+task and method, their KV cache shared by all rows (`prunepath.scoring`); none of this changes a number
+beyond float rounding.
+
 `calibrate` finds the global τ by bisection on real forwards of calibration text (each step runs the
 model with that τ, so later layers see the inputs the sparse earlier layers give them), and per-layer τ
 by bisection on each layer's own captured inputs.
@@ -244,7 +251,7 @@ def run_sweep(
         static = getattr(m, "prunepath_static_fraction", None)
         for task in todo:
             t0 = time.time()
-            opts = dict(task_opts.get(task, {}))
+            opts = _batching(model, task, task_opts.get(task, {}))
             limit_t = wt_tokens if task == "wikitext2" else limit
             res = evaluate_task(m, tok, task, limit=limit_t, **opts).to_dict()
             rows = _rows(res, method + tag, knob, target, static, gate)
@@ -265,6 +272,21 @@ def run_sweep(
     write_figure(sw.rows, Path(out).with_suffix(".html"), sw.meta)
     write_table(sw.rows, Path(out).with_suffix(".md"))
     return sw
+
+
+# Batches on a GPU: many rows per forward (the scoring is per row, so the numbers do not change, up to
+# float rounding). A CPU gains little from bigger batches and keeps the evaluators' defaults, and so does
+# greedy generation (its left-padded batches are not length-sorted; a near tie could flip a token).
+GPU_BATCHING = {"lm": {"batch_size": 16}, "nlu": {"batch_size": 1024, "batch_tokens": 131072}, "gen": {}}
+
+
+def _batching(model, task: str, opts: dict) -> dict:
+    """The task's options, with GPU batch sizes where the caller gave none."""
+    from prunepath.evaluate import check_task
+
+    if next(model.parameters()).device.type != "cuda":
+        return dict(opts)
+    return {**GPU_BATCHING[check_task(task)], **opts}
 
 
 def _fmt(v) -> str:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,3 +114,12 @@ def test_sweep_refuses_bad_input(tiny16, tmp_path):
         sweep.run_sweep(tiny16, None, tmp_path / "x", fractions=(1.5,))
     with pytest.raises(ValueError, match="tau"):
         sweep.run_sweep(tiny16, None, tmp_path / "x", taus=(-1.0,))
+
+
+def test_gpu_batching_only_fills_in_what_is_missing(tiny16):
+    assert sweep._batching(tiny16, "sst2", {"k": 4}) == {"k": 4}  # a CPU model keeps the evaluator defaults
+    weight = SimpleNamespace(device=torch.device("cuda"))
+    gpu = SimpleNamespace(parameters=lambda: iter([weight]))  # a model whose weights are on a GPU
+    opts = sweep._batching(gpu, "sst2", {"batch_size": 4})
+    assert opts["batch_size"] == 4 and opts["batch_tokens"] == sweep.GPU_BATCHING["nlu"]["batch_tokens"]
+    assert sweep._batching(gpu, "wikitext2", {}) == sweep.GPU_BATCHING["lm"]
