@@ -140,12 +140,14 @@ def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtyp
         except (SafetensorError, OSError, RuntimeError) as e:
             msg = f"{folder / 'model.safetensors'} is corrupt or does not fit ({e}); re-save it"
             raise CheckpointError(msg) from None
-    if adapter and (folder / "adapter").is_dir():
+    merged = adapter and (folder / "adapter").is_dir()
+    if merged:
         model = _merge_adapter(model, folder / "adapter")
     model.to(device=device, dtype=dtype)
     model.prunepath_base_fingerprint = fp
     model.prunepath_train_info = meta.get("train", {})
     model.prunepath_checkpoint = str(folder)
+    model.prunepath_adapter = str(folder / "adapter") if merged else None  # folded into the weights above
     return model.eval(), tokenizer
 
 

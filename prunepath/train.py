@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -229,6 +230,15 @@ class Trainer:
                 "the routers, or --gate sigmoid to train them through the gates.",
                 stacklevel=2,
             )
+        # A checkpoint's LoRA adapter is folded into the weights on load. Router training keeps it (save()
+        # copies it over); a second LoRA would have to be saved beside it, which the format does not hold.
+        self.adapter_in = getattr(model, "prunepath_adapter", None)
+        if self.adapter_in and cfg.trainable == "lora":
+            raise ValueError(
+                f"the starting checkpoint already carries a LoRA adapter ({self.adapter_in}); a second one cannot "
+                "be saved beside it. Train --trainable all, or start from its routers alone "
+                "(prunepath.load(ckpt, adapter=False))"
+            )
         self.base_fp = getattr(model, "prunepath_base_fingerprint", None)
         self.rule_after = model.rule_spec
         torch.manual_seed(cfg.seed)
@@ -281,6 +291,8 @@ class Trainer:
         }
         if self.cfg.trainable == "lora":
             self.model.save_pretrained(self.out / "adapter")
+        elif self.cfg.trainable == "router" and self.adapter_in:  # the routers serve the adapted weights
+            shutil.copytree(self.adapter_in, self.out / "adapter", dirs_exist_ok=True)
         rules = [f.rule for f in _ffns(base)]
         base.set_rule(self.rule_after)  # the checkpoint records the serving rule, not a training τ
         self._save_model(base, self.out, train_info=info, full_weights=self.cfg.trainable == "all")

@@ -261,3 +261,23 @@ def test_unit_gates_warn_that_routers_get_no_task_gradient(tiny_llama, tmp_path)
         warnings.simplefilter("error")  # frozen routers, or sigmoid gates: nothing to warn about
         Trainer(_moefy(copy.deepcopy(tiny_llama), gate="one"), None, _cfg(lr=0.0), tmp_path / "b", batches=_batch())
         Trainer(_moefy(copy.deepcopy(tiny_llama), gate="sigmoid"), None, _cfg(), tmp_path / "c", batches=_batch())
+
+
+def test_router_training_from_an_adapted_checkpoint_keeps_its_adapter(tiny_llama, tmp_path):
+    fresh = [copy.deepcopy(tiny_llama) for _ in range(4)]
+    for m in fresh:
+        m.config.prunepath_base = "tiny-llama"
+    model = _moefy(tiny_llama, gate="one")
+    train(model, None, _cfg(trainable="lora", steps=2, save_every=2, backbone_lr=1e-2), tmp_path / "a",
+          batches=_batch(), progress=False)
+    adapted, _ = prunepath.load(tmp_path / "a", base=(fresh[0], None))
+    routers, log = train(adapted, None, _cfg(objective="distill", steps=3, save_every=3), tmp_path / "b",
+                         batches=_batch(), progress=False)
+    assert (tmp_path / "b" / "adapter" / "adapter_model.safetensors").is_file()
+    again, _ = prunepath.load(tmp_path / "b", base=(fresh[1], None))
+    ids = _batch()[0]
+    with torch.no_grad():
+        assert torch.allclose(routers(input_ids=ids).logits, again(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="already carries a LoRA adapter"):
+        Trainer(prunepath.load(tmp_path / "a", base=(fresh[2], None))[0], None, _cfg(trainable="lora"),
+                tmp_path / "c", batches=_batch(), progress=False)
