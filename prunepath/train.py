@@ -45,7 +45,7 @@ import math
 import shutil
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -204,6 +204,21 @@ def _rng_state() -> dict:
     return state
 
 
+@contextmanager
+def _all_experts_unit_gates(ffns):
+    """Every expert on with unit gates (the base model exactly) inside the block; rules and gates restored after."""
+    from prunepath import routing
+
+    saved = [(f.rule, f.gate) for f in ffns]
+    try:
+        for f in ffns:
+            f.rule, f.gate = routing.Dense(), "one"
+        yield
+    finally:
+        for f, (r, g) in zip(ffns, saved):
+            f.rule, f.gate = r, g
+
+
 def _set_tau(model, tau: float):
     for f in _ffns(model):
         from prunepath import routing
@@ -345,19 +360,9 @@ class Trainer:
         if self.frozen_teacher is not None:
             yield self.frozen_teacher
             return
-        from prunepath import routing
-
-        ffns = _ffns(self.model)
-        saved = [(f.rule, f.gate) for f in ffns]
         adapters = self.model.disable_adapter() if self.cfg.trainable == "lora" else nullcontext()
-        try:
-            for f in ffns:
-                f.rule, f.gate = routing.Dense(), "one"
-            with adapters:
-                yield self.model
-        finally:
-            for f, (r, g) in zip(ffns, saved):
-                f.rule, f.gate = r, g
+        with _all_experts_unit_gates(_ffns(self.model)), adapters:
+            yield self.model
 
     @torch.no_grad()
     def _teacher_logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -397,14 +402,9 @@ class Trainer:
         """One dense forward: every layer's FFN input x [N, D] (bf16) and true expert norms [N, E]."""
         cfg, model = self.cfg, self.model
         ffns = _ffns(model)
-        saved = [(f.rule, f.gate) for f in ffns]
-        from prunepath import routing
-
-        for f in ffns:  # dense, unit gates: the inputs the base model itself produces
-            f.rule, f.gate = routing.Dense(), "one"
         xs, norms = [[] for _ in ffns], [[] for _ in ffns]
-        cap = LogitCapture(ffns, inputs=True)
-        try:
+        # dense, unit gates: the inputs the base model itself produces
+        with _all_experts_unit_gates(ffns), closing(LogitCapture(ffns, inputs=True)) as cap:
             batches = range(0, self.ids.shape[0], cfg.batch_size)
             for s in tqdm(batches, desc="distill: dense forward", disable=not self.progress):
                 ids, mask = self.ids[s : s + cfg.batch_size].to(cfg.device), self.mask[s : s + cfg.batch_size]
@@ -416,10 +416,6 @@ class Trainer:
                     xs[i].append(x.to("cpu", torch.bfloat16))
                     with _autocast(cfg):
                         norms[i].append(f.expert_norms(x.to(next(f.parameters()).dtype)).cpu())  # [n, E]
-        finally:
-            cap.close()
-            for f, (r, g) in zip(ffns, saved):
-                f.rule, f.gate = r, g
         self.cache = ([torch.cat(x) for x in xs], [torch.cat(n) for n in norms])
 
     def _distill_step(self, step: int) -> dict:
