@@ -258,16 +258,14 @@ class Trainer:
         self.rule_after = model.rule_spec
         torch.manual_seed(cfg.seed)
         model = model.to(cfg.device)
-        # The dense teacher: the model itself with every expert on and unit gates — exactly the base model
-        # while the backbone is frozen (router) or its LoRA adapters are switched off; a frozen copy when
-        # every weight trains.
+        # The dense teacher: the starting model with every expert on and unit gates (the base model, or the
+        # adapted one when the checkpoint carried an adapter) — the model itself while its backbone is frozen
+        # (router) or its new LoRA adapters are switched off; a frozen copy when every weight trains.
         self.frozen_teacher = None
         if cfg.teacher == "dense" and cfg.trainable == "all":
-            from prunepath import routing
-
             self.frozen_teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            for f in _ffns(self.frozen_teacher):
-                f.rule, f.gate = routing.Dense(), "one"
+            self.frozen_teacher.set_rule("dense")
+            self.frozen_teacher.set_gate("one")
         self.model, groups = setup_trainable(model, cfg)
         self.opt = torch.optim.AdamW(groups)
         self.state = RunState()
