@@ -171,8 +171,10 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else (eos or [tokenizer.eos_token_id]))
-    old_side = tokenizer.padding_side
+    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # batches need one; the mask keeps it out (restored below)
+        tokenizer.pad_token = tokenizer.eos_token
     out: list[str] = []
     n_new = 0
     try:
@@ -192,8 +194,8 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
                     rec.add_mask(~ended[:, s - 1])
             out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
     finally:
-        tokenizer.padding_side = old_side
-    info = {"decoding": "greedy", "max_new_tokens": max_new_tokens,
+        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
+    info = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
             "chat_template": bool(templated and templated[0]), "new_tokens": n_new}
     return out, info
 

@@ -253,6 +253,17 @@ def test_rouge_and_generation(model, tok):
     assert info["chat_template"] and info["max_new_tokens"] == 4 and tok.padding_side == side
 
 
+def test_generation_batches_without_a_pad_token(model, tok):
+    # SmolLM2's tokenizer under transformers 5.17 has no pad token: batching must not need one
+    pad = tok.pad_token
+    tok.pad_token = None
+    try:
+        out, info = ifeval.generate_responses(model, tok, ["Write a poem.", "Hi"], max_new_tokens=3, batch_size=2)
+        assert len(out) == 2 and info["batch_size"] == 2 and tok.pad_token is None
+    finally:
+        tok.pad_token = pad
+
+
 def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
     import copy
 
