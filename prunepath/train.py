@@ -34,6 +34,7 @@ Trainable parts (`--trainable`): `router` (default; checkpoint ~2 MB), `lora` (p
 FFN's gate/up/down and/or attention, saved to <out>/adapter/, merged by prunepath.load), `all`
 (saved with full weights, never committed). Every K steps the run state (trainable tensors, optimizer,
 step, RNG) goes to <out>/train_state.pt and the PrunePath checkpoint to <out>; `--resume` continues.
+`--keep-every K` also keeps each K-th step's checkpoint in <out>/step-NNNNNN (a learning curve to evaluate).
 A non-finite loss stops the run before the optimizer step, leaving the last good checkpoint untouched.
 """
 
@@ -94,6 +95,7 @@ class TrainConfig:
     lora_targets: str = "ffn"  # ffn | attn | all
     seed: int = 0
     save_every: int = 100
+    keep_every: int = 0  # also keep a copy of the checkpoint in <out>/step-NNNNNN every K steps (0: never)
     device: str = "cpu"
     amp: bool | None = None  # bf16 autocast; None = on for CUDA, off for CPU
 
@@ -117,6 +119,10 @@ class TrainConfig:
         for name in ("tokens", "seq_len", "batch_size", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_every < 0 or (self.keep_every and self.keep_every % self.save_every):
+            raise ValueError(
+                f"keep_every must be 0 (off) or a multiple of save_every ({self.save_every}), got {self.keep_every}"
+            )
         if self.steps < 0 or self.stage1_steps < 0 or self.steps + self.stage1_steps == 0:
             raise ValueError("need steps >= 0, stage1_steps >= 0 and at least one step in all")
         if self.gate not in (None, "sigmoid", "softmax", "one"):
@@ -314,6 +320,21 @@ class Trainer:
         (self.out / LOG_FILE).write_text(
             json.dumps({"config": asdict(self.cfg), "log": self.state.log}, indent=1) + "\n"
         )
+        if self.cfg.keep_every and self.state.step % self.cfg.keep_every == 0:
+            self._keep_copy()
+
+    def _keep_copy(self) -> None:
+        """Copy the checkpoint just saved (not the run state) to <out>/step-NNNNNN: a loadable snapshot."""
+        dest = self.out / f"step-{self.state.step:06d}"
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for item in self.out.iterdir():
+            if item.name == STATE_FILE or item.name.startswith("step-") or item.name.endswith(".tmp"):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.replace(dest)
 
     def resume(self) -> None:
         path = self.out / STATE_FILE

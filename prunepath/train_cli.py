@@ -49,6 +49,7 @@ def add_cli(subparsers) -> None:
         ("lora_targets", str, "ffn | attn | all"),
         ("seed", int, "random seed"),
         ("save_every", int, "save every K steps"),
+        ("keep_every", int, "also keep every K-th step's checkpoint in <out>/step-NNNNNN (0: off)"),
     ):
         p.add_argument(
             "--" + name.replace("_", "-"),

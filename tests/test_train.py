@@ -281,3 +281,27 @@ def test_router_training_from_an_adapted_checkpoint_keeps_its_adapter(tiny_llama
     with pytest.raises(ValueError, match="already carries a LoRA adapter"):
         Trainer(prunepath.load(tmp_path / "a", base=(fresh[2], None))[0], None, _cfg(trainable="lora"),
                 tmp_path / "c", batches=_batch(), progress=False)
+
+
+def test_keep_every_keeps_loadable_snapshots(tiny_llama, tmp_path):
+    bases = [copy.deepcopy(tiny_llama) for _ in range(2)]
+    for m in bases:
+        m.config.prunepath_base = "tiny-llama"
+    model = _moefy(tiny_llama)
+    cfg = _cfg(trainable="lora", steps=4, save_every=1, keep_every=2, backbone_lr=1e-2)
+    tr = Trainer(model, None, cfg, tmp_path, progress=False, batches=_batch())
+    tr.run(stop_after=2)
+    ids = _batch()[0]
+    with torch.no_grad():
+        at_2 = model(input_ids=ids).logits
+    tr.run(resume=False)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002", "step-000004"]
+    snap = tmp_path / "step-000002"
+    assert not (snap / STATE_FILE).exists() and (snap / "adapter" / "adapter_config.json").is_file()
+    loaded, _ = prunepath.load(snap, base=(bases[0], None))
+    final, _ = prunepath.load(tmp_path, base=(bases[1], None))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, at_2, atol=1e-4)  # step 2's weights, not the last
+        assert not torch.allclose(final(input_ids=ids).logits, at_2, atol=1e-4)
+    with pytest.raises(ValueError, match="multiple of save_every"):
+        TrainConfig(save_every=4, keep_every=6)
