@@ -387,7 +387,7 @@ def _load(args):
     import prunepath
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, tok = prunepath.load(args.checkpoint, device=args.device)
+    model, tok = prunepath.load(args.checkpoint, device=args.device, adapter=args.adapter)
     return model.to(dtype), tok
 
 
@@ -401,6 +401,7 @@ def _meta(args, model) -> dict:
         dev = torch.cuda.get_device_name()
     return {
         "checkpoint": args.checkpoint,
+        "adapter": getattr(model, "prunepath_adapter", None),
         "device": dev,
         "dtype": args.dtype,
         "torch": torch.__version__,
@@ -490,6 +491,7 @@ def add_cli(subparsers) -> None:
 
 
 def _common(p) -> None:
+    p.add_argument("--no-adapter", dest="adapter", action="store_false", help="leave the checkpoint's LoRA adapter out: its routers on the untouched base model")
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (lm/wiki_demo.txt)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 is ~3x faster on recent CPUs")

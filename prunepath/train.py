@@ -258,7 +258,7 @@ class Trainer:
             raise ValueError(
                 f"the starting checkpoint already carries a LoRA adapter ({self.adapter_in}); a second one cannot "
                 "be saved beside it. Train --trainable all, or start from its routers alone "
-                "(prunepath.load(ckpt, adapter=False))"
+                "(prunepath train --no-adapter; prunepath.load(ckpt, adapter=False))"
             )
         self.base_fp = getattr(model, "prunepath_base_fingerprint", None)
         self.rule_after = model.rule_spec

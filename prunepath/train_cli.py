@@ -20,6 +20,8 @@ def add_cli(subparsers) -> None:
     src.add_argument("--model", default=None, help="convert this base model first (default SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--no-adapter", dest="adapter", action="store_false",
+                   help="with --checkpoint: start from its routers alone, leaving its LoRA adapter out")
     d = TrainConfig()
     for name, kind, help_ in (
         (
@@ -84,7 +86,7 @@ def run(args) -> int:
     out = Path(args.out)
     # A resumed run starts from the same source as the interrupted one; train_state.pt restores the rest.
     if args.checkpoint:
-        model, tok = prunepath.load(args.checkpoint, device=cfg.device)
+        model, tok = prunepath.load(args.checkpoint, device=cfg.device, adapter=args.adapter)
     else:
         model, tok = prunepath.load_model(args.model or prunepath.DEFAULT_MODEL, device=cfg.device)
         gate = cfg.gate or ("one" if cfg.objective == "distill" else "sigmoid")

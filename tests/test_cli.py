@@ -43,3 +43,13 @@ def test_bad_tau_is_one_clear_line(capsys):
 def test_missing_checkpoint_is_a_clear_error(capsys, tmp_path):
     assert main(["info", "--checkpoint", str(tmp_path)]) == 2
     assert "not a PrunePath checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_no_adapter_gives_the_routers_on_the_base_model(capsys):
+    # The default checkpoint folds a LoRA adapter in; --no-adapter leaves it out, so the dense model is the base
+    ppl = {}
+    for flag in ([], ["--no-adapter"]):
+        assert main(["eval", "--task", "wikitext2", "--limit", "128", "--tau", "1.5", "--json", *flag]) == 0
+        ppl[bool(flag)] = json.loads(capsys.readouterr().out)["metrics"]["perplexity"]
+    assert ppl[True] != pytest.approx(ppl[False], rel=1e-3)
