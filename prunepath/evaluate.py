@@ -341,7 +341,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="PrunePath folder, 'default' or 'dense' (default: 'default'; dense with --model)")
     p.add_argument("--model", default=None, help="dense model name/path; with --checkpoint, its base model")
-    p.add_argument("--no-adapter", dest="adapter", action="store_false", help="leave the checkpoint's LoRA adapter out: its routers on the untouched base model")
+    p.add_argument("--no-adapter", dest="adapter", action="store_false",
+                   help="leave the checkpoint's LoRA adapter out: its routers on the untouched base model")
     p.add_argument("--tau", type=float, default=None, help="cumulative-mass budget τ (PrunePath models)")
     p.add_argument("--rule", default=None, help="routing rule spec instead, e.g. topk:8, mass-incl:0.9")
     p.add_argument("--limit", type=int, default=None, help="first N examples (tokens, for wikitext2)")

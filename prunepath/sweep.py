@@ -491,7 +491,8 @@ def add_cli(subparsers) -> None:
 
 
 def _common(p) -> None:
-    p.add_argument("--no-adapter", dest="adapter", action="store_false", help="leave the checkpoint's LoRA adapter out: its routers on the untouched base model")
+    p.add_argument("--no-adapter", dest="adapter", action="store_false",
+        help="leave the checkpoint's LoRA adapter out: its routers on the untouched base model")
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (lm/wiki_demo.txt)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 is ~3x faster on recent CPUs")
