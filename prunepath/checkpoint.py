@@ -2,7 +2,8 @@
 
 A checkpoint is a folder:
   prunepath.json        what was converted and how: base model reference and fingerprint, MoefyConfig,
-                        each layer's routing rule and gate, training notes
+                        each layer's routing rule and gate, training notes, and (after `prunepath calibrate
+                        --save`) the global and per-layer τ that reach given active fractions
   prunepath.safetensors neuron permutations and router weights (small: ~2 MB for SmolLM2-135M)
   model.safetensors     only after full fine-tuning: the whole model's weights (never committed)
   adapter/              only after LoRA training: the peft adapter, merged into the weights on load
@@ -148,7 +149,53 @@ def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtyp
     model.prunepath_train_info = meta.get("train", {})
     model.prunepath_checkpoint = str(folder)
     model.prunepath_adapter = str(folder / "adapter") if merged else None  # folded into the weights above
+    model.prunepath_calibration = _calibration(meta, folder, merged)
     return model.eval(), tokenizer
+
+
+def _calibration(meta: dict, folder: Path, merged: bool) -> dict | None:
+    """The stored τ calibration, if it was measured on these weights (with or without the adapter)."""
+    cal = meta.get("calibration")
+    if not cal:
+        return None
+    n = len(meta["layers"])
+    try:
+        targets = {float(k): v for k, v in cal["targets"].items()}
+        ok = all(0 < v["tau"] and len(v["per_layer_tau"]) == n for v in targets.values())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(
+            f"{folder / 'prunepath.json'}: its calibration is corrupt; delete the 'calibration' entry or run "
+            f"`prunepath calibrate --checkpoint {folder} --target ... --save` again"
+        )
+    if bool(cal.get("adapter")) != merged:  # measured on other weights: the τ would miss their targets
+        return None
+    return {**cal, "targets": targets}
+
+
+def save_calibration(directory: str | os.PathLike, results: list[dict], info: dict) -> Path:
+    """Record `sweep.calibrate_tau` results in a checkpoint's prunepath.json (merged by target).
+
+    info: how they were measured ('adapter': whether the checkpoint's adapter was folded in, 'tokens',
+    'source', 'date', ...). Results measured with the other adapter setting replace the old ones.
+    """
+    folder = _resolve(directory)
+    meta = read_meta(folder)
+    old = meta.get("calibration") or {}
+    targets = dict(old.get("targets", {})) if bool(old.get("adapter")) == bool(info.get("adapter")) else {}
+    for r in results:
+        targets[f"{r['target']:g}"] = {
+            "tau": r["tau"],
+            "active_fraction": r["active_fraction"],
+            "per_layer_tau": r["per_layer_tau"],
+            "per_layer_active_fraction": r["per_layer_active_fraction"],
+        }
+    meta["calibration"] = {**info, "targets": dict(sorted(targets.items(), key=lambda kv: float(kv[0])))}
+    tmp = folder / "prunepath.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, folder / "prunepath.json")
+    return folder
 
 
 def _merge_adapter(model, folder: Path):

@@ -125,6 +125,25 @@ class PrunePathMixin:
             inclusive = isinstance(f.rule, routing.CumulativeMass) and f.rule.inclusive
             f.rule = routing.CumulativeMass(float(tau), inclusive=inclusive)
 
+    def set_active_fraction(self, fraction: float, per_layer: bool = True) -> dict:
+        """Route so that `fraction` of the FFN neurons are active on average, from the checkpoint's calibration.
+
+        per_layer: one τ per layer, each reaching the fraction in its own layer (lower perplexity than one
+        global τ at every fraction we measured), else the one global τ. Returns the calibration entry.
+        Calibrate first: `prunepath calibrate --checkpoint DIR --target 0.25 0.5 0.75 --save`.
+        """
+        cal = getattr(self, "prunepath_calibration", None)
+        where = getattr(self, "prunepath_checkpoint", "DIR")
+        fix = f"`prunepath calibrate --checkpoint {where} --target {fraction:g} --save`, or set τ with model.set_tau"
+        if not cal:
+            raise ValueError(f"this model has no stored τ calibration for its weights; run {fix}")
+        entry = next((v for k, v in cal["targets"].items() if abs(k - fraction) < 1e-9), None)
+        if entry is None:
+            have = ", ".join(f"{k:g}" for k in sorted(cal["targets"]))
+            raise ValueError(f"no calibration for active fraction {fraction:g} (stored: {have}); run {fix}")
+        self.set_tau(entry["per_layer_tau"] if per_layer else entry["tau"])
+        return entry
+
     def set_gate(self, kind: str) -> None:
         if kind not in ("sigmoid", "softmax", "one"):
             raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {kind!r}")

@@ -292,8 +292,8 @@ def load_for_eval(args):
     if dense:
         from prunepath.models import DEFAULT_MODEL, load_model
 
-        if args.tau is not None or args.rule is not None:
-            raise ValueError("--tau/--rule need a PrunePath checkpoint; the dense model has no routers "
+        if args.tau is not None or args.rule is not None or getattr(args, "fraction", None) is not None:
+            raise ValueError("--tau/--rule/--fraction need a PrunePath checkpoint; the dense model has no routers "
                              "(give --checkpoint default or a folder)")
         return load_model(args.model or DEFAULT_MODEL)
     import prunepath
@@ -303,6 +303,8 @@ def load_for_eval(args):
         model.set_rule(args.rule)
     if args.tau is not None:
         model.set_tau(args.tau)
+    if getattr(args, "fraction", None) is not None:
+        model.set_active_fraction(args.fraction)
     return model, tok
 
 
@@ -312,9 +314,13 @@ def run(args) -> int:
                  "gen": ("max_new_tokens", "batch_size")}[check_task(args.task)]
     if args.tau is not None:
         check_tau(args.tau)
+    if args.fraction is not None and (args.tau is not None or args.rule is not None):
+        raise ValueError("give one of --tau, --rule or --fraction: --fraction sets a per-layer τ itself")
     model, tok = load_for_eval(args)
     opts = {k: getattr(args, k) for k in task_opts if getattr(args, k) is not None}
     res = evaluate_task(model, tok, args.task, limit=args.limit, **opts).to_dict()
+    if args.fraction is not None and res.get("routing"):
+        res["routing"]["calibrated_fraction"] = args.fraction  # per-layer τ stored in the checkpoint
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
@@ -345,6 +351,9 @@ def add_cli(subparsers) -> None:
                    help="leave the checkpoint's LoRA adapter out: its routers on the untouched base model")
     p.add_argument("--tau", type=float, default=None, help="cumulative-mass budget τ (PrunePath models)")
     p.add_argument("--rule", default=None, help="routing rule spec instead, e.g. topk:8, mass-incl:0.9")
+    p.add_argument("--fraction", type=float, default=None,
+                   help="route by the checkpoint's stored per-layer τ for this active fraction "
+                   "(made by `prunepath calibrate --save`)")
     p.add_argument("--limit", type=int, default=None, help="first N examples (tokens, for wikitext2)")
     p.add_argument("--context", type=int, default=None, help="perplexity window (default 1024)")
     p.add_argument("--stride", type=int, default=None, help="perplexity stride (default 512)")

@@ -441,20 +441,40 @@ def run_sweep_cli(args) -> int:
 
 
 def run_calibrate(args) -> int:
+    from prunepath.checkpoint import save_calibration
     from prunepath.data import calibration_batches
 
+    for t in args.target:  # refuse a bad target before the model loads
+        if not 0 < t < 1:
+            raise ValueError(f"target active fraction must lie in (0, 1), got {t}; 1 is the dense model (τ > 1)")
     model, tok = _load(args)
     ids = calibration_batches(tok, args.calib_tokens, 256, seed=1)
-    res = calibrate_tau(model, ids, args.target, tol=args.tol)
+    results = []
+    for target in args.target:
+        res = calibrate_tau(model, ids, target, tol=args.tol)
+        results.append(res)
+        if not args.json:
+            taus = ", ".join(f"{t:.3f}" for t in res["per_layer_tau"])
+            print(
+                f"target {res['target']:.3f}: global τ = {res['tau']:.4f} gives active fraction "
+                f"{res['active_fraction']:.4f} on {res['tokens']} calibration tokens"
+            )
+            print(f"per-layer τ: {taus} (active fraction with them: {res['per_layer_active_fraction']:.4f})")
+    if args.save:
+        info = {
+            "adapter": getattr(model, "prunepath_adapter", None) is not None,
+            "tokens": int(ids.numel()),
+            "source": "calibration text (lm/wiki_demo.txt), 256-token windows, seed 1",
+            "dtype": args.dtype,
+            "tol": args.tol,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": "prunepath " + " ".join(sys.argv[1:]),
+        }
+        folder = save_calibration(args.checkpoint, results, info)
+        if not args.json:
+            print(f"saved to {folder / 'prunepath.json'}: model.set_active_fraction(f) now routes by it")
     if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    taus = ", ".join(f"{t:.3f}" for t in res["per_layer_tau"])
-    print(
-        f"target {res['target']:.3f}: global τ = {res['tau']:.4f} gives active fraction "
-        f"{res['active_fraction']:.4f} on {res['tokens']} calibration tokens"
-    )
-    print(f"per-layer τ: {taus} (active fraction with them: {res['per_layer_active_fraction']:.4f})")
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
 
 
@@ -480,12 +500,15 @@ def add_cli(subparsers) -> None:
     c = subparsers.add_parser(
         "calibrate",
         help="find τ (global and per layer) for a target active fraction",
-        description="Bisection for the τ reaching a target mean active FFN fraction.",
+        description="Bisection for the τ reaching a target mean active FFN fraction; --save stores it in the "
+        "checkpoint, for model.set_active_fraction() and `prunepath eval --fraction`.",
     )
     c.add_argument("--checkpoint", default="default")
-    c.add_argument("--target", type=float, required=True, help="mean active FFN fraction, e.g. 0.5")
+    c.add_argument("--target", type=float, nargs="+", required=True, help="mean active FFN fraction(s), e.g. 0.5")
     c.add_argument("--tol", type=float, default=0.005)
     c.add_argument("--json", action="store_true")
+    c.add_argument("--save", action="store_true",
+                   help="record the τ values in the checkpoint (prunepath.json): model.set_active_fraction uses them")
     _common(c)
     c.set_defaults(func=run_calibrate)
 

@@ -53,3 +53,14 @@ def test_eval_no_adapter_gives_the_routers_on_the_base_model(capsys):
         assert main(["eval", "--task", "wikitext2", "--limit", "128", "--tau", "1.5", "--json", *flag]) == 0
         ppl[bool(flag)] = json.loads(capsys.readouterr().out)["metrics"]["perplexity"]
     assert ppl[True] != pytest.approx(ppl[False], rel=1e-3)
+
+
+def test_eval_fraction_and_tau_together_are_refused_before_loading(capsys):
+    args = ["eval", "--task", "wikitext2", "--tau", "0.5", "--fraction", "0.5", "--checkpoint", "/nonexistent"]
+    assert main(args) == 2
+    assert "one of --tau, --rule or --fraction" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_a_bad_target_before_loading(capsys):
+    assert main(["calibrate", "--target", "0.5", "1.2", "--checkpoint", "/nonexistent"]) == 2
+    assert "must lie in (0, 1)" in capsys.readouterr().err

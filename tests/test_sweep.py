@@ -123,3 +123,64 @@ def test_gpu_batching_only_fills_in_what_is_missing(tiny16):
     opts = sweep._batching(gpu, "sst2", {"batch_size": 4})
     assert opts["batch_size"] == 4 and opts["batch_tokens"] == sweep.GPU_BATCHING["nlu"]["batch_tokens"]
     assert sweep._batching(gpu, "wikitext2", {}) == sweep.GPU_BATCHING["lm"]
+
+
+def test_saved_calibration_routes_a_loaded_checkpoint_to_its_fraction(tiny_llama, tmp_path):
+    import copy
+
+    from prunepath.checkpoint import save_calibration
+
+    tiny_llama.config.prunepath_base = "tiny-llama"
+    base = copy.deepcopy(tiny_llama)
+    model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=8, gate="one"), progress=False)
+    prunepath.save(model, tmp_path)
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    results = [sweep.calibrate_tau(model, ids, t, tol=0.01) for t in (0.3, 0.5)]
+    save_calibration(tmp_path, results[:1], {"adapter": False, "tokens": ids.numel()})
+    save_calibration(tmp_path, results[1:], {"adapter": False, "tokens": ids.numel()})  # merged by target
+    loaded, _ = prunepath.load(tmp_path, base=(base, None))
+    assert sorted(loaded.prunepath_calibration["targets"]) == [0.3, 0.5]
+    entry = loaded.set_active_fraction(0.5)
+    assert loaded.rule_spec == "per-layer" and entry["per_layer_tau"] == results[1]["per_layer_tau"]
+    assert sweep.measured_fraction(loaded, ids) == pytest.approx(results[1]["per_layer_active_fraction"], abs=1e-6)
+    loaded.set_active_fraction(0.3, per_layer=False)
+    assert all(f.rule.tau == results[0]["tau"] for f in loaded.prunepath_ffns())  # one global τ
+    with pytest.raises(ValueError, match=r"no calibration for active fraction 0.4 \(stored: 0.3, 0.5\).*--save"):
+        loaded.set_active_fraction(0.4)
+
+
+def test_calibration_is_dropped_for_other_weights_and_checked_when_damaged(tiny_llama, tmp_path):
+    import copy
+
+    from prunepath.checkpoint import save_calibration
+
+    tiny_llama.config.prunepath_base = "tiny-llama"
+    bases = [copy.deepcopy(tiny_llama) for _ in range(3)]
+    model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=8, gate="one"), progress=False)
+    prunepath.save(model, tmp_path)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    # measured with an adapter folded in: a load without one (this checkpoint has none) must not use it
+    save_calibration(tmp_path, [sweep.calibrate_tau(model, ids, 0.5, tol=0.05)], {"adapter": True})
+    loaded, _ = prunepath.load(tmp_path, base=(bases[0], None))
+    assert loaded.prunepath_calibration is None
+    with pytest.raises(ValueError, match="no stored τ calibration.*prunepath calibrate"):
+        loaded.set_active_fraction(0.5)
+    meta = json.loads((tmp_path / "prunepath.json").read_text())
+    meta["calibration"]["targets"]["0.5"]["per_layer_tau"] = [0.5]  # one value for a two-layer model
+    (tmp_path / "prunepath.json").write_text(json.dumps(meta))
+    with pytest.raises(prunepath.CheckpointError, match="calibration is corrupt"):
+        prunepath.load(tmp_path, base=(bases[1], None))
+    prunepath.save(model, tmp_path)  # new weights or routers: a stale calibration must not survive a save
+    assert "calibration" not in prunepath.read_meta(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_default_checkpoint_ships_calibrated_fractions():
+    model, tok = prunepath.load("default")
+    assert sorted(model.prunepath_calibration["targets"]) == [0.25, 0.375, 0.5, 0.625, 0.75, 0.875]
+    text = "The committee met on Tuesday to discuss the budget. " * 6  # not the calibration text
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    model.set_active_fraction(0.5)
+    assert sweep.measured_fraction(model, ids) == pytest.approx(0.5, abs=0.06)
+    plain, _ = prunepath.load("default", adapter=False)  # calibrated with the adapter: not for the bare routers
+    assert plain.prunepath_calibration is None
