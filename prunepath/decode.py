@@ -142,8 +142,9 @@ class Decoder:
                 c.copy_(v)
 
     # ------------------------------------------------------------------ public API
-    def set_tau(self, tau: float) -> None:
-        """Change the PrunePath budget; a captured graph stays valid (tau is a device tensor)."""
+    def set_tau(self, tau: float | list[float]) -> None:
+        """Change the PrunePath budget (one τ, or one per layer as `model.set_active_fraction` sets); a
+        captured graph stays valid (each layer's τ is a device tensor)."""
         self.model.set_tau(tau)
         for fp in self.fast_paths:
             fp.sync()

@@ -54,7 +54,8 @@ def test_batch_and_tau_change(tiny_llama):
     model = _prunepath(tiny_llama)
     dec = Decoder(model, max_len=32, config=DecodeConfig(max_new_tokens=6))
     ids = torch.randint(0, 128, (2, 6))
-    for tau in (0.5, 0.9):
+    n_layers = len(model.prunepath_ffns())
+    for tau in (0.5, 0.9, [0.5 + 0.4 * i / max(1, n_layers - 1) for i in range(n_layers)]):  # last: one per layer
         dec.set_tau(tau)
         out = dec.generate(ids)[:, 6:]
         for b in range(2):
