@@ -80,10 +80,16 @@ def measured_fraction(model, ids: torch.Tensor, batch_size: int = 4) -> float:
         model.record_stats(False)
 
 
-def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, iters: int = 12) -> dict:
-    """Global τ (bisection on real forwards) and per-layer τ (on captured inputs) for `target`."""
+def check_target(target: float) -> float:
+    """A calibration target: a mean active FFN fraction strictly between 0 and 1."""
     if not 0 < target < 1:
         raise ValueError(f"target active fraction must lie in (0, 1), got {target}; 1 is the dense model (τ > 1)")
+    return target
+
+
+def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, iters: int = 12) -> dict:
+    """Global τ (bisection on real forwards) and per-layer τ (on captured inputs) for `target`."""
+    check_target(target)
     n_exp = model.prunepath_ffns()[0].n_experts
     if target < 1 / n_exp:
         raise ValueError(
@@ -445,8 +451,7 @@ def run_calibrate(args) -> int:
     from prunepath.data import calibration_batches
 
     for t in args.target:  # refuse a bad target before the model loads
-        if not 0 < t < 1:
-            raise ValueError(f"target active fraction must lie in (0, 1), got {t}; 1 is the dense model (τ > 1)")
+        check_target(t)
     model, tok = _load(args)
     ids = calibration_batches(tok, args.calib_tokens, 256, seed=1)
     results = []
