@@ -159,6 +159,8 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
                        batch_size: int = 4, rec=None) -> tuple[list[str], dict]:
     """Greedy responses to user prompts (chat template), decoded without special tokens.
 
+    info["finished"][i] says whether response i ended with an end token (False: cut at max_new_tokens).
+
     Batches are left-padded so every row's last prompt token sits at the same position; the attention
     mask keeps padding out and transformers derives position ids from it during generate().
     rec: a `RoutingRecorder`, told which routed rows were real: prompt tokens, then one row per decode
@@ -176,6 +178,7 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     if tokenizer.pad_token is None:  # batches need one; the mask keeps it out (restored below)
         tokenizer.pad_token = tokenizer.eos_token
     out: list[str] = []
+    finished: list[bool] = []
     n_new = 0
     try:
         for i in range(0, len(texts), batch_size):
@@ -193,10 +196,11 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
                 for s in range(1, new.shape[1]):  # decode step s feeds token s-1
                     rec.add_mask(~ended[:, s - 1])
             out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+            finished += ended[:, -1].tolist()  # False: cut off by max_new_tokens
     finally:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
     info = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-            "chat_template": bool(templated and templated[0]), "new_tokens": n_new}
+            "chat_template": bool(templated and templated[0]), "new_tokens": n_new, "finished": finished}
     return out, info
 
 
@@ -227,6 +231,8 @@ def instruction_eval(model, tokenizer, task: str, limit: int | None = None, max_
     else:
         scores = {"rougeL_f1": rouge_l(responses, [r["output"] for r in rows])}
         examples = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
+    info["cut_off"] = info["finished"].count(False)  # responses that hit max_new_tokens
+    del info["finished"]
     info["examples"] = examples[:20]  # enough to eyeball failures without bloating the JSON
     fmt = "chat template" if info["chat_template"] else "plain prompt (tokenizer has no chat template)"
     return EvalResult(task=task, metrics=scores, n=len(rows),

@@ -14,22 +14,54 @@ if TYPE_CHECKING:
     from prunepath.train import TrainConfig
 
 
+LM_SOURCES = ("calibration", "wikitext2", "alpaca", "alpaca-chat")
+
+
 def check_data(name: str) -> str:
-    """Refuse an unknown training source before any model is loaded; 'a+b' mixes sources."""
+    """Refuse an unknown training source (or a missing chat file) before any model is loaded.
+
+    'a+b' mixes sources; a file path inside a mix may not contain '+'.
+    """
+    from pathlib import Path
+
     from prunepath import data
 
-    lm = ("calibration", "wikitext2", "alpaca")
     cls = tuple(t for t, s in data.TASKS.items() if s.kind == "classification")
-    if "+" in name and ":" not in name:
+    if "+" in name:
         for part in name.split("+"):
             check_data(part)
         return name
-    if name in lm + cls or name.split(":", 1)[0] in ("jsonl", "json", "csv", "tsv"):
+    kind, _, path = name.partition(":")
+    if kind == "chat":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"training data {name!r}: no file at {path!r}; "
+                                    f"make one with `prunepath selfdata --out {path or 'FILE'}`")
+        return name
+    if name in LM_SOURCES + cls or kind in ("jsonl", "json", "csv", "tsv"):
         return name
     raise ValueError(
-        f"unknown training data {name!r}; choose one of {', '.join(lm + cls)} or a labelled file "
+        f"unknown training data {name!r}; choose one of {', '.join(LM_SOURCES + cls)}, 'chat:FILE' "
+        "(instruction rows from `prunepath selfdata`) or a labelled file "
         "'jsonl:PATH?text=FIELD&label=FIELD' (also csv:)"
     )
+
+
+def chat_text(tokenizer, row) -> str:
+    """One instruction row as a chat turn pair in the model's own template (plain text without one).
+
+    An answer cut off by a generation cap (row["finished"] False) ends where the text ends, without the
+    template's end-of-turn token, so training never teaches the model to stop mid-answer.
+    """
+    from prunepath.ifeval import alpaca_prompt
+
+    user, answer = alpaca_prompt(row), row["output"].strip()
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
+        )
+        end = text.rfind(answer) + len(answer) if answer else -1
+        return text if row.get("finished", True) or end < 0 else text[:end]
+    return f"{user}\n{answer}"
 
 
 def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +72,7 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
     """
     from prunepath import data
 
-    if "+" in cfg.data and ":" not in cfg.data:
+    if "+" in cfg.data:
         parts = cfg.data.split("+")
         got = [training_batches(tokenizer, replace(cfg, data=d, tokens=-(-cfg.tokens // len(parts)))) for d in parts]
         return torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
@@ -51,13 +83,18 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
     if cfg.data == "alpaca":
         rows = data.load_instructions("alpaca", "train")
         texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}".replace("\n\n", "\n") for r in rows]
+    elif cfg.data == "alpaca-chat" or cfg.data.startswith("chat:"):
+        from prunepath.selfdata import read_rows
+
+        rows = data.load_instructions("alpaca", "train") if cfg.data == "alpaca-chat" else read_rows(cfg.data[5:])
+        texts = [chat_text(tokenizer, r) for r in rows]
     elif cfg.data in data.TASKS and data.TASKS[cfg.data].kind == "classification" or ":" in cfg.data:
         ds = data.load_classification(cfg.data, "train")
         names = ds.features["label"].names
         texts = [" ".join(filter(None, [r["text"], r.get("text_pair")])) + f"\nLabel: {names[r['label']]}" for r in ds]
     else:
         known = ", ".join(
-            ["calibration", "wikitext2", "alpaca"] + [t for t, s in data.TASKS.items() if s.kind == "classification"]
+            list(LM_SOURCES) + [t for t, s in data.TASKS.items() if s.kind == "classification"]
         )
         raise ValueError(
             f"unknown training data {cfg.data!r}; choose one of {known} or a 'jsonl:PATH?text=..&label=..' spec"

@@ -103,3 +103,22 @@ def test_graph_loop_on_gpu(tiny_llama, dtype):
             f.fast_path = fp
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert ((got - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA device and PRUNEPATH_GPU_TESTS=1")
+def test_graph_loop_takes_one_tau_per_layer_on_gpu(tiny_llama):
+    """A per-layer τ set after capture reaches the captured graph: the same tokens as transformers generate
+    through the torch routing path with that τ."""
+    model = _prunepath(tiny_llama).to("cuda")
+    ids = torch.randint(0, 128, (1, 6), device="cuda")
+    dec = Decoder(model, max_len=40, config=DecodeConfig(max_new_tokens=10))
+    dec.generate(ids)  # captures the graph at the global τ
+    assert dec.graph is not None and dec.fast_paths
+    n_layers = len(model.prunepath_ffns())
+    per_layer = [0.3 + 0.6 * i / max(1, n_layers - 1) for i in range(n_layers)]
+    dec.set_tau(per_layer)
+    out = dec.generate(ids)[:, 6:]
+    for f in model.prunepath_ffns():
+        f.fast_path = None  # the torch routing path, with the same per-layer τ
+    assert torch.equal(out, _hf_greedy(model, ids, 10).cpu())

@@ -1,0 +1,77 @@
+"""Self-generated instruction data (`prunepath selfdata`) and chat-format training data (`--data chat:FILE`)."""
+
+import json
+
+import pytest
+import torch
+
+from prunepath.selfdata import generate_selfdata, read_rows
+from prunepath.train import TrainConfig
+from prunepath.train_data import check_data, training_batches
+
+ROWS = [{"instruction": "Name a colour.", "input": ""},
+        {"instruction": "Add the numbers.", "input": "2 and 3"},
+        {"instruction": "Say hello.", "input": ""}]
+
+
+def test_selfdata_answers_every_row_and_resumes_without_redoing_any(default_model, tmp_path):
+    model, tok = default_model
+    out = tmp_path / "self.jsonl"
+    generate_selfdata(model, tok, ROWS[:2], out, max_new_tokens=6, batch_size=2, progress=False)
+    first = read_rows(out)
+    assert [r["instruction"] for r in first] == ["Name a colour.", "Add the numbers."]
+    assert first[1]["input"] == "2 and 3" and all(isinstance(r["finished"], bool) for r in first)
+    with pytest.raises(FileExistsError, match="--resume"):
+        generate_selfdata(model, tok, ROWS, out, max_new_tokens=6, progress=False)
+    generate_selfdata(model, tok, ROWS, out, max_new_tokens=6, batch_size=2, resume=True, progress=False)
+    rows = read_rows(out)
+    assert len(rows) == 3 and rows[:2] == first  # the first two kept as they were, only the third added
+    # Greedy answers are the model's own: the same prompt alone gives the same text.
+    alone = tmp_path / "alone.jsonl"
+    generate_selfdata(model, tok, ROWS[2:], alone, max_new_tokens=6, batch_size=1, progress=False)
+    assert read_rows(alone)[0]["output"] == rows[2]["output"]
+
+
+def test_a_cut_off_answer_is_marked_unfinished(default_model, tmp_path):
+    model, tok = default_model
+    out = tmp_path / "cut.jsonl"
+    generate_selfdata(model, tok, [{"instruction": "Write a long story about a dragon.", "input": ""}], out,
+                      max_new_tokens=3, batch_size=1, progress=False)
+    row = read_rows(out)[0]
+    assert row["finished"] is False and len(tok(row["output"], add_special_tokens=False)["input_ids"]) <= 4
+
+
+def test_damaged_instruction_files_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prunepath selfdata --out"):
+        read_rows(tmp_path / "none.jsonl")
+    half = tmp_path / "half.jsonl"
+    half.write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + '\n{"instruction": "c", "out')
+    with pytest.raises(ValueError, match=r"half.jsonl:2 is not JSON.*--resume"):
+        read_rows(half)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "a", "input": ""}) + "\n")
+    with pytest.raises(ValueError, match="no text field 'output'"):
+        read_rows(bad)
+    with pytest.raises(FileNotFoundError, match="prunepath selfdata"):
+        check_data(f"calibration+chat:{tmp_path / 'missing.jsonl'}")
+
+
+def test_chat_training_data_uses_the_template_and_cut_off_answers_do_not_end(default_model, tmp_path):
+    tok = default_model[1]
+    path = tmp_path / "chat.jsonl"
+    rows = [{"instruction": "Say yes.", "input": "", "output": "Yes.", "finished": True},
+            {"instruction": "Count.", "input": "to three", "output": "One, two", "finished": False},
+            {"instruction": "Say no.", "input": "", "output": "No.", "finished": True}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(objective="lm", data=f"chat:{path}", tokens=10_000, seq_len=96)
+    ids, mask = training_batches(tok, cfg)
+    texts = {t.split("<|im_start|>user\n")[1][:5]: t for t in (tok.decode(i[m.bool()]) for i, m in zip(ids, mask))}
+    assert sorted(texts) == ["Count", "Say n", "Say y"]
+    user, answer = "<|im_start|>user\nSay yes.<|im_end|>\n", "<|im_start|>assistant\nYes.<|im_end|>"
+    assert texts["Say y"].startswith("<|im_start|>system") and user in texts["Say y"] and answer in texts["Say y"]
+    # the cut-off answer is kept but has no end-of-turn token: nothing teaches stopping mid-answer
+    assert texts["Count"].endswith("<|im_start|>assistant\nOne, two")
+    assert ids[0, 0].item() == tok.convert_tokens_to_ids("<|im_start|>")  # the template's start, nothing added
+    mixed, _ = training_batches(tok, TrainConfig(objective="lm", data=f"calibration+chat:{path}", tokens=512,
+                                                 seq_len=96))
+    assert torch.equal(mixed[-len(ids):], ids)  # the mix puts the chat rows after the LM windows
