@@ -119,8 +119,9 @@ class ExplorerView(pn.viewable.Viewer):
     def _build(self):
         controls = pn.Column(
             "### Routing", self.tau, self.dense, self.rule,
-            pn.pane.Markdown("Top-k and threshold run at the knob that matches τ's active fraction on this "
-                             "prompt.", styles={"font-size": "12px", "color": "#555"}),
+            pn.pane.Markdown("Per-layer τ, top-k and threshold run at knobs matched to τ's active fraction on "
+                             "this prompt (per-layer τ: each layer at that fraction).",
+                             styles={"font-size": "12px", "color": "#555"}),
             "### Checkpoint", self.ckpt_kind, self.ckpt_path, self.load_btn,
             "### Prompt", self.example, self.prompt, width=320, sizing_mode="stretch_height",
         )

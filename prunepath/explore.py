@@ -16,6 +16,8 @@ continuation, so a slider move waits at most one decode step. Results are cached
 
 Rules the page offers, compared at a matched active fraction (the paper's protocol):
   "mass"       cumulative mass τ (PrunePath)
+  "mass-layer" cumulative mass with one τ per layer, each layer at τ's active fraction on this prompt
+               (what `model.set_active_fraction` does with a checkpoint's stored calibration)
   "topk"       MoEfication top-k, k = the mean experts kept at this τ on this prompt
   "threshold"  independent sigmoid threshold t, the quantile of sigmoid(logits) at τ's active fraction
   "dense"      every expert, with the checkpoint's gates
@@ -38,9 +40,10 @@ import torch
 from prunepath import routing
 from prunepath.checkpoint import CheckpointError
 
-RULES = ("mass", "topk", "threshold", "dense")
-RULE_NAMES = {"mass": "cumulative mass τ (PrunePath)", "topk": "top-k (MoEfication), matched",
-              "threshold": "threshold (sigmoid), matched", "dense": "dense"}
+RULES = ("mass", "mass-layer", "topk", "threshold", "dense")
+RULE_NAMES = {"mass": "cumulative mass τ (PrunePath)", "mass-layer": "per-layer τ (PrunePath), matched",
+              "topk": "top-k (MoEfication), matched", "threshold": "threshold (sigmoid), matched",
+              "dense": "dense"}
 EXAMPLES = {
     "Fox": "The quick brown fox jumps over the lazy dog because it was bored.",
     "Photosynthesis": "Photosynthesis is the process by which green plants use sunlight to",
@@ -79,6 +82,28 @@ class ExploreConfig:
 
 
 @dataclass(frozen=True)
+class LayerTaus:
+    """Cumulative mass with one τ per layer: the rule `model.set_active_fraction` puts on a model."""
+
+    taus: tuple[float, ...]
+
+    @property
+    def spec(self) -> str:
+        return "mass:" + ",".join(f"{t:g}" for t in self.taus)
+
+    def apply(self, model) -> None:
+        model.set_tau(list(self.taus))
+
+
+def set_rule(model, rule) -> None:
+    """Put a routing rule, or a LayerTaus, on every layer of `model`."""
+    if isinstance(rule, LayerTaus):
+        rule.apply(model)
+    else:
+        model.set_rule(rule)
+
+
+@dataclass(frozen=True)
 class Routed:
     """One prompt routed under one rule."""
 
@@ -93,6 +118,7 @@ class Routed:
     seconds: float  # wall time of the forward that produced this (0 if it came from the cache)
     note: str = ""  # e.g. the truncation message
     knobs: tuple[int, float] | None = None  # (k, t) matched to this active fraction (mass rule only)
+    layer_taus: tuple[float, ...] | None = None  # one τ per layer at this active fraction (mass rule only)
 
     @property
     def per_token(self) -> list[float]:
@@ -216,7 +242,10 @@ class Explorer:
             return routing.CumulativeMass(float(tau))
         if rule not in RULES:
             raise ExplorerError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-        k, t = self.route(prompt, "mass", tau).knobs
+        at_tau = self.route(prompt, "mass", tau)
+        if rule == "mass-layer":
+            return LayerTaus(at_tau.layer_taus)
+        k, t = at_tau.knobs
         return routing.TopK(k) if rule == "topk" else routing.Threshold(t)
 
     def route(self, prompt: str, rule: str = "mass", tau: float = 0.9) -> Routed:
@@ -231,11 +260,12 @@ class Explorer:
         t0 = time.perf_counter()
         counts, logits, stats = self._forward(ids, r, capture=isinstance(r, routing.CumulativeMass))
         knobs = matched_knobs(logits, stats.active_fraction, self.n_experts) if logits is not None else None
+        taus = matched_layer_taus(logits, stats.active_fraction) if logits is not None else None
         out = Routed(
             tokens=self.labels(ids), counts=counts, n_experts=self.n_experts, spec=r.spec,
             active_fraction=stats.active_fraction, mean_experts=stats.mean_experts,
             flops_per_token=stats.flops_per_token, dense_flops_per_token=stats.dense_flops_per_token,
-            seconds=time.perf_counter() - t0, note=note, knobs=knobs,
+            seconds=time.perf_counter() - t0, note=note, knobs=knobs, layer_taus=taus,
         )
         with self._lock:
             self._routed[key] = out
@@ -243,9 +273,9 @@ class Explorer:
                 self._routed.popitem(last=False)
         return out
 
-    def _apply(self, rule: routing.Rule) -> None:
+    def _apply(self, rule: routing.Rule | LayerTaus) -> None:
         """Put `rule` on every layer; dense also means unit gates, as the sweeps' dense baseline."""
-        self.model.set_rule(rule)
+        set_rule(self.model, rule)
         self.model.set_gate("one" if isinstance(rule, routing.Dense) else self.gate)
 
     @torch.no_grad()
@@ -364,6 +394,32 @@ def matched_knobs(logits: torch.Tensor, fraction: float, n_experts: int) -> tupl
     s = torch.sigmoid(logits.reshape(-1).float())
     t = float(torch.quantile(s[:1_000_000], 1.0 - min(max(fraction, 0.0), 1.0)))
     return k, round(min(max(t, 1e-4), 1 - 1e-4), 4)  # 4 decimals: a readable spec, well within the quantile's noise
+
+
+def matched_layer_taus(logits: torch.Tensor, fraction: float, iters: int = 24) -> tuple[float, ...]:
+    """One τ per layer so that each layer keeps about `fraction` of its experts on these tokens.
+
+    logits: router logits [L, T, E] seen at τ. Per layer, the mean kept count of the cumulative-mass rule
+    rises with τ in steps, so a bisection brackets `fraction` and the nearer side is taken (counts are
+    integers, so an exact match may not exist). Like the threshold, the rule's
+    own forward sees other hidden states; the page shows the fraction it actually reaches.
+    """
+    target = min(max(fraction, 0.0), 1.0)
+    csum = logits.float().softmax(-1).sort(-1, descending=True).values.cumsum(-1)  # [L, T, E] sorted mass
+    n_experts = logits.shape[-1]
+
+    def kept(c: torch.Tensor, tau: float) -> float:  # the exclusive rule's mean kept fraction (top-1 always)
+        return (c < tau).sum(-1).clamp(min=1).float().mean().item() / n_experts
+
+    taus = []
+    for c in csum:  # c: [T, E]
+        lo, hi = 0.0, 1.0
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if kept(c, mid) <= target else (lo, mid)
+        best = min((lo, hi), key=lambda t: abs(kept(c, t) - target))
+        taus.append(round(min(max(best, 1e-3), 1.0), 4))  # 4 decimals: readable, finer than one expert's step
+    return tuple(taus)
 
 
 # ---------------------------------------------------------------------------------------------------

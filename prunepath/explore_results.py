@@ -178,7 +178,7 @@ class _GPUDecoders:
         self.lock = threading.Lock()
 
 
-def live_decode_speed(explorer, rule: routing.Rule, n_tokens: int = 64) -> LiveSpeed:
+def live_decode_speed(explorer, rule, n_tokens: int = 64) -> LiveSpeed:
     """Tokens/s of our dense and PrunePath decode loops (prunepath.decode) on CUDA, measured now.
 
     Raises RuntimeError with the reason when there is no GPU or the decode loop is missing; the page
@@ -198,7 +198,9 @@ def live_decode_speed(explorer, rule: routing.Rule, n_tokens: int = 64) -> LiveS
     t0 = time.perf_counter()
     with gpu.lock:
         dense = gpu.dense.time_decode(ids, n_tokens)["tokens_per_s"]
-        gpu.sparse.model.set_rule(rule)
+        from prunepath.explore import set_rule
+
+        set_rule(gpu.sparse.model, rule)
         gpu.sparse.model.set_gate("one" if isinstance(rule, routing.Dense) else gpu.gate)
         sparse = gpu.sparse.time_decode(ids, n_tokens)["tokens_per_s"]
     if not (math.isfinite(dense) and math.isfinite(sparse)):

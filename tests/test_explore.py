@@ -17,6 +17,7 @@ from prunepath.explore import (
     build_tiny_checkpoint,
     load_for_explorer,
     matched_knobs,
+    matched_layer_taus,
 )
 from prunepath.explore_results import load_sweep_rows, recorded_benchmarks, sweep_figures
 
@@ -66,6 +67,31 @@ def test_matched_rules_land_near_tau_fraction(ex):
     assert thr.spec.startswith("threshold:")
     # the threshold's own forward sees other hidden states; it should still be in the neighbourhood
     assert abs(thr.active_fraction - target.active_fraction) < 0.25
+
+
+def test_per_layer_tau_gives_every_layer_tau_s_fraction(ex):
+    target = ex.route(PROMPT, "mass", 0.6)
+    layer = ex.route(PROMPT, "mass-layer", 0.6)
+    assert layer.spec == "mass:" + ",".join(f"{t:g}" for t in target.layer_taus)
+    assert len(target.layer_taus) == ex.n_layers and len(set(target.layer_taus)) > 1  # really per layer
+    # layer 0 sees the same input under any rule, so it hits the fraction up to one expert per token's step
+    assert layer.counts[0].float().mean() / ex.n_experts == pytest.approx(target.active_fraction, abs=0.1)
+    assert abs(layer.active_fraction - target.active_fraction) < 0.15
+    assert ex.route(PROMPT, "mass-layer", 0.6) is layer  # cached like every rule
+    c = ex.continuation(PROMPT, "mass-layer", 0.6)
+    assert c.spec == layer.spec and c.new_tokens > 0
+
+
+def test_matched_layer_taus_hit_the_fraction_in_each_layer():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 400, 16) * torch.tensor([0.5, 2.0, 4.0])[:, None, None]  # [L, T, E], sharper down
+    taus = matched_layer_taus(logits, 0.25)
+    from prunepath.routing import cumulative_mass_mask
+
+    for layer, tau in zip(logits, taus):
+        kept = cumulative_mass_mask(layer.softmax(-1), tau).float().mean().item()
+        assert kept == pytest.approx(0.25, abs=0.02)
+    assert taus[0] < taus[1] < taus[2]  # a peakier router needs a larger τ for the same fraction
 
 
 def test_matched_knobs_quantile():
