@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # Bad input gets one clear line, not a traceback; PRUNEPATH_DEBUG=1 shows the traceback.
         import os
 

@@ -75,3 +75,17 @@ def test_chat_training_data_uses_the_template_and_cut_off_answers_do_not_end(def
     mixed, _ = training_batches(tok, TrainConfig(objective="lm", data=f"calibration+chat:{path}", tokens=512,
                                                  seq_len=96))
     assert torch.equal(mixed[-len(ids):], ids)  # the mix puts the chat rows after the LM windows
+
+
+def test_the_command_refuses_an_existing_file_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import prunepath.models
+    from prunepath.cli import main
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(prunepath.models, "load_model", no_load)
+    out = tmp_path / "self.jsonl"
+    out.write_text("")
+    assert main(["selfdata", "--out", str(out), "--limit", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err and out.read_text() == ""
