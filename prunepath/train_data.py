@@ -59,8 +59,10 @@ def chat_text(tokenizer, row) -> str:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
         )
-        end = text.rfind(answer) + len(answer) if answer else -1
-        return text if row.get("finished", True) or end < 0 else text[:end]
+        at = text.rfind(answer) if answer else -1
+        if row.get("finished", True) or at < 0:  # a template that rewrote the answer: keep the whole turn
+            return text
+        return text[: at + len(answer)]
     return f"{user}\n{answer}"
 
 
