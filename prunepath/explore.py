@@ -396,29 +396,20 @@ def matched_knobs(logits: torch.Tensor, fraction: float, n_experts: int) -> tupl
     return k, round(min(max(t, 1e-4), 1 - 1e-4), 4)  # 4 decimals: a readable spec, well within the quantile's noise
 
 
-def matched_layer_taus(logits: torch.Tensor, fraction: float, iters: int = 24) -> tuple[float, ...]:
+def matched_layer_taus(logits: torch.Tensor, fraction: float) -> tuple[float, ...]:
     """One τ per layer so that each layer keeps about `fraction` of its experts on these tokens.
 
-    logits: router logits [L, T, E] seen at τ. Per layer, the mean kept count of the cumulative-mass rule
-    rises with τ in steps, so a bisection brackets `fraction` and the nearer side is taken (counts are
-    integers, so an exact match may not exist). Like the threshold, the rule's
-    own forward sees other hidden states; the page shows the fraction it actually reaches.
+    logits: router logits [L, T, E] seen at τ. The same per-layer search as the sweep's `prunepath-layer`
+    (`baselines.per_layer_taus`), on the prompt's own logits. Like the threshold, the rule's own forward
+    sees other hidden states; the page shows the fraction it actually reaches.
     """
-    target = min(max(fraction, 0.0), 1.0)
-    csum = logits.float().softmax(-1).sort(-1, descending=True).values.cumsum(-1)  # [L, T, E] sorted mass
-    n_experts = logits.shape[-1]
+    from prunepath.baselines import bisect
 
-    def kept(c: torch.Tensor, tau: float) -> float:  # the exclusive rule's mean kept fraction (top-1 always)
-        return (c < tau).sum(-1).clamp(min=1).float().mean().item() / n_experts
-
+    target = min(max(fraction, 1e-4), 1.0)
     taus = []
-    for c in csum:  # c: [T, E]
-        lo, hi = 0.0, 1.0
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if kept(c, mid) <= target else (lo, mid)
-        best = min((lo, hi), key=lambda t: abs(kept(c, t) - target))
-        taus.append(round(min(max(best, 1e-3), 1.0), 4))  # 4 decimals: readable, finer than one expert's step
+    for z in logits.float():  # z: [T, E], one layer
+        tau, _ = bisect(lambda t, z=z: float(routing.CumulativeMass(t).select(z).float().mean()), 1e-4, 1.0, target)
+        taus.append(round(tau, 4))  # 4 decimals: a readable spec, finer than one expert's step
     return tuple(taus)
 
 
