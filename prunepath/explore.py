@@ -91,14 +91,11 @@ class LayerTaus:
     def spec(self) -> str:
         return "mass:" + ",".join(f"{t:g}" for t in self.taus)
 
-    def apply(self, model) -> None:
-        model.set_tau(list(self.taus))
-
 
 def set_rule(model, rule) -> None:
     """Put a routing rule, or a LayerTaus, on every layer of `model`."""
     if isinstance(rule, LayerTaus):
-        rule.apply(model)
+        model.set_tau(list(rule.taus))
     else:
         model.set_rule(rule)
 

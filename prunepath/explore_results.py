@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from prunepath import routing
+from prunepath.explore import set_rule
 
 # Methods whose knob is τ: their rows trace the curve the τ slider moves along.
 TAU_METHODS = ("prunepath", "prunepath-tau")
@@ -198,8 +199,6 @@ def live_decode_speed(explorer, rule, n_tokens: int = 64) -> LiveSpeed:
     t0 = time.perf_counter()
     with gpu.lock:
         dense = gpu.dense.time_decode(ids, n_tokens)["tokens_per_s"]
-        from prunepath.explore import set_rule
-
         set_rule(gpu.sparse.model, rule)
         gpu.sparse.model.set_gate("one" if isinstance(rule, routing.Dense) else gpu.gate)
         sparse = gpu.sparse.time_decode(ids, n_tokens)["tokens_per_s"]

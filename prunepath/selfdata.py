@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-FIELDS = ("instruction", "input", "output", "finished")
-
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
     """The rows of a self-data (or any instruction/input/output) JSON Lines file, checked."""
@@ -48,6 +46,11 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def refuse_existing(out: Path, resume: bool) -> None:
+    if out.exists() and not resume:
+        raise FileExistsError(f"{out} exists; pass --resume to continue it, or choose another --out")
+
+
 @torch.no_grad()
 def generate_selfdata(model, tokenizer, rows, out: str | os.PathLike, max_new_tokens: int = 512,
                       batch_size: int = 16, resume: bool = False, progress: bool = True) -> Path:
@@ -60,10 +63,9 @@ def generate_selfdata(model, tokenizer, rows, out: str | os.PathLike, max_new_to
 
     out = Path(out)
     rows = [dict(r) for r in rows]
+    refuse_existing(out, resume)
     done = 0
     if out.exists():
-        if not resume:
-            raise FileExistsError(f"{out} exists; pass --resume to continue it, or choose another --out")
         done = len(read_rows(out)) if out.stat().st_size else 0
         if done > len(rows):
             raise ValueError(f"{out} holds {done} rows but the source has only {len(rows)}: another source?")
@@ -113,8 +115,7 @@ def run(args) -> int:
     rows = [dict(r) for r in rows][: args.limit]
     if not rows:
         raise ValueError("no source rows to answer (--limit 0?)")
-    if Path(args.out).exists() and not args.resume:  # before the model loads, not after
-        raise FileExistsError(f"{args.out} exists; pass --resume to continue it, or choose another --out")
+    refuse_existing(Path(args.out), args.resume)  # before the model loads, not after
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model, tok = load_model(args.model or DEFAULT_MODEL, dtype=dtype, device=args.device)
     batch = args.batch_size or (64 if str(args.device).startswith("cuda") else 4)

@@ -95,12 +95,8 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
         names = ds.features["label"].names
         texts = [" ".join(filter(None, [r["text"], r.get("text_pair")])) + f"\nLabel: {names[r['label']]}" for r in ds]
     else:
-        known = ", ".join(
-            list(LM_SOURCES) + [t for t, s in data.TASKS.items() if s.kind == "classification"]
-        )
-        raise ValueError(
-            f"unknown training data {cfg.data!r}; choose one of {known} or a 'jsonl:PATH?text=..&label=..' spec"
-        )
+        check_data(cfg.data)  # raises: every name it accepts is handled above
+        raise AssertionError(f"training data {cfg.data!r} passed check_data but has no loader")
     if not texts:
         raise ValueError(f"training data {cfg.data!r} has no rows")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
