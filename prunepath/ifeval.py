@@ -154,10 +154,30 @@ def chat_prompt(tokenizer, user_text: str) -> tuple[str, bool]:
     return user_text + "\n", False
 
 
+def sampling_kwargs(temperature: float, top_p: float) -> dict:
+    """generate() arguments: greedy at temperature 0, else ancestral sampling with nucleus top_p
+    (the model's own generation_config defaults are overridden, so the decoding is the one stated)."""
+    import math
+
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+
+
+def sampling_name(temperature: float, top_p: float) -> str:
+    return "greedy" if temperature == 0 else f"sampled (temperature {temperature:g}, top_p {top_p:g})"
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int = 256,
-                       batch_size: int = 4, rec=None) -> tuple[list[str], dict]:
-    """Greedy responses to user prompts (chat template), decoded without special tokens.
+                       batch_size: int = 4, rec=None, temperature: float = 0.0,
+                       top_p: float = 1.0) -> tuple[list[str], dict]:
+    """Responses to user prompts (chat template), decoded without special tokens: greedy, or sampled at
+    `temperature` > 0 with nucleus `top_p` (seed torch's generator first for repeatable samples).
 
     info["finished"][i] says whether response i ended with an end token (False: cut at max_new_tokens).
 
@@ -168,6 +188,7 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = sampling_kwargs(temperature, top_p)
     device = next(model.parameters()).device
     texts, templated = zip(*(chat_prompt(tokenizer, p) for p in prompts)) if prompts else ((), ())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -185,8 +206,7 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
             # The chat template already holds the special tokens it wants (e.g. <|im_start|>).
             enc = tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
                             add_special_tokens=not templated[0]).to(device)
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
             new = gen[:, enc["input_ids"].shape[1]:].cpu()  # [B, S] new tokens
             ended = torch.isin(new, eos).long().cumsum(1) > 0  # [B, S] at or after the end token
             live = torch.cat([torch.ones_like(ended[:, :1]), ~ended[:, :-1]], 1)  # [B, S] token is real
@@ -199,7 +219,7 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
             finished += ended[:, -1].tolist()  # False: cut off by max_new_tokens
     finally:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
-    info = {"decoding": "greedy", "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+    info = {"decoding": sampling_name(temperature, top_p), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
             "chat_template": bool(templated and templated[0]), "new_tokens": n_new, "finished": finished}
     return out, info
 

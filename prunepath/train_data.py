@@ -17,31 +17,51 @@ if TYPE_CHECKING:
 LM_SOURCES = ("calibration", "wikitext2", "alpaca", "alpaca-chat")
 
 
-def check_data(name: str) -> str:
-    """Refuse an unknown training source (or a missing chat file) before any model is loaded.
+def mix_parts(name: str, tokens: int) -> list[tuple[str, int]]:
+    """The sources of a mix 'a+b@N+c' with their token counts: 'part@N' takes N tokens, the other parts
+    share the rest equally. A file path inside a mix may not contain '+' or '@'."""
+    parts = []
+    for part in name.split("+"):
+        spec, at, n = part.rpartition("@") if "@" in part else (part, "", "")
+        if at and not (n.isdigit() and int(n) > 0):
+            raise ValueError(f"training data {part!r}: the token count after '@' must be a whole number > 0")
+        parts.append((spec, int(n) if at else None))
+    fixed = sum(n for _, n in parts if n)
+    free = [s for s, n in parts if n is None]
+    if free and fixed >= tokens:
+        raise ValueError(f"training data {name!r}: the '@' counts ({fixed:,}) leave none of --tokens ({tokens:,}) "
+                         f"for {', '.join(free)}; raise --tokens")
+    share = -(-(tokens - fixed) // len(free)) if free else 0
+    return [(s, n or share) for s, n in parts]
 
-    'a+b' mixes sources; a file path inside a mix may not contain '+'.
+
+def check_data(name: str) -> str:
+    """Refuse an unknown training source (or a missing self-data file) before any model is loaded.
+
+    'a+b' mixes sources, 'a@N' takes N tokens of a in a mix.
     """
     from pathlib import Path
 
     from prunepath import data
 
     cls = tuple(t for t, s in data.TASKS.items() if s.kind == "classification")
-    if "+" in name:
-        for part in name.split("+"):
+    if "+" in name or "@" in name:
+        for part, _ in mix_parts(name, tokens=1 << 62):
             check_data(part)
         return name
     kind, _, path = name.partition(":")
-    if kind == "chat":
+    if kind in ("chat", "text"):
         if not Path(path).is_file():
+            mode = " --mode continue" if kind == "text" else ""
             raise FileNotFoundError(f"training data {name!r}: no file at {path!r}; "
-                                    f"make one with `prunepath selfdata --out {path or 'FILE'}`")
+                                    f"make one with `prunepath selfdata{mode} --out {path or 'FILE'}`")
         return name
     if name in LM_SOURCES + cls or kind in ("jsonl", "json", "csv", "tsv"):
         return name
     raise ValueError(
         f"unknown training data {name!r}; choose one of {', '.join(LM_SOURCES + cls)}, 'chat:FILE' "
-        "(instruction rows from `prunepath selfdata`) or a labelled file "
+        "(instruction rows from `prunepath selfdata`), 'text:FILE' (text rows from `prunepath selfdata "
+        "--mode continue`) or a labelled file "
         "'jsonl:PATH?text=FIELD&label=FIELD' (also csv:)"
     )
 
@@ -66,17 +86,38 @@ def chat_text(tokenizer, row) -> str:
     return f"{user}\n{answer}"
 
 
+def _packed_text(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text rows (`selfdata --mode continue`) in a seeded order, joined by EOS and cut into full windows,
+    as the LM sources are: no padding is trained on or computed."""
+    from prunepath.selfdata import read_rows
+
+    rows = read_rows(cfg.data[5:], fields=("text",))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    need = -(-cfg.tokens // cfg.seq_len) * cfg.seq_len
+    flat: list[int] = []
+    for i in order:
+        flat += tokenizer(rows[i]["text"], add_special_tokens=False)["input_ids"] + sep
+        if len(flat) >= need:
+            break
+    n = min(len(flat), need) // cfg.seq_len
+    if n == 0:
+        raise ValueError(f"training data {cfg.data!r} has {len(flat)} tokens, fewer than one {cfg.seq_len}-token "
+                         "sequence; lower --seq-len or write more rows")
+    ids = torch.tensor(flat[: n * cfg.seq_len]).view(n, cfg.seq_len)
+    return ids, torch.ones_like(ids)
+
+
 def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [B, T], attention_mask [B, T]) for the configured data, cfg.tokens in all.
 
-    'a+b' takes cfg.tokens / 2 from each source (in order, so the mix is reproducible); the trainer's
-    per-epoch permutation interleaves them.
+    'a+b' takes cfg.tokens / 2 from each source, 'a@N+b' N tokens from a and the rest from b (in order, so
+    the mix is reproducible); the trainer's per-epoch permutation interleaves them.
     """
     from prunepath import data
 
-    if "+" in cfg.data:
-        parts = cfg.data.split("+")
-        got = [training_batches(tokenizer, replace(cfg, data=d, tokens=-(-cfg.tokens // len(parts)))) for d in parts]
+    if "+" in cfg.data or "@" in cfg.data:
+        got = [training_batches(tokenizer, replace(cfg, data=d, tokens=n)) for d, n in mix_parts(cfg.data, cfg.tokens)]
         return torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
     if cfg.data in ("calibration", "wikitext2"):
         source = "calibration" if cfg.data == "calibration" else "wikitext2:valid"
@@ -90,6 +131,8 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
 
         rows = data.load_instructions("alpaca", "train") if cfg.data == "alpaca-chat" else read_rows(cfg.data[5:])
         texts = [chat_text(tokenizer, r) for r in rows]
+    elif cfg.data.startswith("text:"):
+        return _packed_text(tokenizer, cfg)
     elif cfg.data in data.TASKS and data.TASKS[cfg.data].kind == "classification" or ":" in cfg.data:
         ds = data.load_classification(cfg.data, "train")
         names = ds.features["label"].names

@@ -89,3 +89,65 @@ def test_the_command_refuses_an_existing_file_before_loading_a_model(tmp_path, c
     out.write_text("")
     assert main(["selfdata", "--out", str(out), "--limit", "1"]) == 2
     assert "--resume" in capsys.readouterr().err and out.read_text() == ""
+
+
+def test_sampled_answers_repeat_with_the_seed_and_resume_to_the_same_file(default_model, tmp_path):
+    model, tok = default_model
+    rows = [{"instruction": "Name an animal.", "input": ""}] * 3
+    whole, part = tmp_path / "whole.jsonl", tmp_path / "part.jsonl"
+    kw = dict(max_new_tokens=5, batch_size=1, progress=False, temperature=1.0, top_p=1.0, seed=3)
+    generate_selfdata(model, tok, rows, whole, **kw)
+    generate_selfdata(model, tok, rows[:1], part, **kw)
+    generate_selfdata(model, tok, rows, part, resume=True, **kw)
+    assert read_rows(part) == read_rows(whole)  # an interrupted file equals an uninterrupted one
+    assert len({r["output"] for r in read_rows(whole)}) > 1  # sampled: one prompt, different answers
+    with pytest.raises(ValueError, match="temperature"):
+        generate_selfdata(model, tok, rows, tmp_path / "bad.jsonl", temperature=-1.0, progress=False)
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_continuations_start_with_the_real_prefix_and_train_packed(default_model, tmp_path):
+    from prunepath.selfdata import generate_continuations, text_prefixes
+
+    model, tok = default_model
+    prefixes = text_prefixes(tok, "calibration", 5, prefix_tokens=8, seed=1)
+    assert prefixes.shape == (5, 8)
+    assert torch.equal(prefixes, text_prefixes(tok, "calibration", 5, prefix_tokens=8, seed=1))
+    assert not torch.equal(prefixes, text_prefixes(tok, "calibration", 5, prefix_tokens=8, seed=2))
+    out = tmp_path / "cont.jsonl"
+    generate_continuations(model, tok, prefixes[:2], out, "calibration", max_new_tokens=6, batch_size=2,
+                           progress=False)
+    generate_continuations(model, tok, prefixes, out, "calibration", max_new_tokens=6, batch_size=2, resume=True,
+                           progress=False)
+    rows = read_rows(out, fields=("text",))
+    assert len(rows) == 5 and all(r["source"] == "calibration" and r["text"].startswith(r["prefix"]) for r in rows)
+    assert all(len(tok(r["text"], add_special_tokens=False)["input_ids"]) <= 8 + 6 + 2 for r in rows)
+    assert [r["prefix"] for r in rows] == [tok.decode(p) for p in prefixes]
+    # text:FILE packs the rows (EOS between them) into full windows: no padding at all
+    ids, mask = training_batches(tok, TrainConfig(objective="lm", data=f"text:{out}", tokens=24, seq_len=12))
+    assert ids.shape == (2, 12) and bool(mask.all())
+    assert (ids == tok.eos_token_id).any()
+    with pytest.raises(ValueError, match="fewer than one"):
+        training_batches(tok, TrainConfig(objective="lm", data=f"text:{out}", tokens=10_000, seq_len=4096))
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text('{"prefix": "a"}\n')
+    with pytest.raises(ValueError, match="no text field 'text'"):
+        read_rows(no_text, fields=("text",))
+    with pytest.raises(FileNotFoundError, match="selfdata --mode continue"):
+        check_data(f"calibration+text:{tmp_path / 'missing.jsonl'}")
+
+
+def test_a_mix_takes_the_stated_tokens_of_each_part():
+    from prunepath.train_data import mix_parts
+
+    assert mix_parts("calibration+wikitext2", 1000) == [("calibration", 500), ("wikitext2", 500)]
+    assert mix_parts("calibration@200+wikitext2+alpaca", 1000) == [("calibration", 200), ("wikitext2", 400),
+                                                                    ("alpaca", 400)]
+    assert mix_parts("calibration@300", 10) == [("calibration", 300)]
+    with pytest.raises(ValueError, match="whole number"):
+        mix_parts("calibration@many+alpaca", 1000)
+    with pytest.raises(ValueError, match="raise --tokens"):
+        mix_parts("calibration@1000+alpaca", 1000)
+    assert check_data("calibration@200+wikitext2") == "calibration@200+wikitext2"
+    with pytest.raises(ValueError, match="unknown training data"):
+        check_data("calibration@200+wikipedia")
