@@ -89,6 +89,13 @@ def test_the_command_refuses_an_existing_file_before_loading_a_model(tmp_path, c
     out.write_text("")
     assert main(["selfdata", "--out", str(out), "--limit", "1"]) == 2
     assert "--resume" in capsys.readouterr().err and out.read_text() == ""
+    new = str(tmp_path / "new.jsonl")
+    assert main(["selfdata", "--mode", "continue", "--source", "alpaca", "--out", new]) == 2
+    assert "calibration or wikitext2" in capsys.readouterr().err
+    assert main(["selfdata", "--samples", "2", "--limit", "1", "--out", new]) == 2  # greedy twice: the same answer
+    assert "--temperature" in capsys.readouterr().err
+    assert main(["selfdata", "--temperature", "1", "--top-p", "0", "--limit", "1", "--out", new]) == 2
+    assert "top_p" in capsys.readouterr().err and not (tmp_path / "new.jsonl").exists()
 
 
 def test_sampled_answers_repeat_with_the_seed_and_resume_to_the_same_file(default_model, tmp_path):
