@@ -30,8 +30,8 @@ def add_cli(subparsers) -> None:
             "lm (paper: task loss through gates) | distill (MoEfication-style, frozen backbone)",
         ),
         ("trainable", str, "router | lora | all"),
-        ("data", str, "calibration | wikitext2 | alpaca | alpaca-chat | chat:FILE | text:FILE | sst2 | rte | jsonl:...; "
-                         "a+b mixes, a@N takes N tokens of a"),
+        ("data", str, "calibration | wikitext2 | alpaca | alpaca-chat | chat:FILE | text:FILE | sst2 | rte | "
+                      "jsonl:...; a+b mixes, a@N takes N tokens of a"),
         ("tokens", int, "training tokens"),
         ("seq_len", int, "tokens per sequence"),
         ("batch_size", int, "sequences per step"),
