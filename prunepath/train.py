@@ -279,6 +279,10 @@ class Trainer:
         # batches: (input_ids [B, T], attention_mask [B, T]) to train on instead of cfg.data (tests, notebooks)
         self.ids, self.mask = batches if batches is not None else training_batches(tokenizer, cfg)
         self.cache = None
+        held = int(self.mask.sum())
+        if batches is None and held < 0.9 * cfg.tokens:  # a short file or source: say so rather than train on less
+            warnings.warn(f"training data {cfg.data!r} holds {held:,} tokens of the {cfg.tokens:,} asked for; "
+                          "the run repeats them more often", stacklevel=2)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

@@ -158,3 +158,18 @@ def test_a_mix_takes_the_stated_tokens_of_each_part():
     assert check_data("calibration@200+wikitext2") == "calibration@200+wikitext2"
     with pytest.raises(ValueError, match="unknown training data"):
         check_data("calibration@200+wikipedia")
+
+
+def test_the_trainer_says_when_the_data_holds_fewer_tokens_than_asked(default_model, tmp_path):
+    from prunepath.convert import MoefyConfig, moefy
+    from prunepath.models import load_model
+    from prunepath.train import Trainer
+
+    tok = default_model[1]
+    path = tmp_path / "short.jsonl"
+    path.write_text(json.dumps({"text": "One short line of text, far fewer tokens than asked."}) + "\n")
+    model, _ = load_model()
+    moefy(model, MoefyConfig(router_init="zero"), progress=False)
+    cfg = TrainConfig(objective="lm", data=f"text:{path}", tokens=4096, seq_len=8, lr=0.0, gate="one")
+    with pytest.warns(UserWarning, match="holds 8 tokens of the 4,096 asked for"):
+        Trainer(model, tok, cfg, tmp_path / "run", progress=False)  # 12 tokens pack into one 8-token window
