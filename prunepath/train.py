@@ -350,12 +350,17 @@ class Trainer:
                 f"{path} was trained on another base model (fingerprint {st['fingerprint']}, "
                 f"this model {self.base_fp}); resume with the same base"
             )
-        if st["config"] != asdict(self.cfg):
-            now = asdict(self.cfg)
-            diff = sorted(k for k in st["config"].keys() | now.keys() if st["config"].get(k) != now.get(k))
+        now = asdict(self.cfg)
+        # --steps may change on resume (extend or shorten a run): the learning rate is constant, so the steps
+        # already taken are the same either way. Every other setting must match.
+        diff = sorted(k for k in st["config"].keys() | now.keys() if st["config"].get(k) != now.get(k) and k != "steps")
+        if diff:
             raise ValueError(
                 f"cannot resume: the saved run used other settings ({', '.join(diff)}); use the same flags"
             )
+        if st["step"] > self.cfg.total_steps:
+            raise ValueError(f"cannot resume: the saved run is at step {st['step']}, past the {self.cfg.total_steps} "
+                             "steps now asked for; raise --steps")
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for n, v in st["trainable"].items():

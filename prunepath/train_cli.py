@@ -19,7 +19,8 @@ def add_cli(subparsers) -> None:
     src.add_argument("--checkpoint", help="start from this PrunePath checkpoint ('default' or a folder)")
     src.add_argument("--model", default=None, help="convert this base model first (default SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/train_state.pt with the same flags (--steps may grow)")
     p.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="with --checkpoint: start from its routers alone, leaving its LoRA adapter out")
     d = TrainConfig()

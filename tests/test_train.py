@@ -99,6 +99,18 @@ def test_resume_refuses_other_settings(tiny_llama, tmp_path):
         tr.run(resume=True)
 
 
+def test_resume_may_extend_the_run_but_not_cut_it_below_the_saved_step(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama)
+    Trainer(model, None, _cfg(steps=4, save_every=2), tmp_path, progress=False, batches=_batch()).run(stop_after=2)
+    log = Trainer(model, None, _cfg(steps=3, save_every=1), tmp_path, progress=False, batches=_batch())
+    with pytest.raises(ValueError, match="other settings.*save_every"):
+        log.run(resume=True)
+    log = Trainer(model, None, _cfg(steps=5, save_every=2), tmp_path, progress=False, batches=_batch()).run(resume=True)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]  # constant learning rate: more steps, same first two
+    with pytest.raises(ValueError, match="at step 5, past the 3 steps now asked for"):
+        Trainer(model, None, _cfg(steps=3, save_every=2), tmp_path, progress=False, batches=_batch()).run(resume=True)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_llama, tmp_path):
     model = _moefy(tiny_llama)
     tr = Trainer(model, None, _cfg(steps=6, save_every=2), tmp_path, progress=False, batches=_batch())
