@@ -390,6 +390,10 @@ def load_instructions(name: str = "alpaca", split: str | None = None):
 
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
 
+# The plain-text sources training and self-generated data may use, as _token_stream names: WikiText-2 only
+# through its valid split (its test split is for evaluation).
+TRAIN_TEXT = {"calibration": "calibration", "wikitext2": "wikitext2:valid"}
+
 
 def _token_stream(tokenizer, source: str) -> torch.Tensor:
     """All tokens of a text source, documents separated by EOS; cached per tokenizer and source."""

@@ -154,6 +154,12 @@ def chat_prompt(tokenizer, user_text: str) -> tuple[str, bool]:
     return user_text + "\n", False
 
 
+def end_tokens(model, tokenizer) -> torch.Tensor:
+    """The token ids that end a generation: the model's generation_config, else the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    return torch.tensor([eos] if isinstance(eos, int) else (eos or [tokenizer.eos_token_id]))
+
+
 def sampling_kwargs(temperature: float, top_p: float) -> dict:
     """generate() arguments: greedy at temperature 0, else ancestral sampling with nucleus top_p
     (the model's own generation_config defaults are overridden, so the decoding is the one stated)."""
@@ -192,8 +198,7 @@ def generate_responses(model, tokenizer, prompts: list[str], max_new_tokens: int
     device = next(model.parameters()).device
     texts, templated = zip(*(chat_prompt(tokenizer, p) for p in prompts)) if prompts else ((), ())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = model.generation_config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or [tokenizer.eos_token_id]))
+    eos = end_tokens(model, tokenizer)
     old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # batches need one; the mask keeps it out (restored below)

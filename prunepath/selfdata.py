@@ -120,7 +120,7 @@ def text_prefixes(tokenizer, source: str, n: int, prefix_tokens: int, seed: int 
 
     if n < 1 or prefix_tokens < 1:
         raise ValueError(f"need n >= 1 and prefix_tokens >= 1, got {n} and {prefix_tokens}")
-    stream = data._token_stream(tokenizer, "wikitext2:valid" if source == "wikitext2" else source)
+    stream = data._token_stream(tokenizer, data.TRAIN_TEXT.get(source, source))
     chunks = len(stream) // prefix_tokens
     if chunks == 0:
         raise ValueError(f"{source!r} has {len(stream)} tokens, fewer than one {prefix_tokens}-token prefix")
@@ -139,14 +139,13 @@ def generate_continuations(model, tokenizer, prefixes: torch.Tensor, out: str | 
     the model ended the text itself. Sampled with torch seeded from (seed, first row of the batch), so a
     resumed file equals an uninterrupted one on the same device and batch size.
     """
-    from prunepath.ifeval import sampling_kwargs
+    from prunepath.ifeval import end_tokens, sampling_kwargs
 
     sampling = sampling_kwargs(temperature, top_p)
     if prefixes.ndim != 2 or prefixes.shape[1] < 1:
         raise ValueError(f"prefixes must be token ids [N, P] with P >= 1, got shape {tuple(prefixes.shape)}")
     device = next(model.parameters()).device
-    eos = model.generation_config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or [tokenizer.eos_token_id]))
+    eos = end_tokens(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
 
     def continue_(start: int, stop: int) -> list[dict]:
@@ -206,7 +205,7 @@ def run(args) -> int:
         raise ValueError("--max-new-tokens, --samples and --prefix-tokens must be >= 1")
     sampling_kwargs(temperature, top_p)
     source = args.source or ("calibration" if cont else "alpaca")
-    if cont and source not in ("calibration", "wikitext2"):
+    if cont and source not in data.TRAIN_TEXT:
         raise ValueError(f"--mode continue takes --source calibration or wikitext2, got {source!r}")
     if not cont:
         rows = data.load_instructions("alpaca", "train") if source == "alpaca" else read_rows(source)

@@ -17,15 +17,21 @@ if TYPE_CHECKING:
 LM_SOURCES = ("calibration", "wikitext2", "alpaca", "alpaca-chat")
 
 
-def mix_parts(name: str, tokens: int) -> list[tuple[str, int]]:
-    """The sources of a mix 'a+b@N+c' with their token counts: 'part@N' takes N tokens, the other parts
-    share the rest equally. A file path inside a mix may not contain '+' or '@'."""
+def _mix_specs(name: str) -> list[tuple[str, int | None]]:
+    """'a+b@N+c' -> [(a, None), (b, N), (c, None)]. A file path inside a mix may not contain '+' or '@'."""
     parts = []
     for part in name.split("+"):
         spec, at, n = part.rpartition("@") if "@" in part else (part, "", "")
         if at and not (n.isdigit() and int(n) > 0):
             raise ValueError(f"training data {part!r}: the token count after '@' must be a whole number > 0")
         parts.append((spec, int(n) if at else None))
+    return parts
+
+
+def mix_parts(name: str, tokens: int) -> list[tuple[str, int]]:
+    """The sources of a mix 'a+b@N+c' with their token counts: 'part@N' takes N tokens, the other parts
+    share the rest equally."""
+    parts = _mix_specs(name)
     fixed = sum(n for _, n in parts if n)
     free = [s for s, n in parts if n is None]
     if free and fixed >= tokens:
@@ -46,7 +52,7 @@ def check_data(name: str) -> str:
 
     cls = tuple(t for t, s in data.TASKS.items() if s.kind == "classification")
     if "+" in name or "@" in name:
-        for part, _ in mix_parts(name, tokens=1 << 62):
+        for part, _ in _mix_specs(name):
             check_data(part)
         return name
     kind, _, path = name.partition(":")
@@ -119,9 +125,9 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
     if "+" in cfg.data or "@" in cfg.data:
         got = [training_batches(tokenizer, replace(cfg, data=d, tokens=n)) for d, n in mix_parts(cfg.data, cfg.tokens)]
         return torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
-    if cfg.data in ("calibration", "wikitext2"):
-        source = "calibration" if cfg.data == "calibration" else "wikitext2:valid"
-        ids = data.calibration_batches(tokenizer, cfg.tokens, cfg.seq_len, seed=cfg.seed, source=source)
+    if cfg.data in data.TRAIN_TEXT:
+        ids = data.calibration_batches(tokenizer, cfg.tokens, cfg.seq_len, seed=cfg.seed,
+                                       source=data.TRAIN_TEXT[cfg.data])
         return ids, torch.ones_like(ids)
     if cfg.data == "alpaca":
         rows = data.load_instructions("alpaca", "train")
