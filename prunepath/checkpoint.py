@@ -69,7 +69,7 @@ def save(model, directory: str | os.PathLike, train_info: dict | None = None, fu
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
-    path = _resolve(directory) / "prunepath.json"
+    path = checkpoint_folder(directory) / "prunepath.json"
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
@@ -84,7 +84,8 @@ def read_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
-def _resolve(directory) -> Path:
+def checkpoint_folder(directory) -> Path:
+    """The folder of a checkpoint: "default" is the packaged one."""
     return DEFAULT_CHECKPOINT if str(directory) == "default" else Path(directory)
 
 
@@ -96,7 +97,7 @@ def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtyp
     adapter: fold the checkpoint's LoRA adapter (<dir>/adapter/) into the weights; False gives the base
     model with the checkpoint's routers only (then all experts with unit gates is exactly the base model).
     """
-    folder = _resolve(directory)
+    folder = checkpoint_folder(directory)
     meta = read_meta(folder)
     try:
         tensors = load_file(folder / "prunepath.safetensors")
@@ -180,7 +181,7 @@ def save_calibration(directory: str | os.PathLike, results: list[dict], info: di
     info: how they were measured ('adapter': whether the checkpoint's adapter was folded in, 'tokens',
     'source', 'date', ...). Results measured with the other adapter setting replace the old ones.
     """
-    folder = _resolve(directory)
+    folder = checkpoint_folder(directory)
     meta = read_meta(folder)
     old = meta.get("calibration") or {}
     targets = dict(old.get("targets", {})) if bool(old.get("adapter")) == bool(info.get("adapter")) else {}

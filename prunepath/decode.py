@@ -250,7 +250,7 @@ def load_for_decode(checkpoint: str, dense: bool, device: str, dtype: torch.dtyp
     from prunepath.models import load_model
 
     if dense:
-        base = prunepath.checkpoint.read_meta(prunepath.checkpoint._resolve(checkpoint))["base"]
+        base = prunepath.checkpoint.read_meta(prunepath.checkpoint.checkpoint_folder(checkpoint))["base"]
         return load_model(base, dtype=dtype, device=device)
     return prunepath.load(checkpoint, device=device, dtype=dtype)
 

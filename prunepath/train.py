@@ -31,7 +31,8 @@ Two options of the `lm` objective, both measured on an H200 (results/h200/README
   backbone trains (the default checkpoint's stage 2); the trainer warns otherwise.
 
 Trainable parts (`--trainable`): `router` (default; checkpoint ~2 MB), `lora` (peft adapters on the
-FFN's gate/up/down and/or attention, saved to <out>/adapter/, merged by prunepath.load), `all`
+FFN's gate/up/down and/or attention, saved to <out>/adapter/, merged by prunepath.load; `lora_init` /
+`--continue-adapter` trains a checkpoint's own adapter further instead of starting a new one), `all`
 (saved with full weights, never committed). Every K steps the run state (trainable tensors, optimizer,
 step, RNG) goes to <out>/train_state.pt and the PrunePath checkpoint to <out>; `--resume` continues.
 `--keep-every K` also keeps each K-th step's checkpoint in <out>/step-NNNNNN (a learning curve to evaluate).
@@ -93,6 +94,7 @@ class TrainConfig:
     kd_weight: float = 1.0  # with a teacher: task = kd_weight · KL + (1 - kd_weight) · cross-entropy
     lora_r: int = 8
     lora_targets: str = "ffn"  # ffn | attn | all
+    lora_init: str | None = None  # a saved peft LoRA adapter (folder) to train further instead of a new one
     seed: int = 0
     save_every: int = 100
     keep_every: int = 0  # also keep a copy of the checkpoint in <out>/step-NNNNNN every K steps (0: never)
@@ -136,6 +138,12 @@ class TrainConfig:
         check_data(self.data)
         if self.lora_targets not in ("ffn", "attn", "all"):
             raise ValueError(f"lora_targets must be 'ffn', 'attn' or 'all', got {self.lora_targets!r}")
+        if self.lora_init is not None:
+            if self.trainable != "lora":
+                raise ValueError("lora_init continues a LoRA adapter: it needs trainable='lora' (--trainable lora)")
+            if not (Path(self.lora_init) / "adapter_config.json").is_file():
+                raise ValueError(f"lora_init {self.lora_init!r} holds no adapter_config.json: give the adapter/ "
+                                 "folder of a checkpoint trained with --trainable lora")
 
     @property
     def total_steps(self) -> int:
@@ -170,9 +178,12 @@ def setup_trainable(model, cfg: TrainConfig):
             "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
         }
         names = targets["ffn"] + targets["attn"] if cfg.lora_targets == "all" else targets[cfg.lora_targets]
-        model = get_peft_model(
-            model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=names, lora_dropout=0.0)
-        )
+        if cfg.lora_init:
+            model = _continue_lora(model, cfg, names)
+        else:
+            model = get_peft_model(
+                model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=names, lora_dropout=0.0)
+            )
         backbone = [p for n, p in model.named_parameters() if "lora_" in n]
     elif cfg.trainable == "all":
         backbone = [p for n, p in model.named_parameters() if ".router." not in n]
@@ -187,6 +198,20 @@ def setup_trainable(model, cfg: TrainConfig):
     if backbone:
         groups.append({"params": backbone, "lr": cfg.backbone_lr, "weight_decay": 0.0})
     return model, groups
+
+
+def _continue_lora(model, cfg: TrainConfig, names: list[str]):
+    """Wrap `model` in the saved adapter cfg.lora_init, trainable; its rank and targets must be cfg's."""
+    from peft import PeftModel
+
+    saved = json.loads((Path(cfg.lora_init) / "adapter_config.json").read_text())
+    got_r, got_names = saved.get("r"), sorted(saved.get("target_modules") or [])
+    if got_r != cfg.lora_r or got_names != sorted(names):
+        raise ValueError(
+            f"the adapter in {cfg.lora_init} has rank {got_r} on {got_names}; this run asks for rank {cfg.lora_r} "
+            f"on {sorted(names)}. Pass its own --lora-r and --lora-targets to train it further"
+        )
+    return PeftModel.from_pretrained(model, cfg.lora_init, is_trainable=True)
 
 
 def _ffns(model):
@@ -256,10 +281,14 @@ class Trainer:
         self.adapter_in = getattr(model, "prunepath_adapter", None)
         if self.adapter_in and cfg.trainable == "lora":
             raise ValueError(
-                f"the starting checkpoint already carries a LoRA adapter ({self.adapter_in}); a second one cannot "
-                "be saved beside it. Train --trainable all, or start from its routers alone "
-                "(prunepath train --no-adapter; prunepath.load(ckpt, adapter=False))"
+                f"the starting checkpoint already carries a LoRA adapter ({self.adapter_in}), folded into its "
+                "weights; a second one cannot be saved beside it. Train that adapter further (prunepath train "
+                "--continue-adapter; load(ckpt, adapter=False) with TrainConfig(lora_init=<ckpt>/adapter)), start "
+                "from the routers alone (--no-adapter), or train --trainable all"
             )
+        # What the starting checkpoint had been trained with; save() keeps the chain in train_info['previous'].
+        prev = dict(getattr(model, "prunepath_train_info", None) or {})
+        self.previous = prev.pop("previous", []) + [prev] if prev else []
         self.base_fp = getattr(model, "prunepath_base_fingerprint", None)
         self.rule_after = model.rule_spec
         torch.manual_seed(cfg.seed)
@@ -312,6 +341,8 @@ class Trainer:
             "config": asdict(self.cfg),
             "final_loss": self.state.log[-1]["loss"] if self.state.log else None,
         }
+        if self.previous:
+            info["previous"] = self.previous
         if self.cfg.trainable == "lora":
             self.model.save_pretrained(self.out / "adapter")
         elif self.cfg.trainable == "router" and self.adapter_in:  # the routers serve the adapted weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from prunepath.train import STATE_FILE, TrainConfig, TrainingDiverged, train
@@ -23,6 +24,9 @@ def add_cli(subparsers) -> None:
                    help="continue from <out>/train_state.pt with the same flags (--steps may grow)")
     p.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="with --checkpoint: start from its routers alone, leaving its LoRA adapter out")
+    p.add_argument("--continue-adapter", action="store_true",
+                   help="with --checkpoint and --trainable lora: train its LoRA adapter further (same rank and "
+                        "targets) instead of refusing a second one; the teacher stays the base model")
     d = TrainConfig()
     for name, kind, help_ in (
         (
@@ -87,8 +91,17 @@ def run(args) -> int:
     cfg = TrainConfig(**{k: (tuple(v) if k == "tau_range" and v else v) for k, v in vars(args).items() if k in fields})
     out = Path(args.out)
     # A resumed run starts from the same source as the interrupted one; train_state.pt restores the rest.
-    if args.checkpoint:
-        model, tok = prunepath.load(args.checkpoint, device=cfg.device, adapter=args.adapter)
+    if args.continue_adapter:
+        if not args.checkpoint or not args.adapter or cfg.trainable != "lora":
+            raise ValueError("--continue-adapter trains a checkpoint's adapter further: it needs --checkpoint and "
+                             "--trainable lora, and contradicts --no-adapter")
+        folder = prunepath.checkpoint.checkpoint_folder(args.checkpoint) / "adapter"
+        if not folder.is_dir():
+            raise ValueError(f"--continue-adapter: {folder.parent} has no adapter/ to continue; train a new one "
+                             "with --trainable lora (--no-adapter not needed)")
+        cfg = dataclasses.replace(cfg, lora_init=str(folder))
+    if args.checkpoint:  # a continued adapter is wrapped by the trainer, so it is not folded in here
+        model, tok = prunepath.load(args.checkpoint, device=cfg.device, adapter=args.adapter and not cfg.lora_init)
     else:
         model, tok = prunepath.load_model(args.model or prunepath.DEFAULT_MODEL, device=cfg.device)
         gate = cfg.gate or ("one" if cfg.objective == "distill" else "sigmoid")

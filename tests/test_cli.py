@@ -64,3 +64,15 @@ def test_eval_fraction_and_tau_together_are_refused_before_loading(capsys):
 def test_calibrate_refuses_a_bad_target_before_loading(capsys):
     assert main(["calibrate", "--target", "0.5", "1.2", "--checkpoint", "/nonexistent"]) == 2
     assert "must lie in (0, 1)" in capsys.readouterr().err
+
+
+def test_continue_adapter_refusals_come_before_any_model_loads(tmp_path, capsys):
+    (tmp_path / "prunepath.json").write_text("{}")  # a folder without adapter/
+    cases = [
+        (["--checkpoint", "default", "--trainable", "lora", "--no-adapter"], "contradicts --no-adapter"),
+        (["--checkpoint", "default"], "needs --checkpoint and --trainable lora"),
+        (["--checkpoint", str(tmp_path), "--trainable", "lora"], "has no adapter/ to continue"),
+    ]
+    for extra, message in cases:
+        assert main(["train", "--continue-adapter", "--objective", "lm", "--out", str(tmp_path / "out"), *extra]) == 2
+        assert message in capsys.readouterr().err

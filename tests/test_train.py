@@ -295,6 +295,35 @@ def test_router_training_from_an_adapted_checkpoint_keeps_its_adapter(tiny_llama
                 tmp_path / "c", batches=_batch(), progress=False)
 
 
+def test_continue_adapter_trains_the_saved_adapter_further(tiny_llama, tmp_path):
+    bases = [copy.deepcopy(tiny_llama) for _ in range(5)]
+    for m in bases:
+        m.config.prunepath_base = "tiny-llama"
+    model = _moefy(tiny_llama, gate="one")
+    lora = dict(trainable="lora", lr=0.0, backbone_lr=1e-2, lora_targets="all")
+    train(model, None, _cfg(steps=2, save_every=2, **lora), tmp_path / "a", batches=_batch(), progress=False)
+    ids = _batch()[0]
+    first, _ = prunepath.load(tmp_path / "a", base=(bases[0], None))
+    plain, _ = prunepath.load(tmp_path / "a", base=(bases[1], None), adapter=False)
+    cfg = _cfg(steps=3, save_every=3, lora_init=str(tmp_path / "a" / "adapter"), teacher="dense", **lora)
+    tr = Trainer(plain, None, cfg, tmp_path / "b", progress=False, batches=_batch())
+    with torch.no_grad():  # step 0 of the continued run is the saved adapter, not a fresh (zero) one
+        assert torch.allclose(tr.model(input_ids=ids).logits, first(input_ids=ids).logits, atol=1e-4)
+    tr.run()
+    again, _ = prunepath.load(tmp_path / "b", base=(bases[2], None))
+    with torch.no_grad():
+        assert not torch.allclose(again(input_ids=ids).logits, first(input_ids=ids).logits, atol=1e-4)
+    info = prunepath.read_meta(tmp_path / "b")["train"]
+    assert info["steps"] == 3 and [r["steps"] for r in info["previous"]] == [2]  # the lineage is kept
+    with pytest.raises(ValueError, match="rank 8.*rank 4.*--lora-r"):
+        Trainer(prunepath.load(tmp_path / "a", base=(bases[3], None), adapter=False)[0], None,
+                dataclasses.replace(cfg, lora_r=4), tmp_path / "c", batches=_batch())
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        _cfg(trainable="lora", lora_init=str(tmp_path))
+    with pytest.raises(ValueError, match="needs trainable='lora'"):
+        _cfg(lora_init=str(tmp_path / "a" / "adapter"))
+
+
 def test_keep_every_keeps_loadable_snapshots(tiny_llama, tmp_path):
     bases = [copy.deepcopy(tiny_llama) for _ in range(2)]
     for m in bases:
