@@ -27,12 +27,16 @@ LOWER_IS_BETTER = ("perplexity", "nll")
 
 
 def load_sweep_rows(results_dir: Path) -> list[dict]:
-    """Every sweep row under `results_dir` (not results/bench), with its source file in row["source"]."""
+    """Every sweep row under `results_dir`, with its source file in row["source"].
+
+    Not results/bench, nor the files that hold several checkpoints' rows: a training run's snapshots
+    (`curve_*`) or the default checkpoint's training stages (`stages_*`).
+    """
     rows = []
     # The main sweeps (top level of results/) first, then those in sub-folders (e.g. results/h200/).
     paths = sorted(Path(results_dir).glob("**/*.json"), key=lambda p: (len(p.relative_to(results_dir).parts), str(p)))
     for path in paths:
-        if "bench" in path.relative_to(results_dir).parts[:-1] or path.name.startswith("bench"):
+        if "bench" in path.relative_to(results_dir).parts[:-1] or path.name.startswith(("bench", "curve_", "stages_")):
             continue
         try:
             data = json.loads(path.read_text())

@@ -177,6 +177,8 @@ def test_sweep_rows_and_figures(tmp_path):
     ]
     (tmp_path / "sweep_x.json").write_text(json.dumps({"meta": {"checkpoint": "default"}, "rows": rows}))
     (tmp_path / "broken.json").write_text("{not json")
+    for other in ("curve_run.json", "stages_default.json"):  # several checkpoints' rows: not one sweep
+        (tmp_path / other).write_text(json.dumps({"meta": {}, "rows": rows}))
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "decode.json").write_text(json.dumps(
         {"device": "NVIDIA H200", "date": "2026-11-28", "model": "default", "rows": [
