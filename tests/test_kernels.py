@@ -108,8 +108,9 @@ def test_expert_ffn_matches_reference(N, E, G, D, dtype, code, param, kind_act):
     same = select_reference(res.logits.float(), code, param)
     assert torch.equal(res.mask.bool().cpu(), same.cpu())
     assert torch.equal(res.active.cpu(), same.any(0).int().cpu()), "union flag differs from any(mask)"
-    # gates from the kernel's logits (one bf16 ulp of a logit may differ from the float64 GEMV)
-    assert torch.allclose(res.gates, gate_reference(res.logits, ref.mask, layout.gate), rtol=1e-5, atol=1e-6)
+    # gates from the kernel's logits and the decisions they make (one bf16 ulp of a logit may differ from the
+    # float64 GEMV, and flip a token at τ in ref.mask: seen once in CI)
+    assert torch.allclose(res.gates, gate_reference(res.logits, same, layout.gate), rtol=1e-5, atol=1e-6)
     # then numerics: against float64 with the same gates
     y_ref = expert_ffn_reference(x, layout, res.gates)
     assert not torch.isnan(res.y).any(), "unwritten output elements"
