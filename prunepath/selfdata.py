@@ -176,7 +176,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--source", default=None,
                    help="answer: alpaca (its train split, default) or an instruction JSON Lines file; "
                         "continue: calibration (default) or wikitext2 (its valid split)")
-    p.add_argument("--limit", type=int, default=None, help="answer: first N source rows")
+    p.add_argument("--skip", type=int, default=0,
+                   help="answer: leave out the first N source rows (another run's prompts), then --limit")
+    p.add_argument("--limit", type=int, default=None, help="answer: first N source rows (after --skip)")
     p.add_argument("--samples", type=int, default=None,
                    help="answer: answers per prompt (default 1); continue: continuations in all (default 1024)")
     p.add_argument("--prefix-tokens", type=int, default=32, help="continue: tokens of real text before each")
@@ -209,9 +211,11 @@ def run(args) -> int:
         raise ValueError(f"--mode continue takes --source calibration or wikitext2, got {source!r}")
     if not cont:
         rows = data.load_instructions("alpaca", "train") if source == "alpaca" else read_rows(source)
-        rows = [dict(r) for r in rows][: args.limit]
+        if args.skip < 0:
+            raise ValueError(f"--skip must be >= 0, got {args.skip}")
+        rows = [dict(r) for r in rows][args.skip :][: args.limit]
         if not rows:
-            raise ValueError("no source rows to answer (--limit 0?)")
+            raise ValueError(f"no source rows to answer (--limit 0, or --skip {args.skip} past the source's end?)")
         if samples > 1 and not temperature:
             raise ValueError("--samples > 1 needs --temperature > 0: greedy answers to one prompt are all the same")
         rows = rows * samples  # each prompt once per pass, so a prompt's samples land in different batches

@@ -86,6 +86,7 @@ class TrainConfig:
     gamma_lb: float = 1e-3  # load-balance weight
     lr: float = 1e-3  # router lr (distill uses it too)
     backbone_lr: float = 1e-4  # lora / all
+    decay_steps: int = 0  # the last K steps scale every learning rate linearly down to 0 (0: constant rates)
     weight_decay: float = 1e-2  # routers only; the backbone gets none (as the paper)
     distill_loss: str = "kl"  # kl | bce
     distill_power: float = 1.0  # kl target q ∝ norm^power: < 1 flattens p, so counts vary less between tokens
@@ -118,6 +119,8 @@ class TrainConfig:
             lo, hi = self.tau_range
             if not 0 < lo < hi:
                 raise ValueError(f"tau_range must be (lo, hi) with 0 < lo < hi, got {self.tau_range}")
+        if not 0 <= self.decay_steps <= self.steps:
+            raise ValueError(f"decay_steps must lie in [0, steps={self.steps}], got {self.decay_steps}")
         for name in ("tokens", "seq_len", "batch_size", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -148,6 +151,21 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return (self.stage1_steps if self.objective == "lm" else 0) + self.steps
+
+    @property
+    def decay_start(self) -> int:
+        """The first step whose learning rates are scaled down (total_steps when nothing decays)."""
+        return self.total_steps - self.decay_steps
+
+    def lr_scale(self, step: int) -> float:
+        """The factor on every learning rate at step (0-based): 1, then linearly down over the last decay_steps.
+
+        As the decay phase of a warmup-stable-decay schedule: a constant rate, so a run can be extended on
+        resume, and a short linear cool-down at the end, whose last step has a rate of 1/decay_steps.
+        """
+        if step < self.decay_start:
+            return 1.0
+        return (self.total_steps - step) / self.decay_steps
 
 
 @dataclass
@@ -382,9 +400,13 @@ class Trainer:
                 f"this model {self.base_fp}); resume with the same base"
             )
         now = asdict(self.cfg)
-        # --steps may change on resume (extend or shorten a run): the learning rate is constant, so the steps
-        # already taken are the same either way. Every other setting must match.
-        diff = sorted(k for k in st["config"].keys() | now.keys() if st["config"].get(k) != now.get(k) and k != "steps")
+        # --steps and --decay-steps may change on resume (extend or shorten a run) while no step of either
+        # schedule's decay has been taken: the rate was constant, so the steps already taken are the same either
+        # way. Every other setting must match.
+        free = ("steps", "decay_steps")
+        diff = sorted(
+            k for k in st["config"].keys() | now.keys() if st["config"].get(k) != now.get(k) and k not in free
+        )
         if diff:
             raise ValueError(
                 f"cannot resume: the saved run used other settings ({', '.join(diff)}); use the same flags"
@@ -392,6 +414,16 @@ class Trainer:
         if st["step"] > self.cfg.total_steps:
             raise ValueError(f"cannot resume: the saved run is at step {st['step']}, past the {self.cfg.total_steps} "
                              "steps now asked for; raise --steps")
+        saved = TrainConfig(**{**now, **{k: st["config"].get(k, 0) for k in free}})
+        rescheduled = (saved.steps, saved.decay_steps) != (self.cfg.steps, self.cfg.decay_steps)
+        if rescheduled and (saved.decay_steps or self.cfg.decay_steps) and st["step"] > min(
+            saved.decay_start, self.cfg.decay_start
+        ):
+            raise ValueError(
+                f"cannot resume: the saved run is at step {st['step']}, inside a learning-rate decay (it decays "
+                f"from step {saved.decay_start} of {saved.total_steps}; now from {self.cfg.decay_start} of "
+                f"{self.cfg.total_steps}); keep its --steps and --decay-steps"
+            )
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for n, v in st["trainable"].items():
@@ -535,6 +567,9 @@ class Trainer:
                     f"loss became {loss.item()} at step {step} (stage {stage}, τ={tau:.3g}); "
                     f"training stopped; {where}. Lower --lr or check the data"
                 )
+            scale = cfg.lr_scale(step)
+            for group, lr in zip(self.opt.param_groups, (cfg.lr, cfg.backbone_lr)):
+                group["lr"] = lr * scale
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -544,6 +579,7 @@ class Trainer:
                     "step": self.state.step,
                     "stage": stage,
                     "tau": tau,
+                    "lr_scale": scale,
                     "loss": loss.item(),
                     **{k: v.item() for k, v in parts.items()},
                     "seconds": round(time.time() - t0, 3),

@@ -21,7 +21,7 @@ def add_cli(subparsers) -> None:
     src.add_argument("--model", default=None, help="convert this base model first (default SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json")
     p.add_argument("--resume", action="store_true",
-                   help="continue from <out>/train_state.pt with the same flags (--steps may grow)")
+                   help="continue from <out>/train_state.pt with the same flags (--steps may grow before any decay)")
     p.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="with --checkpoint: start from its routers alone, leaving its LoRA adapter out")
     p.add_argument("--continue-adapter", action="store_true",
@@ -47,6 +47,7 @@ def add_cli(subparsers) -> None:
         ("gamma_lb", float, "load-balance weight γ_lb"),
         ("lr", float, "router learning rate"),
         ("backbone_lr", float, "LoRA / full learning rate"),
+        ("decay_steps", int, "the last K steps bring every learning rate linearly down to 0 (0: constant)"),
         ("weight_decay", float, "router weight decay"),
         ("distill_loss", str, "kl | bce"),
         ("distill_power", float, "KL target q ∝ expert norm^power (<1 flattens p)"),

@@ -98,6 +98,26 @@ def test_the_command_refuses_an_existing_file_before_loading_a_model(tmp_path, c
     assert "top_p" in capsys.readouterr().err and not (tmp_path / "new.jsonl").exists()
 
 
+def test_skip_answers_the_rows_after_another_runs_prompts(tmp_path, capsys, monkeypatch):
+    import json
+
+    import prunepath.models
+    import prunepath.selfdata
+    from prunepath.cli import main
+
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(5)))
+    asked = []
+    monkeypatch.setattr(prunepath.models, "load_model", lambda *_a, **_k: (None, None))
+    monkeypatch.setattr(prunepath.selfdata, "generate_selfdata", lambda _m, _t, rows, *_a, **_k: asked.append(rows))
+    assert main(["selfdata", "--source", str(src), "--skip", "3", "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert main(["selfdata", "--source", str(src), "--skip", "1", "--limit", "2", "--samples", "2",
+                 "--temperature", "1", "--out", str(tmp_path / "b.jsonl")]) == 0
+    assert [[r["instruction"] for r in rows] for rows in asked] == [["q3", "q4"], ["q1", "q2", "q1", "q2"]]
+    assert main(["selfdata", "--source", str(src), "--skip", "5", "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert "--skip 5 past the source's end" in capsys.readouterr().err
+
+
 def test_sampled_answers_repeat_with_the_seed_and_resume_to_the_same_file(default_model, tmp_path):
     model, tok = default_model
     rows = [{"instruction": "Name an animal.", "input": ""}] * 3

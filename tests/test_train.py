@@ -164,6 +164,39 @@ def test_lora_saves_adapter_that_load_merges(tiny_llama, tmp_path):
         prunepath.load(tmp_path, base=(fresh[1], None))
 
 
+def test_decay_brings_every_learning_rate_linearly_to_zero(tiny_llama, tmp_path):
+    cfg = _cfg(trainable="lora", steps=6, decay_steps=4, lr=1e-2, backbone_lr=1e-3, save_every=3)
+    assert [cfg.lr_scale(s) for s in range(6)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    tr = Trainer(_moefy(tiny_llama), None, cfg, tmp_path, progress=False, batches=_batch())
+    seen = []
+    step = tr.opt.step
+
+    def spy(*a, **kw):  # the rates the optimizer actually steps with
+        seen.append([g["lr"] for g in tr.opt.param_groups])
+        return step(*a, **kw)
+
+    tr.opt.step = spy
+    log = tr.run()
+    assert [r["lr_scale"] for r in log] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert seen == [pytest.approx([1e-2 * f, 1e-3 * f]) for f in (1.0, 1.0, 1.0, 0.75, 0.5, 0.25)]
+
+
+def test_resume_may_reschedule_the_decay_only_before_it_began(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama)
+    Trainer(model, None, _cfg(steps=6, decay_steps=2, save_every=2), tmp_path, progress=False,
+            batches=_batch()).run(stop_after=4)
+    # at step 4 of 6, decaying from step 4: nothing decayed yet, so a longer run with a longer decay may follow
+    log = Trainer(model, None, _cfg(steps=8, decay_steps=3, save_every=2), tmp_path, progress=False,
+                  batches=_batch()).run(stop_after=6)
+    assert [r["lr_scale"] for r in log] == [1.0] * 6  # steps 5 and 6 of the new schedule: still constant
+    with pytest.raises(ValueError, match="inside a learning-rate decay"):  # step 6 > the new schedule's start 5
+        Trainer(model, None, _cfg(steps=8, decay_steps=2, save_every=2), tmp_path, progress=False,
+                batches=_batch()).run(resume=True)
+    log = Trainer(model, None, _cfg(steps=8, decay_steps=3, save_every=2), tmp_path, progress=False,
+                  batches=_batch()).run(resume=True)
+    assert [r["lr_scale"] for r in log][5:] == [1.0, pytest.approx(2 / 3), pytest.approx(1 / 3)]
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="objective"):
         TrainConfig(objective="rl")
@@ -173,6 +206,8 @@ def test_bad_config_is_refused():
         TrainConfig(objective="distill", trainable="lora")
     with pytest.raises(ValueError, match="tau_range"):
         TrainConfig(tau_range=(0.9, 0.5))
+    with pytest.raises(ValueError, match="decay_steps"):
+        TrainConfig(steps=10, decay_steps=11)
 
 
 def test_resume_refuses_another_base_model(tiny_llama, tmp_path):
