@@ -36,7 +36,10 @@ FFN's gate/up/down and/or attention, saved to <out>/adapter/, merged by prunepat
 (saved with full weights, never committed). Every K steps the run state (trainable tensors, optimizer,
 step, RNG) goes to <out>/train_state.pt and the PrunePath checkpoint to <out>; `--resume` continues.
 `--keep-every K` also keeps each K-th step's checkpoint in <out>/step-NNNNNN (a learning curve to evaluate).
-A non-finite loss stops the run before the optimizer step, leaving the last good checkpoint untouched.
+Learning rates are constant, so a resumed run may take more or fewer `--steps`; `--decay-steps K` brings them
+linearly to 0 over the last K steps (the default's stage 6), and then the schedule may change on resume only
+while no decayed step has been taken. A non-finite loss stops the run before the optimizer step, leaving the
+last good checkpoint untouched.
 """
 
 from __future__ import annotations
