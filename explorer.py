@@ -325,7 +325,8 @@ class ExplorerView(pn.viewable.Viewer):
             return [pn.pane.Markdown(
                 f"No committed sweep results under `{RESULTS_DIR.name}/` yet. Make them with "
                 "`prunepath sweep --checkpoint default --taus 0.5 0.7 0.9 --out results/sweep_default`.")]
-        return [pn.pane.Plotly(f) for f in sweep_figures(rows, tau, fraction)[:6]]
+        train = getattr(self.explorer.model, "prunepath_train_info", None)  # this checkpoint's sweeps first
+        return [pn.pane.Plotly(f) for f in sweep_figures(rows, tau, fraction, train=train)[:6]]
 
     def _speed(self, prompt: str, rule: str, tau: float) -> str:
         ex = self.explorer

@@ -30,7 +30,9 @@ def load_sweep_rows(results_dir: Path) -> list[dict]:
     """Every sweep row under `results_dir`, with its source file in row["source"].
 
     Not results/bench, nor the files that hold several checkpoints' rows: a training run's snapshots
-    (`curve_*`) or the default checkpoint's training stages (`stages_*`).
+    (`curve_*`) or the default checkpoint's training stages (`stages_*`). row["trained"] lists the training
+    records (`prunepath.json` → `train`) of the checkpoints the file's runs measured, so a figure can say
+    whether it describes the checkpoint now loaded (`sweep_figures(..., train=...)`).
     """
     rows = []
     # The main sweeps (top level of results/) first, then those in sub-folders (e.g. results/h200/).
@@ -47,11 +49,21 @@ def load_sweep_rows(results_dir: Path) -> list[dict]:
         source = str(path.relative_to(results_dir))
         if isinstance(meta, dict) and meta.get("checkpoint"):
             source += f" · checkpoint {meta['checkpoint']}, {meta.get('device', '?')} {meta.get('dtype', '')}"
+        trained = _trained(meta)
         for r in data.get("rows", []) if isinstance(data, dict) else []:
             if isinstance(r, dict) and {"method", "task", "metric", "value", "active_fraction"} <= r.keys():
                 if isinstance(r["value"], (int, float)) and isinstance(r["active_fraction"], (int, float)):
-                    rows.append({**r, "source": source})
+                    rows.append({**r, "source": source, "trained": trained})
     return rows
+
+
+def _trained(meta) -> list[dict]:
+    """The training records a sweep file's meta holds: its own, and each appended run's."""
+    if not isinstance(meta, dict):
+        return []
+    runs = meta.get("runs") if isinstance(meta.get("runs"), list) else []
+    found = [meta.get("train")] + [run.get("train") for run in runs if isinstance(run, dict)]
+    return [t for t in found if isinstance(t, dict) and t]
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float | None:
@@ -73,15 +85,35 @@ def _color(method: str) -> str:
     return _PALETTE[sum(map(ord, method)) % len(_PALETTE)]  # stable across runs (str hash is salted)
 
 
-def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | None) -> list[dict]:
+# The figures shown first: each task's headline metric, in this order; then every other (task, metric).
+MAIN_METRICS = (("wikitext2", "perplexity"), ("sst2", "accuracy"), ("ifeval", "prompt_strict"),
+                ("boolq", "accuracy"), ("rte", "accuracy"))
+
+
+def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | None,
+                  train: dict | None = None) -> list[dict]:
     """One plotly figure (dict) per (source, task, metric): metric versus measured active fraction, one
     line per method, the current active fraction as a dashed line and the current τ as a star on the
-    PrunePath curve (interpolated between the τ values the sweep measured)."""
+    PrunePath curve (interpolated between the τ values the sweep measured).
+
+    train: the loaded checkpoint's training record (`model.prunepath_train_info`). The sweeps that measured
+    that very checkpoint come first and say so in their title; then the others, which describe other
+    checkpoints. Within each, headline metrics (MAIN_METRICS) before the rest.
+    """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["source"], r["task"], r["metric"]), []).append(r)
+
+    def this_checkpoint(rs: list[dict]) -> bool:
+        return bool(train) and any(t == train for t in rs[0].get("trained", ()))
+
+    def order(item):
+        (source, task, metric), rs = item
+        main = MAIN_METRICS.index((task, metric)) if (task, metric) in MAIN_METRICS else len(MAIN_METRICS)
+        return (not this_checkpoint(rs), main, source, task, metric)
+
     figs = []
-    for (source, task, metric), rs in sorted(groups.items()):
+    for (source, task, metric), rs in sorted(groups.items(), key=order):
         data = []
         for method in sorted({r["method"] for r in rs}, key=lambda m: (m not in TAU_METHODS, m)):
             pts = sorted((r["active_fraction"], r["value"]) for r in rs if r["method"] == method)
@@ -108,8 +140,9 @@ def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | 
             else:
                 note = f" (τ = {tau:.2f} is outside the swept τ {taus[0][0]:.2f}–{taus[-1][0]:.2f})"
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        whose = "this checkpoint: " if this_checkpoint(rs) else ("another checkpoint: " if train else "")
         figs.append({"data": data, "layout": {
-            "title": {"text": f"{task} {metric} ({better}){note}<br><sup>{source}</sup>", "font": {"size": 13}},
+            "title": {"text": f"{task} {metric} ({better}){note}<br><sup>{whose}{source}</sup>", "font": {"size": 13}},
             "xaxis": {"title": {"text": "mean active FFN fraction"}, "range": [0, 1.02]},
             "yaxis": {"title": {"text": metric}, "type": "log" if metric == "perplexity" else "linear"},
             "shapes": shapes, "annotations": notes, "height": 320, "margin": {"l": 55, "r": 10, "t": 55, "b": 45},

@@ -198,6 +198,28 @@ def test_sweep_rows_and_figures(tmp_path):
     assert len(b) == 1 and b[0].figures == (("dense", 1000.0), ("mass 50%", 1500.0))
 
 
+def test_the_loaded_checkpoints_sweeps_come_first(tmp_path):
+    def row(task, metric, value):
+        return {"method": "topk", "knob": 8, "active_fraction": 0.5, "task": task, "metric": metric, "value": value}
+
+    mine, other = {"steps": 1200, "final_loss": 1.43}, {"steps": 600, "final_loss": 1.45}
+    files = {  # named so that alphabetical order would put the loaded checkpoint's file last
+        "a_old.json": {"meta": {"train": other}, "rows": [row("wikitext2", "perplexity", 40.0)]},
+        "z_mine.json": {"meta": {"train": {}, "runs": [{"train": mine}]},  # recorded by an appended run
+                        "rows": [row("wikitext2", "next_token_accuracy", 0.3), row("sst2", "accuracy", 0.7),
+                                 row("wikitext2", "perplexity", 38.0)]},
+    }
+    for name, blob in files.items():
+        (tmp_path / name).write_text(json.dumps(blob))
+    rows = load_sweep_rows(tmp_path)
+    titles = [f["layout"]["title"]["text"] for f in sweep_figures(rows, tau=None, active_fraction=None, train=mine)]
+    assert [t.split(" (")[0] for t in titles] == ["wikitext2 perplexity", "sst2 accuracy",
+                                                  "wikitext2 next_token_accuracy", "wikitext2 perplexity"]
+    assert all("this checkpoint: z_mine.json" in t for t in titles[:3]) and "another checkpoint: a_old" in titles[3]
+    plain = [f["layout"]["title"]["text"] for f in sweep_figures(rows, tau=None, active_fraction=None)]
+    assert "a_old.json" in plain[0] and not any("checkpoint:" in t for t in plain)  # nothing loaded: no claim
+
+
 @pytest.mark.slow
 def test_default_checkpoint_routes(default_model):
     """The real default checkpoint (or, until it exists, the default model converted): 30 x 48 experts."""
