@@ -272,6 +272,22 @@ def _demos(dataset: str, seed: int, limit: int | None, stamp: tuple, k: int) -> 
     return tuple(pick_demos(task.pool, k, len(task.names), seed))
 
 
+def class_balance(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict:
+    """How evenly a classifier's predictions [N] spread over the classes, against the true labels [N].
+
+    balanced_accuracy: the mean over the classes present of the share of their rows predicted right (1/C for
+    a model that gives every row one label, however skewed the labels); predicted_majority_share: the share of
+    rows given the most frequent predicted label (1.0: one label for every row). Near chance, accuracy alone
+    cannot tell a weak classifier from one that has collapsed onto a class; these two can.
+    """
+    if pred.shape != y.shape or pred.ndim != 1 or len(y) == 0:
+        raise ValueError(f"need predictions and labels of one equal length > 0, got {tuple(pred.shape)} and "
+                         f"{tuple(y.shape)}")
+    recalls = [float((pred[y == c] == c).float().mean()) for c in range(n_classes) if (y == c).any()]
+    share = float(torch.bincount(pred, minlength=n_classes).max()) / len(pred)
+    return {"balanced_accuracy": sum(recalls) / len(recalls), "predicted_majority_share": share}
+
+
 def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 4, calibrated: bool = True,
              seed: int = 0, limit: int | None = None, pooling: str = "last", n_train: int = 1000,
              batch_size: int = 8, batch_tokens: int | None = None, share_prefix: bool = True) -> EvalResult:
@@ -323,6 +339,7 @@ def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 
         desc = f"linear probe ({pooling} token final hidden state, L-BFGS, L2 {l2:g}) on {len(tr)} train rows"
         settings.update(pooling=pooling, n_train=len(tr), l2=l2)
     metrics["accuracy"] = float((pred == y).float().mean())
+    metrics.update(class_balance(pred, y, len(names)))
     return EvalResult(task=dataset, metrics=metrics, n=len(y), protocol=desc, dataset=dataset, split=split,
                       settings=settings, routing=rec.info,
                       model=model_name(model), meta=run_meta(model, t0))

@@ -141,7 +141,9 @@ def _rows(res: dict, method: str, knob, target, static_fraction: float | None, g
     r = res.get("routing") or {}
     q = r.get("experts_kept_p10_p50_p90") or [None] * 3
     frac = static_fraction if static_fraction is not None else r.get("active_fraction", 1.0)
-    metrics = METRICS.get(res["task"]) or ([m for m in ("accuracy",) if m in res["metrics"]] or list(res["metrics"]))
+    # classification: accuracy, and balanced accuracy (which shows a model that gives every row one label)
+    named = [m for m in ("accuracy", "balanced_accuracy") if m in res["metrics"]]
+    metrics = METRICS.get(res["task"]) or named or list(res["metrics"])
     out = []
     for m in metrics:
         out.append(

@@ -208,10 +208,23 @@ def test_classify_file_task_end_to_end(model, tok, tmp_path, protocol):
     # a single file: half of it (20 rows) is lent for demonstrations / probe training, never scored
     assert res.n == 20 and "held-out 20" in res.settings["train_source"]
     assert 0 <= res.metrics["accuracy"] <= 1 and res.settings["seed"] == 0
+    assert 0 <= res.metrics["balanced_accuracy"] <= 1 and 0.5 <= res.metrics["predicted_majority_share"] <= 1
     assert res.protocol.startswith("2-shot" if protocol == "prompt" else "linear probe")
     assert res.settings["label_words"] == [" neg", " pos"]
     limited = nlu.classify(model, tok, spec, protocol=protocol, k=2, n_train=10, limit=5)
     assert limited.n == 5
+
+
+def test_class_balance_tells_a_collapsed_classifier_from_a_weak_one():
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])  # 3 of class 0, 7 of class 1
+    collapsed = nlu.class_balance(torch.ones(10, dtype=torch.long), y, 2)  # accuracy 0.7: the majority rate
+    assert collapsed == {"balanced_accuracy": 0.5, "predicted_majority_share": 1.0}
+    weak = nlu.class_balance(torch.tensor([0, 0, 1, 1, 1, 0, 0, 1, 1, 1]), y, 2)  # also accuracy 0.7
+    assert weak["balanced_accuracy"] == pytest.approx((2 / 3 + 5 / 7) / 2) and weak["predicted_majority_share"] == 0.6
+    absent = nlu.class_balance(torch.tensor([0, 2, 1]), torch.tensor([0, 2, 2]), 3)  # no row of class 1
+    assert absent["balanced_accuracy"] == pytest.approx((1 + 0.5) / 2)  # averaged over the classes present
+    with pytest.raises(ValueError, match="equal length"):
+        nlu.class_balance(torch.tensor([0, 1]), torch.tensor([0]), 2)
 
 
 def _row(ids, kwargs, prompt="p"):
