@@ -104,16 +104,17 @@ def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | 
     for r in rows:
         groups.setdefault((r["source"], r["task"], r["metric"]), []).append(r)
 
-    def this_checkpoint(rs: list[dict]) -> bool:
-        return bool(train) and any(t == train for t in rs[0].get("trained", ()))
+    # a file's rows share one "trained" list, so whether it measured the loaded checkpoint is known per group
+    mine = {key: bool(train) and train in rs[0].get("trained", ()) for key, rs in groups.items()}
 
-    def order(item):
-        (source, task, metric), rs = item
+    def order(key):
+        source, task, metric = key
         main = MAIN_METRICS.index((task, metric)) if (task, metric) in MAIN_METRICS else len(MAIN_METRICS)
-        return (not this_checkpoint(rs), main, source, task, metric)
+        return (not mine[key], main, source, task, metric)
 
     figs = []
-    for (source, task, metric), rs in sorted(groups.items(), key=order):
+    for source, task, metric in sorted(groups, key=order):
+        rs = groups[(source, task, metric)]
         data = []
         for method in sorted({r["method"] for r in rs}, key=lambda m: (m not in TAU_METHODS, m)):
             pts = sorted((r["active_fraction"], r["value"]) for r in rs if r["method"] == method)
@@ -140,7 +141,7 @@ def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | 
             else:
                 note = f" (τ = {tau:.2f} is outside the swept τ {taus[0][0]:.2f}–{taus[-1][0]:.2f})"
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
-        whose = "this checkpoint: " if this_checkpoint(rs) else ("another checkpoint: " if train else "")
+        whose = "this checkpoint: " if mine[(source, task, metric)] else ("another checkpoint: " if train else "")
         figs.append({"data": data, "layout": {
             "title": {"text": f"{task} {metric} ({better}){note}<br><sup>{whose}{source}</sup>", "font": {"size": 13}},
             "xaxis": {"title": {"text": "mean active FFN fraction"}, "range": [0, 1.02]},

@@ -205,14 +205,14 @@ def run(args) -> int:
     samples = args.samples or (1024 if cont else 1)
     if max_new < 1 or samples < 1 or args.prefix_tokens < 1:
         raise ValueError("--max-new-tokens, --samples and --prefix-tokens must be >= 1")
+    if args.skip < 0:
+        raise ValueError(f"--skip must be >= 0, got {args.skip}")
     sampling_kwargs(temperature, top_p)
     source = args.source or ("calibration" if cont else "alpaca")
     if cont and source not in data.TRAIN_TEXT:
         raise ValueError(f"--mode continue takes --source calibration or wikitext2, got {source!r}")
     if not cont:
         rows = data.load_instructions("alpaca", "train") if source == "alpaca" else read_rows(source)
-        if args.skip < 0:
-            raise ValueError(f"--skip must be >= 0, got {args.skip}")
         rows = [dict(r) for r in rows][args.skip :][: args.limit]
         if not rows:
             raise ValueError(f"no source rows to answer (--limit 0, or --skip {args.skip} past the source's end?)")

@@ -51,7 +51,7 @@ import shutil
 import time
 import warnings
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -417,7 +417,7 @@ class Trainer:
         if st["step"] > self.cfg.total_steps:
             raise ValueError(f"cannot resume: the saved run is at step {st['step']}, past the {self.cfg.total_steps} "
                              "steps now asked for; raise --steps")
-        saved = TrainConfig(**{**now, **{k: st["config"].get(k, 0) for k in free}})
+        saved = replace(self.cfg, **{k: st["config"].get(k, 0) for k in free})  # the saved run's schedule
         rescheduled = (saved.steps, saved.decay_steps) != (self.cfg.steps, self.cfg.decay_steps)
         if rescheduled and (saved.decay_steps or self.cfg.decay_steps) and st["step"] > min(
             saved.decay_start, self.cfg.decay_start
