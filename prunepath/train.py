@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -98,7 +99,8 @@ class TrainConfig:
     kd_weight: float = 1.0  # with a teacher: task = kd_weight · KL + (1 - kd_weight) · cross-entropy
     lora_r: int = 8
     lora_targets: str = "ffn"  # ffn | attn | all
-    lora_init: str | None = None  # a saved peft LoRA adapter (folder) to train further instead of a new one
+    lora_init: str | None = None  # a saved peft LoRA adapter (folder) to train further (its rank may grow)
+    adapter_dtype: str = "fp32"  # the saved adapter's dtype: bf16 halves the file (training stays in fp32)
     seed: int = 0
     save_every: int = 100
     keep_every: int = 0  # also keep a copy of the checkpoint in <out>/step-NNNNNN every K steps (0: never)
@@ -142,6 +144,10 @@ class TrainConfig:
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight must lie in [0, 1], got {self.kd_weight}")
         check_data(self.data)
+        if self.adapter_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"adapter_dtype must be 'fp32' or 'bf16', got {self.adapter_dtype!r}")
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.lora_targets not in ("ffn", "attn", "all"):
             raise ValueError(f"lora_targets must be 'ffn', 'attn' or 'all', got {self.lora_targets!r}")
         if self.lora_init is not None:
@@ -222,17 +228,59 @@ def setup_trainable(model, cfg: TrainConfig):
 
 
 def _continue_lora(model, cfg: TrainConfig, names: list[str]):
-    """Wrap `model` in the saved adapter cfg.lora_init, trainable; its rank and targets must be cfg's."""
-    from peft import PeftModel
+    """Wrap `model` in the saved adapter cfg.lora_init, trainable, on cfg's targets at rank cfg.lora_r.
 
-    saved = json.loads((Path(cfg.lora_init) / "adapter_config.json").read_text())
+    A higher rank grows the adapter without changing what it computes: the saved A and B fill the first r₀ rows
+    of the new A and columns of the new B, the new B columns start at zero (peft's own init for the new A rows),
+    and lora_alpha grows with the rank so the scale α/r stays the saved one.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    folder = Path(cfg.lora_init)
+    saved = json.loads((folder / "adapter_config.json").read_text())
     got_r, got_names = saved.get("r"), sorted(saved.get("target_modules") or [])
-    if got_r != cfg.lora_r or got_names != sorted(names):
+    if got_names != sorted(names) or not isinstance(got_r, int) or got_r > cfg.lora_r:
         raise ValueError(
             f"the adapter in {cfg.lora_init} has rank {got_r} on {got_names}; this run asks for rank {cfg.lora_r} "
-            f"on {sorted(names)}. Pass its own --lora-r and --lora-targets to train it further"
+            f"on {sorted(names)}. Pass its own --lora-targets and a --lora-r of at least {got_r} to train it further"
         )
-    return PeftModel.from_pretrained(model, cfg.lora_init, is_trainable=True)
+    if got_r == cfg.lora_r:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    if saved.get("use_dora") or saved.get("use_rslora") or saved.get("rank_pattern") or saved.get("alpha_pattern"):
+        raise ValueError(f"the adapter in {cfg.lora_init} is not plain LoRA (DoRA, rsLoRA or per-module ranks); "
+                         "its rank cannot grow: train it further at its own --lora-r")
+    alpha = saved["lora_alpha"] * cfg.lora_r / got_r
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    params = dict(model.named_parameters())
+    grown = 0
+    with torch.no_grad():
+        for key, value in tensors.items():  # base_model.model.<module>.lora_A.weight -> ....lora_A.default.weight
+            name = key.replace(".weight", ".default.weight")
+            p = params.get(name)
+            if p is None or ".lora_" not in name:
+                raise ValueError(f"adapter tensor {key} in {cfg.lora_init} does not fit this model; re-train it")
+            if ".lora_A." in name:
+                p[:got_r].copy_(value)
+            else:
+                p[:, :got_r].copy_(value)
+                p[:, got_r:].zero_()
+            grown += 1
+    if grown != 2 * sum(1 for n in params if n.endswith(".lora_A.default.weight")):
+        raise ValueError(f"the adapter in {cfg.lora_init} misses some of its target modules; re-train the adapter")
+    return model
+
+
+def _to_bf16(path: Path) -> None:
+    """Rewrite a safetensors file in bf16, atomically (the loaders upcast it to the model's dtype)."""
+    from safetensors.torch import load_file, save_file
+
+    tmp = path.with_suffix(".tmp")
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
 
 
 def _ffns(model):
@@ -366,6 +414,8 @@ class Trainer:
             info["previous"] = self.previous
         if self.cfg.trainable == "lora":
             self.model.save_pretrained(self.out / "adapter")
+            if self.cfg.adapter_dtype == "bf16":
+                _to_bf16(self.out / "adapter" / "adapter_model.safetensors")
         elif self.cfg.trainable == "router" and self.adapter_in:  # the routers serve the adapted weights
             shutil.copytree(self.adapter_in, self.out / "adapter", dirs_exist_ok=True)
         rules = [f.rule for f in _ffns(base)]

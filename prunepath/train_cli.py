@@ -25,8 +25,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="with --checkpoint: start from its routers alone, leaving its LoRA adapter out")
     p.add_argument("--continue-adapter", action="store_true",
-                   help="with --checkpoint and --trainable lora: train its LoRA adapter further (same rank and "
-                        "targets) instead of refusing a second one; the teacher stays the base model")
+                   help="with --checkpoint and --trainable lora: train its LoRA adapter further (same targets; a "
+                        "higher --lora-r grows it exactly) instead of refusing a second one; the teacher stays the "
+                        "base model")
     d = TrainConfig()
     for name, kind, help_ in (
         (
@@ -56,6 +57,7 @@ def add_cli(subparsers) -> None:
         ("kd_weight", float, "with --teacher: task = w * KL + (1 - w) * cross-entropy"),
         ("lora_r", int, "LoRA rank"),
         ("lora_targets", str, "ffn | attn | all"),
+        ("adapter_dtype", str, "the saved adapter's dtype: fp32 | bf16 (half the file; training stays fp32)"),
         ("seed", int, "random seed"),
         ("save_every", int, "save every K steps"),
         ("keep_every", int, "also keep every K-th step's checkpoint in <out>/step-NNNNNN (0: off)"),

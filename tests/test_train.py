@@ -6,6 +6,8 @@ cumulative-mass rule has room to vary. A handful of steps each; the whole module
 
 import copy
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -350,13 +352,55 @@ def test_continue_adapter_trains_the_saved_adapter_further(tiny_llama, tmp_path)
         assert not torch.allclose(again(input_ids=ids).logits, first(input_ids=ids).logits, atol=1e-4)
     info = prunepath.read_meta(tmp_path / "b")["train"]
     assert info["steps"] == 3 and [r["steps"] for r in info["previous"]] == [2]  # the lineage is kept
-    with pytest.raises(ValueError, match="rank 8.*rank 4.*--lora-r"):
+    with pytest.raises(ValueError, match="rank 8.*rank 4.*--lora-r of at least 8"):
         Trainer(prunepath.load(tmp_path / "a", base=(bases[3], None), adapter=False)[0], None,
                 dataclasses.replace(cfg, lora_r=4), tmp_path / "c", batches=_batch())
     with pytest.raises(ValueError, match="no adapter_config.json"):
         _cfg(trainable="lora", lora_init=str(tmp_path))
     with pytest.raises(ValueError, match="needs trainable='lora'"):
         _cfg(lora_init=str(tmp_path / "a" / "adapter"))
+
+
+def test_continue_adapter_grows_its_rank_exactly_and_saves_bf16(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    bases = [copy.deepcopy(tiny_llama) for _ in range(4)]
+    for m in bases:
+        m.config.prunepath_base = "tiny-llama"
+    lora = dict(trainable="lora", lr=0.0, backbone_lr=1e-2, lora_targets="all")
+    train(_moefy(tiny_llama, gate="one"), None, _cfg(steps=2, save_every=2, **lora), tmp_path / "a",
+          batches=_batch(), progress=False)
+    ids = _batch()[0]
+    first, _ = prunepath.load(tmp_path / "a", base=(bases[0], None))
+    plain, _ = prunepath.load(tmp_path / "a", base=(bases[1], None), adapter=False)
+    cfg = _cfg(steps=2, save_every=2, lora_init=str(tmp_path / "a" / "adapter"), adapter_dtype="bf16",
+               **{**lora, "lora_r": 12})
+    tr = Trainer(plain, None, cfg, tmp_path / "b", progress=False, batches=_batch())
+    with torch.no_grad():  # the grown adapter computes what the rank-8 one did
+        assert torch.allclose(tr.model(input_ids=ids).logits, first(input_ids=ids).logits, atol=1e-5)
+    new_a = [p for n, p in tr.model.named_parameters() if n.endswith("lora_A.default.weight")]
+    assert new_a and all(p.shape[0] == 12 and p.requires_grad and p[8:].abs().sum() > 0 for p in new_a)
+    tr.run()
+    saved = json.loads((tmp_path / "b" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (12, 24)  # α/r kept at the rank-8 adapter's 16/8
+    tensors = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    b_new = [t[:, 8:] for k, t in tensors.items() if "lora_B" in k]
+    assert any(t.abs().sum() > 0 for t in b_new)  # the added directions trained
+    trained = tr.model(input_ids=ids).logits.detach()
+    again, _ = prunepath.load(tmp_path / "b", base=(bases[2], None))
+    shutil.copytree(tmp_path / "b", tmp_path / "b32")
+    tr.model.save_pretrained(tmp_path / "b32" / "adapter")  # the same adapter in fp32
+    exact, _ = prunepath.load(tmp_path / "b32", base=(copy.deepcopy(bases[3]), None))
+    with torch.no_grad():
+        assert torch.allclose(exact(input_ids=ids).logits, trained, atol=1e-5)
+        err = (again(input_ids=ids).logits - trained).abs().mean()  # bf16 rounds the adapter by ~0.4 %
+    assert 0 < err < 0.01 * trained.abs().mean()
+    with pytest.raises(ValueError, match="rank 8.*rank 4.*at least 8"):
+        Trainer(prunepath.load(tmp_path / "a", base=(bases[3], None), adapter=False)[0], None,
+                dataclasses.replace(cfg, lora_r=4), tmp_path / "c", batches=_batch())
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        _cfg(adapter_dtype="fp16")
 
 
 def test_keep_every_keeps_loadable_snapshots(tiny_llama, tmp_path):
