@@ -184,3 +184,21 @@ def test_the_default_checkpoint_ships_calibrated_fractions():
     assert sweep.measured_fraction(model, ids) == pytest.approx(0.5, abs=0.06)
     plain, _ = prunepath.load("default", adapter=False)  # calibrated with the adapter: not for the bare routers
     assert plain.prunepath_calibration is None
+
+
+@pytest.mark.parametrize(
+    "flags, warned",
+    [
+        (["--tasks", "sst2", "--dtype", "bf16"], True),
+        (["--tasks", "sst2", "--dtype", "fp32"], False),
+        (["--tasks", "sst2", "--dtype", "bf16", "--protocol", "probe"], False),
+        (["--tasks", "wikitext2", "--dtype", "bf16"], False),
+    ],
+)
+def test_a_bf16_prompt_sweep_is_warned_before_the_model_loads(tmp_path, capsys, flags, warned):
+    from prunepath.cli import main
+
+    assert main(["sweep", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "s"), *flags]) != 0
+    err = capsys.readouterr().err
+    assert ("ranks nothing" in err and "--dtype fp32" in err) == warned
+    assert "missing" in err  # and the missing checkpoint is still reported
