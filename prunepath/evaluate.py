@@ -262,7 +262,7 @@ def check_task(task: str) -> str:
 def evaluate_task(model, tokenizer, task: str, limit: int | None = None, **opts) -> EvalResult:
     """Run one task. `limit`: examples (tokens, for wikitext2). Other options go to the task's function:
     perplexity (context, stride, batch_size), nlu.classify (protocol, k, calibrated, seed, pooling,
-    n_train, batch_size), ifeval.instruction_eval (max_new_tokens, batch_size)."""
+    n_train, batch_size, demo_sets), ifeval.instruction_eval (max_new_tokens, batch_size)."""
     family = check_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
@@ -310,7 +310,7 @@ def load_for_eval(args):
 
 def run(args) -> int:
     task_opts = {"lm": ("context", "stride", "batch_size"),
-                 "nlu": ("protocol", "k", "calibrated", "seed", "pooling", "n_train", "batch_size"),
+                 "nlu": ("protocol", "k", "calibrated", "seed", "pooling", "n_train", "batch_size", "demo_sets"),
                  "gen": ("max_new_tokens", "batch_size")}[check_task(args.task)]
     if args.tau is not None:
         check_tau(args.tau)
@@ -330,6 +330,9 @@ def run(args) -> int:
     print(f"{res['task']} ({res['dataset']}/{res['split']}, n={res['n']}) — {res['protocol']}")
     for k, v in res["metrics"].items():
         print(f"  {k:<24} {v:.4f}" if isinstance(v, float) else f"  {k:<24} {v}")
+    for k in ("per_set_accuracy", "split_half_accuracy"):  # --demo-sets K: the spread between sets
+        if (res.get("settings") or {}).get(k):
+            print(f"  {k:<24} " + " ".join(f"{a:.4f}" for a in res["settings"][k]))
     r = res["routing"] or {}
     if r.get("rule") != "dense":
         print(f"  routing {r.get('rule')}: {r.get('mean_experts_kept', 0):.1f} experts kept per token, "
@@ -364,6 +367,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--pooling", default=None, choices=["last", "mean"], help="probe features")
     p.add_argument("--n-train", type=int, default=None, help="probe training rows (default 1000)")
     p.add_argument("--seed", type=int, default=None, help="demonstrations / probe subset seed (default 0)")
+    p.add_argument("--demo-sets", type=int, default=None,
+                   help="prompt protocol: average K demonstration sets (seeds seed..seed+K-1; K times the forwards)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation cap (default 256)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -5,7 +5,10 @@ A 135M model prompted zero-shot is near chance (SST-2 ~0.68), so neither protoco
   drawn once with a fixed seed (class-balanced) and shared by every test row, so the prompt has one
   label prior; contextual calibration (Zhao et al. 2021, "Calibrate before use") estimates it from the
   same prompt with content-free inputs ("N/A", "", "[MASK]") and divides it out. The uncalibrated
-  accuracy of the same forwards is reported beside it.
+  accuracy of the same forwards is reported beside it. With `demo_sets` K > 1, K demonstration sets
+  (seeds seed … seed+K-1) each score every row, and their calibrated label distributions are averaged:
+  one draw of k demonstrations moves a small sparse model's accuracy by several points, K draws less.
+  Each set's own accuracy and two split-half ensembles are reported, so the spread is measured too.
 - `probe`: multinomial logistic regression on the frozen final hidden state (last token or mean-pooled),
   trained on (a seeded subset of) the train split, L2 chosen on a split of the training rows. It asks
   whether the representation still separates the classes after sparsification.
@@ -266,10 +269,10 @@ def _task(dataset: str, seed: int, limit: int | None, stamp: tuple) -> _Task:
     return _Task(tuple(dict(r) for r in ev), torch.tensor(ev["label"]), names, t, pool, source, split)
 
 
-@lru_cache(maxsize=8)
-def _demos(dataset: str, seed: int, limit: int | None, stamp: tuple, k: int) -> tuple:
+@lru_cache(maxsize=32)
+def _demos(dataset: str, seed: int, limit: int | None, stamp: tuple, k: int, demo_seed: int) -> tuple:
     task = _task(dataset, seed, limit, stamp)
-    return tuple(pick_demos(task.pool, k, len(task.names), seed))
+    return tuple(pick_demos(task.pool, k, len(task.names), demo_seed))
 
 
 def class_balance(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict:
@@ -290,16 +293,22 @@ def class_balance(pred: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict:
 
 def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 4, calibrated: bool = True,
              seed: int = 0, limit: int | None = None, pooling: str = "last", n_train: int = 1000,
-             batch_size: int = 8, batch_tokens: int | None = None, share_prefix: bool = True) -> EvalResult:
+             batch_size: int = 8, batch_tokens: int | None = None, share_prefix: bool = True,
+             demo_sets: int = 1) -> EvalResult:
     """Accuracy on `dataset` (sst2 | rte | boolq | jsonl:... | csv:...) under a stated protocol.
 
     `batch_size` rows (and with `batch_tokens` at most that many tokens) per forward; `share_prefix`:
     the k-shot demonstrations run once per call (see `label_logprobs`). Neither changes the numbers.
+    `demo_sets` (prompt protocol): average the calibrated label distributions of this many demonstration
+    sets, drawn with seeds seed, seed+1, …; it costs that many times the forwards.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     if k < 0 or n_train < 2:
         raise ValueError(f"need k >= 0 and n_train >= 2, got k={k}, n_train={n_train}")
+    if demo_sets < 1 or (demo_sets > 1 and (protocol != "prompt" or k == 0)):
+        raise ValueError(f"demo_sets={demo_sets}: it must be >= 1, and above 1 it averages demonstration sets, "
+                         "so it needs the prompt protocol with k >= 1")
     t0 = time.time()
     key = (dataset, seed, limit, _stamp(dataset))
     task = _task(*key)
@@ -308,20 +317,39 @@ def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 
     settings = {"seed": seed, "train_source": source, "label_words": list(t.words), "template": t.fmt}
     metrics = {"majority_rate": float(torch.bincount(y, minlength=len(names)).max()) / len(y)}
     if protocol == "prompt":
-        demos = [dict(d) for d in _demos(*key, k)]
         opts = {"batch_tokens": batch_tokens, "share_prefix": share_prefix}
-        if calibrated:  # content-free inputs, same demonstrations: the prompt's own label prior
+        sets = [[dict(d) for d in _demos(*key, k, demo_seed)] for demo_seed in range(seed, seed + demo_sets)]
+        demo_labels = [[d["label"] for d in demos] for demos in sets]
+        p_cfs = []  # per set, the prompt's own label prior from content-free inputs, same demonstrations
+        for demos in sets if calibrated else ():
             cf = [build_prompt(t, demos, {"text": c, "text_pair": c}) for c in CONTENT_FREE]
-            p_cf = label_logprobs(model, tokenizer, cf, t.words, batch_size, **opts).softmax(-1).mean(0)  # [C]
-            settings["p_content_free"] = p_cf.tolist()
-        with recording(model) as rec:
-            lp = label_logprobs(model, tokenizer, [build_prompt(t, demos, r) for r in rows], t.words,
-                                batch_size, rec, **opts)  # [B, C]
-        probs = lp.softmax(-1)  # renormalised over the label words
-        metrics["accuracy_uncalibrated"] = float((probs.argmax(-1) == y).float().mean())
-        pred = calibrate(probs, p_cf).argmax(-1) if calibrated else probs.argmax(-1)
+            p_cfs.append(label_logprobs(model, tokenizer, cf, t.words, batch_size, **opts).softmax(-1).mean(0))  # [C]
+        raw = []
+        with recording(model) as rec:  # routing statistics over the scored rows of every set
+            for demos in sets:
+                lp = label_logprobs(model, tokenizer, [build_prompt(t, demos, r) for r in rows], t.words,
+                                    batch_size, rec, **opts)  # [B, C]
+                raw.append(lp.softmax(-1))  # renormalised over the label words
+        cal = [calibrate(q, p_cf) for q, p_cf in zip(raw, p_cfs)]
+        metrics["accuracy_uncalibrated"] = float((torch.stack(raw).mean(0).argmax(-1) == y).float().mean())
+        used = cal if calibrated else raw
+        pred = torch.stack(used).mean(0).argmax(-1)
         desc = f"{k}-shot label-word scoring, " + ("contextual calibration" if calibrated else "uncalibrated")
-        settings.update(k=k, calibrated=calibrated, demo_labels=[d["label"] for d in demos])
+        settings.update(k=k, calibrated=calibrated, demo_labels=demo_labels[0])
+        if calibrated:
+            settings["p_content_free"] = p_cfs[0].tolist()
+        if demo_sets > 1:
+            desc += f", averaged over {demo_sets} demonstration sets"
+            half = demo_sets // 2
+            settings.update(
+                demo_sets=demo_sets,
+                demo_labels=demo_labels,
+                per_set_accuracy=[float((q.argmax(-1) == y).float().mean()) for q in used],
+                split_half_accuracy=[float((torch.stack(h).mean(0).argmax(-1) == y).float().mean())
+                                     for h in (used[:half], used[half : 2 * half])],
+            )
+            if calibrated:
+                settings["p_content_free"] = [p.tolist() for p in p_cfs]
     else:
         g = torch.Generator().manual_seed(seed)
         tr_idx = torch.randperm(len(pool), generator=g)[: min(n_train, len(pool))].tolist()

@@ -170,6 +170,10 @@ def _rows(res: dict, method: str, knob, target, static_fraction: float | None, g
                 "per_layer_fraction": r.get("per_layer_fraction"),
             }
         )
+    spread = {k: res.get("settings", {}).get(k) for k in ("demo_sets", "per_set_accuracy", "split_half_accuracy")}
+    for row in out if spread["demo_sets"] else ():  # several demonstration sets: how far apart they land
+        if row["metric"] == "accuracy":
+            row.update(spread)
     return out
 
 
@@ -432,7 +436,7 @@ BF16_PROMPT_WARNING = (
 
 def run_sweep_cli(args) -> int:
     opts = {
-        t: {"protocol": args.protocol, "k": args.shots}
+        t: {"protocol": args.protocol, "k": args.shots, **({"demo_sets": args.demo_sets} if args.demo_sets > 1 else {})}
         for t in args.tasks
         if t not in ("wikitext2", "ifeval", "alpaca")
     }
@@ -510,6 +514,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--context", type=int, default=512, help="perplexity window (stride = context)")
     p.add_argument("--protocol", default="prompt", help="classification protocol (prompt | probe)")
     p.add_argument("--shots", type=int, default=4, help="demonstrations for the prompt protocol")
+    p.add_argument("--demo-sets", type=int, default=1,
+                   help="prompt protocol: average this many demonstration sets per row (K times the forwards); "
+                        "rows then record each set's accuracy and two split-half ensembles")
     p.add_argument("--out", default="results/sweep_default", help="output stem: .json, .csv, .html")
     p.add_argument("--tag", default="", help="suffix for method names, to add another checkpoint's rows to --out")
     _common(p)

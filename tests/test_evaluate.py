@@ -215,6 +215,37 @@ def test_classify_file_task_end_to_end(model, tok, tmp_path, protocol):
     assert limited.n == 5
 
 
+def test_demo_sets_average_calibrated_sets_and_report_their_spread(model, tok, tmp_path):
+    spec = _jsonl(tmp_path)
+    one = nlu.classify(model, tok, spec, k=2)
+    three = nlu.classify(model, tok, spec, k=2, demo_sets=3)
+    per_set = [nlu.classify(model, tok, spec, k=2, seed=0, demo_sets=1).metrics["accuracy"]]
+    # set i is the demonstrations of seed i; the scored rows stay those of seed 0 (task_splits(spec, 0))
+    assert three.settings["demo_labels"][0] == one.settings["demo_labels"]
+    assert three.settings["per_set_accuracy"][:1] == per_set  # set 0 alone is the one-set protocol
+    assert len(three.settings["per_set_accuracy"]) == 3 and len(three.settings["split_half_accuracy"]) == 2
+    assert len(three.settings["p_content_free"]) == 3 and three.n == one.n
+    assert three.protocol.endswith("averaged over 3 demonstration sets") and "averaged" not in one.protocol
+    # the ensemble: the mean of the sets' calibrated distributions, checked against the sets scored by hand
+    task = nlu._task(spec, 0, None, nlu._stamp(spec))
+    assert len({str(nlu.pick_demos(task.pool, 2, 2, s)) for s in range(3)}) == 3  # three different sets
+    qs = []
+    for s in range(3):
+        demos = [dict(d) for d in nlu.pick_demos(task.pool, 2, 2, s)]
+        cf = [nlu.build_prompt(task.template, demos, {"text": c, "text_pair": c}) for c in nlu.CONTENT_FREE]
+        p_cf = nlu.label_logprobs(model, tok, cf, task.template.words).softmax(-1).mean(0)
+        lp = nlu.label_logprobs(model, tok, [nlu.build_prompt(task.template, demos, r) for r in task.rows],
+                                task.template.words)
+        qs.append(nlu.calibrate(lp.softmax(-1), p_cf))
+    by_hand = float((torch.stack(qs).mean(0).argmax(-1) == task.y).float().mean())
+    assert three.metrics["accuracy"] == pytest.approx(by_hand)
+    assert three.settings["per_set_accuracy"] == pytest.approx(
+        [float((q.argmax(-1) == task.y).float().mean()) for q in qs])
+    for bad in (dict(demo_sets=0), dict(demo_sets=2, protocol="probe"), dict(demo_sets=2, k=0)):
+        with pytest.raises(ValueError, match="demo_sets"):
+            nlu.classify(model, tok, spec, **{"k": 2, **bad})
+
+
 def test_class_balance_tells_a_collapsed_classifier_from_a_weak_one():
     y = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])  # 3 of class 0, 7 of class 1
     collapsed = nlu.class_balance(torch.ones(10, dtype=torch.long), y, 2)  # accuracy 0.7: the majority rate

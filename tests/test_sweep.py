@@ -202,3 +202,14 @@ def test_a_bf16_prompt_sweep_is_warned_before_the_model_loads(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert ("ranks nothing" in err and "--dtype fp32" in err) == warned
     assert "missing" in err  # and the missing checkpoint is still reported
+
+
+def test_rows_of_several_demonstration_sets_carry_their_spread():
+    res = {"task": "sst2", "n": 10, "protocol": "4-shot", "meta": {}, "routing": {"active_fraction": 0.5},
+           "metrics": {"accuracy": 0.7, "balanced_accuracy": 0.68, "majority_rate": 0.5},
+           "settings": {"demo_sets": 4, "per_set_accuracy": [0.6, 0.7, 0.8, 0.5], "split_half_accuracy": [0.7, 0.6]}}
+    acc, bal = sweep._rows(res, "topk", 24, 0.5, None, "one")
+    assert (acc["metric"], acc["demo_sets"], acc["split_half_accuracy"]) == ("accuracy", 4, [0.7, 0.6])
+    assert bal["metric"] == "balanced_accuracy" and "per_set_accuracy" not in bal
+    res["settings"] = {"seed": 0}  # one set: nothing to add
+    assert all("demo_sets" not in r for r in sweep._rows(res, "topk", 24, 0.5, None, "one"))
