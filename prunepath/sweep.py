@@ -436,7 +436,7 @@ BF16_PROMPT_WARNING = (
 
 def run_sweep_cli(args) -> int:
     opts = {
-        t: {"protocol": args.protocol, "k": args.shots, **({"demo_sets": args.demo_sets} if args.demo_sets > 1 else {})}
+        t: {"protocol": args.protocol, "k": args.shots, "demo_sets": args.demo_sets}
         for t in args.tasks
         if t not in ("wikitext2", "ifeval", "alpaca")
     }

@@ -250,7 +250,7 @@ def _continue_lora(model, cfg: TrainConfig, names: list[str]):
     if saved.get("use_dora") or saved.get("use_rslora") or saved.get("rank_pattern") or saved.get("alpha_pattern"):
         raise ValueError(f"the adapter in {cfg.lora_init} is not plain LoRA (DoRA, rsLoRA or per-module ranks); "
                          "its rank cannot grow: train it further at its own --lora-r")
-    alpha = saved["lora_alpha"] * cfg.lora_r / got_r
+    alpha = saved.get("lora_alpha", 8) * cfg.lora_r / got_r  # peft's default α is 8
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0))
     tensors = load_file(folder / "adapter_model.safetensors")
@@ -260,9 +260,11 @@ def _continue_lora(model, cfg: TrainConfig, names: list[str]):
         for key, value in tensors.items():  # base_model.model.<module>.lora_A.weight -> ....lora_A.default.weight
             name = key.replace(".weight", ".default.weight")
             p = params.get(name)
-            if p is None or ".lora_" not in name:
+            is_a = ".lora_A." in name
+            want = None if p is None else (got_r, p.shape[1]) if is_a else (p.shape[0], got_r)  # A [r, in], B [out, r]
+            if ".lora_" not in name or value.shape != want:
                 raise ValueError(f"adapter tensor {key} in {cfg.lora_init} does not fit this model; re-train it")
-            if ".lora_A." in name:
+            if is_a:
                 p[:got_r].copy_(value)
             else:
                 p[:, :got_r].copy_(value)

@@ -364,7 +364,7 @@ def test_continue_adapter_trains_the_saved_adapter_further(tiny_llama, tmp_path)
 def test_continue_adapter_grows_its_rank_exactly_and_saves_bf16(tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
-    bases = [copy.deepcopy(tiny_llama) for _ in range(4)]
+    bases = [copy.deepcopy(tiny_llama) for _ in range(5)]
     for m in bases:
         m.config.prunepath_base = "tiny-llama"
     lora = dict(trainable="lora", lr=0.0, backbone_lr=1e-2, lora_targets="all")
@@ -401,6 +401,16 @@ def test_continue_adapter_grows_its_rank_exactly_and_saves_bf16(tiny_llama, tmp_
                 dataclasses.replace(cfg, lora_r=4), tmp_path / "c", batches=_batch())
     with pytest.raises(ValueError, match="adapter_dtype"):
         _cfg(adapter_dtype="fp16")
+    from safetensors.torch import save_file
+
+    bad = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    key = next(k for k in bad if "lora_A" in k)
+    bad[key] = bad[key][:, :-1].contiguous()  # an A for a narrower model
+    shutil.copytree(tmp_path / "a" / "adapter", tmp_path / "bad")
+    save_file(bad, tmp_path / "bad" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        Trainer(prunepath.load(tmp_path / "a", base=(bases[4], None), adapter=False)[0], None,
+                dataclasses.replace(cfg, lora_init=str(tmp_path / "bad")), tmp_path / "d", batches=_batch())
 
 
 def test_keep_every_keeps_loadable_snapshots(tiny_llama, tmp_path):
