@@ -335,21 +335,19 @@ def classify(model, tokenizer, dataset: str, protocol: str = "prompt", k: int = 
         used = cal if calibrated else raw
         pred = torch.stack(used).mean(0).argmax(-1)
         desc = f"{k}-shot label-word scoring, " + ("contextual calibration" if calibrated else "uncalibrated")
-        settings.update(k=k, calibrated=calibrated, demo_labels=demo_labels[0])
+        one = demo_sets == 1  # one set keeps the one-set layout of demo_labels and p_content_free
+        settings.update(k=k, calibrated=calibrated, demo_labels=demo_labels[0] if one else demo_labels)
         if calibrated:
-            settings["p_content_free"] = p_cfs[0].tolist()
-        if demo_sets > 1:
+            settings["p_content_free"] = p_cfs[0].tolist() if one else [p.tolist() for p in p_cfs]
+        if not one:
             desc += f", averaged over {demo_sets} demonstration sets"
             half = demo_sets // 2
             settings.update(
                 demo_sets=demo_sets,
-                demo_labels=demo_labels,
                 per_set_accuracy=[float((q.argmax(-1) == y).float().mean()) for q in used],
                 split_half_accuracy=[float((torch.stack(h).mean(0).argmax(-1) == y).float().mean())
                                      for h in (used[:half], used[half : 2 * half])],
             )
-            if calibrated:
-                settings["p_content_free"] = [p.tolist() for p in p_cfs]
     else:
         g = torch.Generator().manual_seed(seed)
         tr_idx = torch.randperm(len(pool), generator=g)[: min(n_train, len(pool))].tolist()

@@ -47,7 +47,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -275,16 +274,6 @@ def _continue_lora(model, cfg: TrainConfig, names: list[str]):
     return model
 
 
-def _to_bf16(path: Path) -> None:
-    """Rewrite a safetensors file in bf16, atomically (the loaders upcast it to the model's dtype)."""
-    from safetensors.torch import load_file, save_file
-
-    tmp = path.with_suffix(".tmp")
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
 def _ffns(model):
     from prunepath.ffn import PrunePathFFN
 
@@ -415,9 +404,10 @@ class Trainer:
         if self.previous:
             info["previous"] = self.previous
         if self.cfg.trainable == "lora":
-            self.model.save_pretrained(self.out / "adapter")
+            bf16 = None  # peft picks the adapter's tensors out of the state dict it is given
             if self.cfg.adapter_dtype == "bf16":
-                _to_bf16(self.out / "adapter" / "adapter_model.safetensors")
+                bf16 = {k: v.to(torch.bfloat16) for k, v in self.model.state_dict().items() if "lora_" in k}
+            self.model.save_pretrained(self.out / "adapter", state_dict=bf16)
         elif self.cfg.trainable == "router" and self.adapter_in:  # the routers serve the adapted weights
             shutil.copytree(self.adapter_in, self.out / "adapter", dirs_exist_ok=True)
         rules = [f.rule for f in _ffns(base)]
