@@ -89,13 +89,22 @@ def checkpoint_folder(directory) -> Path:
     return DEFAULT_CHECKPOINT if str(directory) == "default" else Path(directory)
 
 
-def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtype=torch.float32, adapter: bool = True):
+def load(
+    directory: str | os.PathLike = "default",
+    base=None,
+    device="cpu",
+    dtype=torch.float32,
+    adapter: bool = True,
+    full_weights: bool = True,
+):
     """Rebuild a PrunePath model from a checkpoint -> (model, tokenizer).
 
     base: a model name/path to load instead of the recorded one, or an already loaded (model, tokenizer)
     pair (it is converted in place). Either way its fingerprint must match the checkpoint's.
     adapter: fold the checkpoint's LoRA adapter (<dir>/adapter/) into the weights; False gives the base
     model with the checkpoint's routers only (then all experts with unit gates is exactly the base model).
+    full_weights: load a full fine-tune's model.safetensors; False gives the base model under its routers
+    (what `prunepath extract-adapter` compares the fine-tune with).
     """
     folder = checkpoint_folder(directory)
     meta = read_meta(folder)
@@ -134,7 +143,7 @@ def load(directory: str | os.PathLike = "default", base=None, device="cpu", dtyp
         except RuntimeError as e:
             raise CheckpointError(f"router of layer {f.layer_idx} does not match the checkpoint: {e}") from None
         f.rule, f.gate = routing.parse_rule(layer["rule"]), layer["gate"]
-    if meta.get("full_weights"):
+    if meta.get("full_weights") and full_weights:
         try:
             load_safetensors_model(model, str(folder / "model.safetensors"))
         except FileNotFoundError:

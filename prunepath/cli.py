@@ -3,7 +3,7 @@
     prunepath moefy  --out ckpt/            convert a model (default: SmolLM2-135M-Instruct) and save it
     prunepath info   --checkpoint default   experts, parameters and FFN FLOPs per layer
     prunepath route  "Some prompt" --tau 0.5 0.9   experts kept per token, as a table
-    prunepath train | eval | sweep | calibrate | generate | bench | selfdata   (see each --help)
+    prunepath train | eval | sweep | calibrate | generate | bench | selfdata | extract-adapter   (see each --help)
 
 Subcommands from other modules register themselves through their `add_cli(subparsers)`.
 """
@@ -25,6 +25,7 @@ _PLUGINS = {
     "generate": ("prunepath.decode", "generate text with the KV-cache decode loop"),
     "bench": ("prunepath.bench", "benchmarks: split, ffn, decode, explorer"),
     "selfdata": ("prunepath.selfdata", "the dense model's own answers to instructions, as training data"),
+    "extract-adapter": ("prunepath.extract", "a full fine-tune's weight changes as a small LoRA adapter (SVD)"),
 }
 
 

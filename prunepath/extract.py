@@ -1,0 +1,193 @@
+"""A full fine-tune made small: each linear layer's weight change as a LoRA adapter, truncated by SVD.
+
+`prunepath train --trainable all` trains every backbone weight and saves all of them (`model.safetensors`,
+540 MB for SmolLM2-135M, never committed). `extract_adapter` compares such a checkpoint with its own base model
+(the same neuron permutations and routers) and writes, for every target linear layer, the best rank-r
+approximation of ΔW = W_fine-tuned − W_base in the Frobenius norm (Eckart–Young):
+
+    ΔW ≈ (U_r S_r^½)(S_r^½ V_rᵀ) = B A        B: [out, r], A: [r, in]
+
+as a plain peft LoRA adapter (lora_alpha = r, so the scale is 1) in a new PrunePath checkpoint that
+`prunepath.load` folds in and `prunepath train --continue-adapter` can train further. What LoRA cannot hold
+(embeddings, norms, biases, linear layers outside the targets) keeps its base value; the report says how far
+each had moved, and how much of each target's change the rank kept.
+
+    prunepath extract-adapter --checkpoint ft/ --rank 24 --adapter-dtype bf16 --out small/
+    prunepath calibrate --checkpoint small/ --target 0.25 0.5 0.75 --save     # the τ moved with the weights
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from prunepath.checkpoint import CheckpointError, checkpoint_folder, load, read_meta, save
+
+TARGETS = {"ffn": ("gate_proj", "up_proj", "down_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
+def _names(targets: str) -> tuple[str, ...]:
+    if targets not in ("ffn", "attn", "all"):
+        raise ValueError(f"targets must be 'ffn', 'attn' or 'all', got {targets!r}")
+    return TARGETS["ffn"] + TARGETS["attn"] if targets == "all" else TARGETS[targets]
+
+
+def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` factors of `delta` [out, in] -> (B [out, rank], A [rank, in], kept energy).
+
+    The singular values are split evenly (B = U S^½, A = S^½ Vᵀ) so both factors have the same scale, as a
+    LoRA adapter that trains further wants. A rank above min(out, in) is padded with zeros (exact).
+    Kept energy: the share of ‖delta‖²_F the factors hold (1.0 for a zero delta).
+    """
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    b = torch.zeros(delta.shape[0], rank)
+    a = torch.zeros(rank, delta.shape[1])
+    b[:, :k] = u[:, :k] * root
+    a[:k] = root[:, None] * vh[:k]
+    total = float((s**2).sum())
+    return b, a, float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+
+
+def extract_adapter(
+    finetuned: str | os.PathLike,
+    out: str | os.PathLike,
+    rank: int,
+    targets: str = "all",
+    adapter_dtype: str = "bf16",
+    base=None,
+) -> dict:
+    """Write `finetuned`'s weight changes as a rank-`rank` LoRA adapter in a new checkpoint `out` -> report.
+
+    finetuned: a checkpoint saved by `prunepath train --trainable all` (it records full weights).
+    base: as in `prunepath.load` (a name/path, or a loaded (model, tokenizer) pair, converted in place).
+    The report (also stored in `out`/prunepath.json under train → extract): per target kind, the relative
+    change ‖ΔW‖/‖W‖ and the share of ‖ΔW‖² the rank kept; every other parameter that moved, with its
+    relative change (those are left at their base values).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if adapter_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"adapter_dtype must be 'fp32' or 'bf16', got {adapter_dtype!r}")
+    names = _names(targets)
+    out = Path(out)
+    if (out / "prunepath.json").exists() or (out / "adapter").exists():
+        raise FileExistsError(f"{out} already holds a checkpoint; choose another --out")
+    folder = checkpoint_folder(finetuned)
+    meta = read_meta(folder)
+    if not meta.get("full_weights"):
+        raise ValueError(
+            f"{folder} is not a full fine-tune (its prunepath.json records no full weights): there is nothing to "
+            "extract. Train one with `prunepath train --trainable all`; a LoRA checkpoint's adapter/ is already small"
+        )
+    try:
+        tuned = load_file(folder / "model.safetensors")
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} records full weights but has no model.safetensors; re-save it") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder / 'model.safetensors'} is corrupt or truncated ({e}); re-save it") from None
+
+    model, _ = load(folder, base=base, full_weights=False)  # the base model under the fine-tune's routers
+    modules = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names}
+    if not modules:
+        raise CheckpointError(f"the model of {folder} has none of the target layers {list(names)}")
+    aliases: dict[int, list[str]] = {}  # a tied tensor (lm_head = embed_tokens) is saved under one of its names
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(pname)
+    factors, kinds, moved = {}, {}, {}
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            saved = next((n for n in aliases[id(p)] if n in tuned), None)
+            if ".router." in pname:  # the fine-tune's routers are in its prunepath.safetensors, loaded above
+                continue
+            if saved is None:
+                raise CheckpointError(f"{folder / 'model.safetensors'} has no {pname}; re-save the fine-tune")
+            new = tuned[saved]
+            if new.shape != p.shape:
+                raise CheckpointError(f"{folder / 'model.safetensors'}: {pname} is {tuple(new.shape)}, the base "
+                                      f"model's {tuple(p.shape)}; the fine-tune was made on another model")
+            delta = new.float() - p.float()
+            change = float(delta.norm() / p.float().norm().clamp_min(1e-12))
+            module = pname[: -len(".weight")] if pname.endswith(".weight") else None
+            if module in modules:
+                b, a, kept = low_rank(delta, rank)
+                factors[module] = (b, a)
+                k = kinds.setdefault(module.rsplit(".", 1)[-1], {"delta": 0.0, "weight": 0.0, "kept": 0.0})
+                energy = float(delta.norm() ** 2)
+                k["delta"], k["weight"] = k["delta"] + energy, k["weight"] + float(p.float().norm() ** 2)
+                k["kept"] += kept * energy
+            elif change > 0:
+                moved[pname] = change
+    report = {
+        "rank": rank,
+        "targets": list(names),
+        "adapter_dtype": adapter_dtype,
+        "from": str(folder),
+        "change": {k: (v["delta"] / v["weight"]) ** 0.5 for k, v in kinds.items()},
+        "kept": {k: v["kept"] / v["delta"] if v["delta"] > 0 else 1.0 for k, v in kinds.items()},
+        "not_carried": dict(sorted(moved.items(), key=lambda kv: -kv[1])),
+    }
+
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(names),
+                                                  lora_dropout=0.0))
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for module, (b, a) in factors.items():
+            params[f"base_model.model.{module}.lora_A.default.weight"].copy_(a)
+            params[f"base_model.model.{module}.lora_B.default.weight"].copy_(b)
+    out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if adapter_dtype == "bf16":
+        state = {k: v.to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}
+    peft_model.save_pretrained(out / "adapter", state_dict=state)
+    report["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    ft = dict(meta.get("train") or {})
+    info = {"objective": "extract-adapter", "trainable": "lora", "extract": report,
+            "previous": ft.pop("previous", []) + ([ft] if ft else [])}
+    save(peft_model.get_base_model(), out, train_info=info)  # prunepath.json last: the checkpoint is whole
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"rank {report['rank']} adapter ({report['adapter_dtype']}, {report['adapter_bytes'] / 1e6:.1f} MB) "
+             f"from {report['from']}",
+             f"{'layer':<10} {'‖ΔW‖/‖W‖':>10} {'‖ΔW‖² kept':>11}"]
+    for k in report["targets"]:
+        if k in report["change"]:
+            lines.append(f"{k:<10} {report['change'][k]:>10.4f} {report['kept'][k]:>11.1%}")
+    moved = report["not_carried"]
+    if moved:
+        top = ", ".join(f"{n} {c:.2e}" for n, c in list(moved.items())[:3])
+        lines.append(f"not carried (left at the base value): {len(moved)} tensors moved, most: {top}")
+    return "\n".join(lines)
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "extract-adapter",
+        help="a full fine-tune's weight changes as a small LoRA adapter (truncated SVD)",
+        description=__doc__.split("\n\n")[0] + ". The τ calibration does not carry over: calibrate the result.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of `prunepath train --trainable all`")
+    p.add_argument("--out", required=True, help="the new checkpoint's folder (routers + adapter/)")
+    p.add_argument("--rank", type=int, required=True, help="LoRA rank r of every target layer")
+    p.add_argument("--targets", default="all", choices=["ffn", "attn", "all"], help="layers to carry (default all)")
+    p.add_argument("--adapter-dtype", default="bf16", choices=["fp32", "bf16"], help="the saved adapter's dtype")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    report = extract_adapter(args.checkpoint, args.out, args.rank, args.targets, args.adapter_dtype)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(f"saved to {args.out}; calibrate it: "
+          f"prunepath calibrate --checkpoint {args.out} --target 0.25 0.5 0.75 --save")
+    return 0

@@ -1,0 +1,128 @@
+"""extract-adapter: a full fine-tune's weight changes as a truncated-SVD LoRA adapter.
+
+Tiny random Llama (tests/conftest.py: D=64, F=128, so every target matrix has rank at most 64).
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import prunepath
+from prunepath.cli import main
+from prunepath.extract import extract_adapter, low_rank
+from prunepath.train import TrainConfig, train
+
+
+def _moefy(model):
+    model.config.prunepath_base = "tiny-llama"  # save() records where the base came from
+    cfg = prunepath.MoefyConfig(expert_size=16, rule="mass:0.9", gate="one", router_init="centroid")
+    return prunepath.moefy(model, cfg, progress=False)
+
+
+def _base(tiny):
+    m = copy.deepcopy(tiny)
+    m.config.prunepath_base = "tiny-llama"
+    return m, None
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_low_rank_is_the_svd_truncation_and_pads_exactly():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(48, 20, generator=g, dtype=torch.float64).float()
+    s = torch.linalg.svdvals(delta.double())
+    b, a, kept = low_rank(delta, 5)
+    assert b.shape == (48, 5) and a.shape == (5, 20)
+    err = float(((delta - b @ a).double() ** 2).sum())  # Eckart-Young: the error is the discarded tail
+    assert err == pytest.approx(float((s[5:] ** 2).sum()), rel=1e-4)
+    assert kept == pytest.approx(float((s[:5] ** 2).sum() / (s**2).sum()), rel=1e-5)
+    assert float(b.norm()) == pytest.approx(float(a.norm()), rel=1e-4)  # S split evenly
+    b, a, kept = low_rank(delta, 32)  # above min(out, in) = 20: zero-padded, exact
+    assert b.shape == (48, 32) and a[20:].abs().sum() == 0 and kept == pytest.approx(1.0)
+    torch.testing.assert_close(b @ a, delta, atol=1e-5, rtol=1e-5)
+    assert low_rank(torch.zeros(4, 3), 2)[2] == 1.0
+
+
+def test_full_rank_extraction_reproduces_the_fine_tune(tiny_llama, tmp_path):
+    model = _moefy(copy.deepcopy(tiny_llama))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a fine-tune that moved only the target linear layers
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                p.add_(0.004 * torch.randn(p.shape, generator=g))  # init std 0.02
+    prunepath.save(model, tmp_path / "ft", full_weights=True)
+    tuned, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama))
+    ids = torch.randint(0, 128, (2, 12), generator=g)
+
+    report = extract_adapter(tmp_path / "ft", tmp_path / "x64", rank=64, adapter_dtype="fp32", base=_base(tiny_llama))
+    assert set(report["kept"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert min(report["kept"].values()) > 0.99999 and report["not_carried"] == {}
+    assert all(0.05 < c < 0.5 for c in report["change"].values())
+    small, _ = prunepath.load(tmp_path / "x64", base=_base(tiny_llama))
+    torch.testing.assert_close(_logits(small, ids), _logits(tuned, ids), atol=2e-4, rtol=1e-4)
+    for f, t in zip(small.prunepath_ffns(), tuned.prunepath_ffns()):  # the fine-tune's routers come along
+        torch.testing.assert_close(f.router.state_dict(), t.router.state_dict())
+
+    report = extract_adapter(tmp_path / "ft", tmp_path / "x4", rank=4, base=_base(tiny_llama))
+    assert max(report["kept"].values()) < 0.5  # random changes are not low-rank
+    cfg = json.loads((tmp_path / "x4" / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (4, 4)
+    assert {t.dtype for t in load_file(tmp_path / "x4" / "adapter" / "adapter_model.safetensors").values()} == {
+        torch.bfloat16}
+    plain, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama), full_weights=False)
+    approx, _ = prunepath.load(tmp_path / "x4", base=_base(tiny_llama))
+    far, near = (_logits(plain, ids) - _logits(tuned, ids)).norm(), (_logits(approx, ids) - _logits(tuned, ids)).norm()
+    assert 0 < near < far  # rank 4 closes part of the gap between the base and the fine-tune
+    info = prunepath.read_meta(tmp_path / "x4")["train"]
+    assert info["objective"] == "extract-adapter" and info["extract"]["rank"] == 4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_trained_fine_tune_reports_what_lora_cannot_carry(tiny_llama, tmp_path, tied):
+    if tied:  # SmolLM2 ties lm_head to the embeddings: model.safetensors holds the pair under one name
+        tiny_llama.config.tie_word_embeddings = True
+        tiny_llama.tie_weights()
+    model = _moefy(copy.deepcopy(tiny_llama))
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    cfg = TrainConfig(objective="lm", trainable="all", steps=3, stage1_steps=0, batch_size=4, seq_len=16, lr=0.0,
+                      backbone_lr=1e-2, save_every=3, tau=0.9)
+    train(model, None, cfg, tmp_path / "ft", batches=(ids, torch.ones_like(ids)), progress=False)
+    report = extract_adapter(tmp_path / "ft", tmp_path / "x", rank=8, targets="ffn", base=_base(tiny_llama))
+    assert set(report["kept"]) == {"gate_proj", "up_proj", "down_proj"}
+    moved = report["not_carried"]
+    assert any("embed_tokens" in n for n in moved) and any("q_proj" in n for n in moved)
+    assert any("lm_head" in n for n in moved) != tied
+    assert any("norm" in n for n in moved) and all(c > 0 for c in moved.values())
+    info = prunepath.read_meta(tmp_path / "x")["train"]
+    assert [r["trainable"] for r in info["previous"]] == ["all"]  # the fine-tune's record is kept
+    again = TrainConfig(objective="lm", trainable="lora", lora_targets="ffn", lora_r=8, steps=1, stage1_steps=0,
+                        batch_size=4, seq_len=16, lr=0.0, save_every=1, lora_init=str(tmp_path / "x" / "adapter"))
+    plain, _ = prunepath.load(tmp_path / "x", base=_base(tiny_llama), adapter=False)
+    train(plain, None, again, tmp_path / "y", batches=(ids, torch.ones_like(ids)), progress=False)  # trains further
+    assert (tmp_path / "y" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_path, capsys):
+    model = _moefy(copy.deepcopy(tiny_llama))
+    prunepath.save(model, tmp_path / "routers")  # no full weights
+    code = main(["extract-adapter", "--checkpoint", str(tmp_path / "routers"), "--out", str(tmp_path / "o"),
+                 "--rank", "4"])
+    assert code == 2 and "not a full fine-tune" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    prunepath.save(model, tmp_path / "ft", full_weights=True)
+    with pytest.raises(ValueError, match="positive integer"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=0)
+    with pytest.raises(ValueError, match="targets"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, targets="mlp")
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        extract_adapter(tmp_path / "ft", tmp_path / "routers", rank=4)
+    (tmp_path / "ft" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(prunepath.CheckpointError, match="corrupt"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, base=_base(tiny_llama))
+    assert not (tmp_path / "o").exists()
