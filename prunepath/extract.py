@@ -96,7 +96,7 @@ def extract_adapter(
         raise CheckpointError(f"{folder / 'model.safetensors'} is corrupt or truncated ({e}); re-save it") from None
 
     model, _ = load(folder, base=base, full_weights=False)  # the base model under the fine-tune's routers
-    modules = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names}
+    modules = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in names}
     if not modules:
         raise CheckpointError(f"the model of {folder} has none of the target layers {list(names)}")
     aliases: dict[int, list[str]] = {}  # a tied tensor (lm_head = embed_tokens) is saved under one of its names
@@ -105,9 +105,9 @@ def extract_adapter(
     factors, kinds, moved = {}, {}, {}
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            saved = next((n for n in aliases[id(p)] if n in tuned), None)
             if ".router." in pname:  # the fine-tune's routers are in its prunepath.safetensors, loaded above
                 continue
+            saved = next((n for n in aliases[id(p)] if n in tuned), None)
             if saved is None:
                 raise CheckpointError(f"{folder / 'model.safetensors'} has no {pname}; re-save the fine-tune")
             new = tuned[saved]
