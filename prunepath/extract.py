@@ -12,7 +12,12 @@ as a plain peft LoRA adapter (lora_alpha = r, so the scale is 1) in a new PruneP
 (embeddings, norms, biases, linear layers outside the targets) keeps its base value; the report says how far
 each had moved, and how much of each target's change the rank kept.
 
+Instead of one rank, a size budget (`--size-mb`) gives each layer kind (gate/up/down, q/k/v/o) its own rank: the
+ranks that keep the most of Σ‖ΔW‖²_F, the total squared error of the approximation, within the budget (greedy over
+the kinds' summed singular values, per byte). peft stores them as a rank pattern.
+
     prunepath extract-adapter --checkpoint ft/ --rank 24 --adapter-dtype bf16 --out small/
+    prunepath extract-adapter --checkpoint ft/ --size-mb 16 --out small/       # ranks per layer kind
     prunepath calibrate --checkpoint small/ --target 0.25 0.5 0.75 --save     # the τ moved with the weights
 """
 
@@ -55,17 +60,43 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     return b, a, float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
 
 
+def allocate_ranks(spectra: dict[str, list[torch.Tensor]], cost: dict[str, int], budget: int) -> dict[str, int]:
+    """One rank per layer kind, keeping the most squared singular mass within `budget` parameters.
+
+    spectra: kind -> the singular values of each of its matrices; cost: kind -> parameters one more rank costs
+    (Σ out + in over its matrices). Each kind's gain per rank, the sum of its matrices' next σ², falls with the
+    rank, so taking the best gain per parameter while it fits is the greedy optimum of this knapsack.
+    """
+    gains = {}
+    for kind, svals in spectra.items():
+        g = torch.zeros(max(s.numel() for s in svals))
+        for s in svals:
+            g[: s.numel()] += s.double().pow(2).float()
+        gains[kind] = g
+    ranks, left = dict.fromkeys(spectra, 0), budget
+    while True:
+        open_ = [k for k in ranks if ranks[k] < gains[k].numel() and cost[k] <= left and gains[k][ranks[k]] > 0]
+        if not open_:
+            return ranks
+        best = max(open_, key=lambda k: float(gains[k][ranks[k]]) / cost[k])
+        ranks[best] += 1
+        left -= cost[best]
+
+
 def extract_adapter(
     finetuned: str | os.PathLike,
     out: str | os.PathLike,
-    rank: int,
+    rank: int | None = None,
     targets: str = "all",
     adapter_dtype: str = "bf16",
     base=None,
+    size_mb: float | None = None,
 ) -> dict:
-    """Write `finetuned`'s weight changes as a rank-`rank` LoRA adapter in a new checkpoint `out` -> report.
+    """Write `finetuned`'s weight changes as a LoRA adapter in a new checkpoint `out` -> report.
 
     finetuned: a checkpoint saved by `prunepath train --trainable all` (it records full weights).
+    rank: the rank of every target layer; or size_mb: the adapter file's size, with one rank per layer kind
+    chosen to keep the most of Σ‖ΔW‖² (`allocate_ranks`). Give exactly one.
     base: as in `prunepath.load` (a name/path, or a loaded (model, tokenizer) pair, converted in place).
     The report (also stored in `out`/prunepath.json under train → extract): per target kind, the relative
     change ‖ΔW‖/‖W‖ and the share of ‖ΔW‖² the rank kept; every other parameter that moved, with its
@@ -73,8 +104,12 @@ def extract_adapter(
     """
     from peft import LoraConfig, get_peft_model
 
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if (rank is None) == (size_mb is None):
+        raise ValueError("give either a rank (--rank) or a size budget (--size-mb), not both and not neither")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if size_mb is not None and not size_mb > 0:
+        raise ValueError(f"size_mb must be > 0, got {size_mb!r}")
     if adapter_dtype not in ("fp32", "bf16"):
         raise ValueError(f"adapter_dtype must be 'fp32' or 'bf16', got {adapter_dtype!r}")
     names = _names(targets)
@@ -102,7 +137,7 @@ def extract_adapter(
     aliases: dict[int, list[str]] = {}  # a tied tensor (lm_head = embed_tokens) is saved under one of its names
     for pname, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(pname)
-    factors, kinds, moved = {}, {}, {}
+    deltas, moved = {}, {}
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if ".router." in pname:  # the fine-tune's routers are in its prunepath.safetensors, loaded above
@@ -115,20 +150,37 @@ def extract_adapter(
                 raise CheckpointError(f"{folder / 'model.safetensors'}: {pname} is {tuple(new.shape)}, the base "
                                       f"model's {tuple(p.shape)}; the fine-tune was made on another model")
             delta = new.float() - p.float()
-            change = float(delta.norm() / p.float().norm().clamp_min(1e-12))
             module = pname[: -len(".weight")] if pname.endswith(".weight") else None
             if module in modules:
-                b, a, kept = low_rank(delta, rank)
-                factors[module] = (b, a)
-                k = kinds.setdefault(module.rsplit(".", 1)[-1], {"delta": 0.0, "weight": 0.0, "kept": 0.0})
-                energy = float(delta.norm() ** 2)
-                k["delta"], k["weight"] = k["delta"] + energy, k["weight"] + float(p.float().norm() ** 2)
-                k["kept"] += kept * energy
-            elif change > 0:
-                moved[pname] = change
+                deltas[module] = (delta, float(p.float().norm() ** 2))
+            elif delta.any():
+                moved[pname] = float(delta.norm() / p.float().norm().clamp_min(1e-12))
+
+    kind_of = {m: m.rsplit(".", 1)[-1] for m in deltas}
+    if size_mb is None:
+        ranks = dict.fromkeys(kind_of.values(), rank)
+    else:
+        spectra, cost = {}, {}
+        for m, (delta, _) in deltas.items():
+            spectra.setdefault(kind_of[m], []).append(torch.linalg.svdvals(delta))
+            cost[kind_of[m]] = cost.get(kind_of[m], 0) + sum(delta.shape)
+        per_param = 2 if adapter_dtype == "bf16" else 4
+        ranks = allocate_ranks(spectra, cost, int(size_mb * 1e6 / per_param))
+        if not any(ranks.values()):
+            raise ValueError(f"{size_mb} MB holds not one rank of any target layer; give a larger --size-mb")
+    factors, kinds = {}, {}
+    for m, (delta, weight) in deltas.items():
+        kind = kind_of[m]
+        k = kinds.setdefault(kind, {"delta": 0.0, "weight": 0.0, "kept": 0.0})
+        energy = float(delta.norm() ** 2)
+        k["delta"], k["weight"] = k["delta"] + energy, k["weight"] + weight
+        if ranks[kind]:
+            b, a, kept = low_rank(delta, ranks[kind])
+            factors[m] = (b, a)
+            k["kept"] += kept * energy
     report = {
-        "rank": rank,
-        "targets": list(names),
+        "rank": {k: ranks[k] for k in names if k in ranks},
+        "targets": [k for k in names if ranks.get(k)],
         "adapter_dtype": adapter_dtype,
         "from": str(folder),
         "change": {k: (v["delta"] / v["weight"]) ** 0.5 for k, v in kinds.items()},
@@ -136,8 +188,11 @@ def extract_adapter(
         "not_carried": dict(sorted(moved.items(), key=lambda kv: -kv[1])),
     }
 
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(names),
-                                                  lora_dropout=0.0))
+    top = max(ranks.values())
+    pattern = {k: r for k, r in ranks.items() if r and r != top}  # peft matches these against each layer's name
+    config = LoraConfig(r=top, lora_alpha=top, target_modules=report["targets"], lora_dropout=0.0,
+                        rank_pattern=pattern, alpha_pattern=pattern)
+    peft_model = get_peft_model(model, config)
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for module, (b, a) in factors.items():
@@ -157,12 +212,10 @@ def extract_adapter(
 
 
 def format_report(report: dict) -> str:
-    lines = [f"rank {report['rank']} adapter ({report['adapter_dtype']}, {report['adapter_bytes'] / 1e6:.1f} MB) "
-             f"from {report['from']}",
-             f"{'layer':<10} {'‖ΔW‖/‖W‖':>10} {'‖ΔW‖² kept':>11}"]
-    for k in report["targets"]:
-        if k in report["change"]:
-            lines.append(f"{k:<10} {report['change'][k]:>10.4f} {report['kept'][k]:>11.1%}")
+    lines = [f"adapter ({report['adapter_dtype']}, {report['adapter_bytes'] / 1e6:.1f} MB) from {report['from']}",
+             f"{'layer':<10} {'rank':>5} {'‖ΔW‖/‖W‖':>10} {'‖ΔW‖² kept':>11}"]
+    for k, r in report["rank"].items():
+        lines.append(f"{k:<10} {r:>5} {report['change'][k]:>10.4f} {report['kept'][k]:>11.1%}")
     moved = report["not_carried"]
     if moved:
         top = ", ".join(f"{n} {c:.2e}" for n, c in list(moved.items())[:3])
@@ -178,7 +231,9 @@ def add_cli(subparsers) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="a checkpoint of `prunepath train --trainable all`")
     p.add_argument("--out", required=True, help="the new checkpoint's folder (routers + adapter/)")
-    p.add_argument("--rank", type=int, required=True, help="LoRA rank r of every target layer")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="LoRA rank r of every target layer")
+    size.add_argument("--size-mb", type=float, help="the adapter's size; ranks per layer kind keep the most of ΔW")
     p.add_argument("--targets", default="all", choices=["ffn", "attn", "all"], help="layers to carry (default all)")
     p.add_argument("--adapter-dtype", default="bf16", choices=["fp32", "bf16"], help="the saved adapter's dtype")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -186,7 +241,8 @@ def add_cli(subparsers) -> None:
 
 
 def _run(args) -> int:
-    report = extract_adapter(args.checkpoint, args.out, args.rank, args.targets, args.adapter_dtype)
+    report = extract_adapter(args.checkpoint, args.out, args.rank, args.targets, args.adapter_dtype,
+                             size_mb=args.size_mb)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     print(f"saved to {args.out}; calibrate it: "
           f"prunepath calibrate --checkpoint {args.out} --target 0.25 0.5 0.75 --save")

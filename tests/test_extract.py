@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import prunepath
 from prunepath.cli import main
-from prunepath.extract import extract_adapter, low_rank
+from prunepath.extract import allocate_ranks, extract_adapter, low_rank
 from prunepath.train import TrainConfig, train
 
 
@@ -80,7 +80,7 @@ def test_full_rank_extraction_reproduces_the_fine_tune(tiny_llama, tmp_path):
     far, near = (_logits(plain, ids) - _logits(tuned, ids)).norm(), (_logits(approx, ids) - _logits(tuned, ids)).norm()
     assert 0 < near < far  # rank 4 closes part of the gap between the base and the fine-tune
     info = prunepath.read_meta(tmp_path / "x4")["train"]
-    assert info["objective"] == "extract-adapter" and info["extract"]["rank"] == 4
+    assert info["objective"] == "extract-adapter" and set(info["extract"]["rank"].values()) == {4}
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -118,6 +118,12 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_path, c
     prunepath.save(model, tmp_path / "ft", full_weights=True)
     with pytest.raises(ValueError, match="positive integer"):
         extract_adapter(tmp_path / "ft", tmp_path / "o", rank=0)
+    with pytest.raises(ValueError, match="either a rank"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, size_mb=1.0)
+    with pytest.raises(ValueError, match="either a rank"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o")
+    with pytest.raises(ValueError, match="not one rank"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", size_mb=1e-6, base=_base(tiny_llama))
     with pytest.raises(ValueError, match="targets"):
         extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, targets="mlp")
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
@@ -126,3 +132,44 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_path, c
     with pytest.raises(prunepath.CheckpointError, match="corrupt"):
         extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, base=_base(tiny_llama))
     assert not (tmp_path / "o").exists()
+
+
+def test_allocate_ranks_is_the_best_split_of_the_budget():
+    # two kinds: "a" (two matrices, steep spectrum, 10 parameters a rank), "b" (flat, 4 a rank); budget 30
+    spectra = {"a": [torch.tensor([4.0, 2.0, 0.5]), torch.tensor([3.0, 1.0])], "b": [torch.tensor([1.5, 1.4, 1.3, 1.2])]}
+    cost = {"a": 10, "b": 4}
+    ranks = allocate_ranks(spectra, cost, budget=30)
+    gain = {"a": [25.0, 5.0, 0.25], "b": [2.25, 1.96, 1.69, 1.44]}
+
+    def kept(r):
+        return sum(sum(gain[k][: r[k]]) for k in r)
+
+    best = max(({"a": i, "b": j} for i in range(4) for j in range(5) if 10 * i + 4 * j <= 30), key=kept)
+    assert ranks == best == {"a": 2, "b": 2}  # brute force agrees
+    assert allocate_ranks(spectra, cost, budget=9) == {"a": 0, "b": 2}  # "a" no longer fits
+    assert allocate_ranks(spectra, cost, budget=10**6) == {"a": 3, "b": 4}  # never beyond the matrices' rank
+
+
+def test_a_size_budget_gives_the_layers_that_changed_most_more_rank(tiny_llama, tmp_path):
+    model = _moefy(copy.deepcopy(tiny_llama))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the FFN moved ten times as far as attention
+        for name, p in model.named_parameters():
+            kind = name.rsplit(".", 2)[-2]
+            if kind in ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"):
+                scale = 0.004 if kind.endswith(("gate_proj", "up_proj", "down_proj")) else 0.0004
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    prunepath.save(model, tmp_path / "ft", full_weights=True)
+    budget = 0.05  # MB of bf16: 25,000 parameters, far below full rank (~70,000 per rank-64 kind pair)
+    report = extract_adapter(tmp_path / "ft", tmp_path / "x", size_mb=budget, base=_base(tiny_llama))
+    r = report["rank"]
+    assert min(r["gate_proj"], r["up_proj"], r["down_proj"]) > max(r["q_proj"], r["k_proj"], r["v_proj"], r["o_proj"])
+    assert report["adapter_bytes"] <= budget * 1e6 + 20_000  # the tensors fit; the rest is the file's header
+    cfg = json.loads((tmp_path / "x" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == max(r.values()) and all(cfg["rank_pattern"].get(k, cfg["r"]) == v for k, v in r.items() if v)
+    ids = torch.randint(0, 128, (2, 12), generator=g)
+    tuned, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama))
+    plain, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama), full_weights=False)
+    approx, _ = prunepath.load(tmp_path / "x", base=_base(tiny_llama))  # a rank pattern: merged through peft
+    far, near = (_logits(plain, ids) - _logits(tuned, ids)).norm(), (_logits(approx, ids) - _logits(tuned, ids)).norm()
+    assert 0 < near < far
