@@ -1,6 +1,6 @@
 """A full fine-tune made small: each linear layer's weight change as a LoRA adapter, truncated by SVD.
 
-`prunepath train --trainable all` trains every backbone weight and saves all of them (`model.safetensors`,
+`prunepath train --trainable all` (or `linear`) trains every backbone weight and saves all of them (`model.safetensors`,
 540 MB for SmolLM2-135M, never committed). `extract_adapter` compares such a checkpoint with its own base model
 (the same neuron permutations and routers) and writes, for every target linear layer, the best rank-r
 approximation of ΔW = W_fine-tuned − W_base in the Frobenius norm (Eckart–Young):
@@ -10,7 +10,8 @@ approximation of ΔW = W_fine-tuned − W_base in the Frobenius norm (Eckart–Y
 as a plain peft LoRA adapter (lora_alpha = r, so the scale is 1) in a new PrunePath checkpoint that
 `prunepath.load` folds in and `prunepath train --continue-adapter` can train further. What LoRA cannot hold
 (embeddings, norms, biases, linear layers outside the targets) keeps its base value; the report says how far
-each had moved, and how much of each target's change the rank kept.
+each had moved, and how much of each target's change the rank kept. `--trainable linear` trains only what LoRA can
+carry.
 
 Instead of one rank, a size budget (`--size-mb`) gives each layer kind (gate/up/down, q/k/v/o) its own rank: the
 ranks that keep the most of Σ‖ΔW‖²_F, the total squared error of the approximation, within the budget (greedy over
@@ -32,14 +33,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prunepath.checkpoint import CheckpointError, checkpoint_folder, load, read_meta, save
+from prunepath.train import LINEAR_LAYERS
 
-TARGETS = {"ffn": ("gate_proj", "up_proj", "down_proj"), "attn": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
-
-def _names(targets: str) -> tuple[str, ...]:
+def _names(targets: str) -> list[str]:
     if targets not in ("ffn", "attn", "all"):
         raise ValueError(f"targets must be 'ffn', 'attn' or 'all', got {targets!r}")
-    return TARGETS["ffn"] + TARGETS["attn"] if targets == "all" else TARGETS[targets]
+    return LINEAR_LAYERS["ffn"] + LINEAR_LAYERS["attn"] if targets == "all" else LINEAR_LAYERS[targets]
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -133,7 +133,7 @@ def extract_adapter(
     model, _ = load(folder, base=base, full_weights=False)  # the base model under the fine-tune's routers
     modules = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in names}
     if not modules:
-        raise CheckpointError(f"the model of {folder} has none of the target layers {list(names)}")
+        raise CheckpointError(f"the model of {folder} has none of the target layers {names}")
     aliases: dict[int, list[str]] = {}  # a tied tensor (lm_head = embed_tokens) is saved under one of its names
     for pname, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(pname)

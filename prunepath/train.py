@@ -33,7 +33,9 @@ Two options of the `lm` objective, both measured on an H200 (results/h200/README
 Trainable parts (`--trainable`): `router` (default; checkpoint ~2 MB), `lora` (peft adapters on the
 FFN's gate/up/down and/or attention, saved to <out>/adapter/, merged by prunepath.load; `lora_init` /
 `--continue-adapter` trains a checkpoint's own adapter further instead of starting a new one), `all`
-(saved with full weights, never committed). Every K steps the run state (trainable tensors, optimizer,
+(saved with full weights, never committed), `linear` (the same, but only the weights of the linear layers LoRA
+targets, q/k/v/o and gate/up/down, train: embeddings and norms stay the base model's, so `prunepath
+extract-adapter` can carry the whole change). Every K steps the run state (trainable tensors, optimizer,
 step, RNG) goes to <out>/train_state.pt and the PrunePath checkpoint to <out>; `--resume` continues.
 `--keep-every K` also keeps each K-th step's checkpoint in <out>/step-NNNNNN (a learning curve to evaluate).
 Learning rates are constant, so a resumed run may take more or fewer `--steps`; `--decay-steps K` brings them
@@ -62,7 +64,9 @@ from prunepath.losses import LogitCapture, distill_loss, kd_loss, routing_losses
 from prunepath.train_data import check_data, training_batches
 
 OBJECTIVES = ("lm", "distill")
-TRAINABLE = ("router", "lora", "all")
+TRAINABLE = ("router", "lora", "all", "linear")
+FULL_WEIGHTS = ("all", "linear")  # trainable sets saved with every weight (model.safetensors)
+LINEAR_LAYERS = {"ffn": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 TEACHERS = (None, "dense")
 DENSE_TAU = 1.05  # stage 1: τ > 1 keeps every expert
 STATE_FILE = "train_state.pt"
@@ -199,11 +203,8 @@ def setup_trainable(model, cfg: TrainConfig):
     if cfg.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = {
-            "ffn": ["gate_proj", "up_proj", "down_proj"],
-            "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
-        }
-        names = targets["ffn"] + targets["attn"] if cfg.lora_targets == "all" else targets[cfg.lora_targets]
+        kinds = ("ffn", "attn") if cfg.lora_targets == "all" else (cfg.lora_targets,)
+        names = [n for k in kinds for n in LINEAR_LAYERS[k]]
         if cfg.lora_init:
             model = _continue_lora(model, cfg, names)
         else:
@@ -213,6 +214,11 @@ def setup_trainable(model, cfg: TrainConfig):
         backbone = [p for n, p in model.named_parameters() if "lora_" in n]
     elif cfg.trainable == "all":
         backbone = [p for n, p in model.named_parameters() if ".router." not in n]
+        for p in backbone:
+            p.requires_grad_(True)
+    elif cfg.trainable == "linear":
+        linear = tuple(f".{m}.weight" for m in LINEAR_LAYERS["ffn"] + LINEAR_LAYERS["attn"])
+        backbone = [p for n, p in model.named_parameters() if n.endswith(linear)]
         for p in backbone:
             p.requires_grad_(True)
     else:
@@ -357,7 +363,7 @@ class Trainer:
         # adapted one when the checkpoint carried an adapter) — the model itself while its backbone is frozen
         # (router) or its new LoRA adapters are switched off; a frozen copy when every weight trains.
         self.frozen_teacher = None
-        if cfg.teacher == "dense" and cfg.trainable == "all":
+        if cfg.teacher == "dense" and cfg.trainable in FULL_WEIGHTS:
             self.frozen_teacher = copy.deepcopy(model).eval().requires_grad_(False)
             self.frozen_teacher.set_rule("dense")
             self.frozen_teacher.set_gate("one")
@@ -412,7 +418,7 @@ class Trainer:
             shutil.copytree(self.adapter_in, self.out / "adapter", dirs_exist_ok=True)
         rules = [f.rule for f in _ffns(base)]
         base.set_rule(self.rule_after)  # the checkpoint records the serving rule, not a training τ
-        self._save_model(base, self.out, train_info=info, full_weights=self.cfg.trainable == "all")
+        self._save_model(base, self.out, train_info=info, full_weights=self.cfg.trainable in FULL_WEIGHTS)
         for f, r in zip(_ffns(base), rules):
             f.rule = r
         (self.out / LOG_FILE).write_text(

@@ -35,7 +35,7 @@ def add_cli(subparsers) -> None:
             str,
             "lm (paper: task loss through gates) | distill (MoEfication-style, frozen backbone)",
         ),
-        ("trainable", str, "router | lora | all"),
+        ("trainable", str, "router | lora | all | linear (all but embeddings and norms)"),
         ("data", str, "calibration | wikitext2 | alpaca | alpaca-chat | chat:FILE | text:FILE | sst2 | rte | "
                       "jsonl:...; a+b mixes, a@N takes N tokens of a"),
         ("tokens", int, "training tokens"),

@@ -136,7 +136,8 @@ def test_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_path, c
 
 def test_allocate_ranks_is_the_best_split_of_the_budget():
     # two kinds: "a" (two matrices, steep spectrum, 10 parameters a rank), "b" (flat, 4 a rank); budget 30
-    spectra = {"a": [torch.tensor([4.0, 2.0, 0.5]), torch.tensor([3.0, 1.0])], "b": [torch.tensor([1.5, 1.4, 1.3, 1.2])]}
+    spectra = {"a": [torch.tensor([4.0, 2.0, 0.5]), torch.tensor([3.0, 1.0])],
+               "b": [torch.tensor([1.5, 1.4, 1.3, 1.2])]}
     cost = {"a": 10, "b": 4}
     ranks = allocate_ranks(spectra, cost, budget=30)
     gain = {"a": [25.0, 5.0, 0.25], "b": [2.25, 1.96, 1.69, 1.44]}
@@ -173,3 +174,21 @@ def test_a_size_budget_gives_the_layers_that_changed_most_more_rank(tiny_llama, 
     approx, _ = prunepath.load(tmp_path / "x", base=_base(tiny_llama))  # a rank pattern: merged through peft
     far, near = (_logits(plain, ids) - _logits(tuned, ids)).norm(), (_logits(approx, ids) - _logits(tuned, ids)).norm()
     assert 0 < near < far
+
+
+def test_trainable_linear_changes_only_what_lora_can_carry(tiny_llama, tmp_path):
+    tiny_llama.config.tie_word_embeddings = True  # as SmolLM2
+    tiny_llama.tie_weights()
+    model = _moefy(copy.deepcopy(tiny_llama))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(4))
+    cfg = TrainConfig(objective="lm", trainable="linear", teacher="dense", steps=3, stage1_steps=0, batch_size=4,
+                      seq_len=16, lr=0.0, backbone_lr=1e-2, save_every=3, tau=0.9)
+    tuned, _ = train(model, None, cfg, tmp_path / "ft", batches=(ids, torch.ones_like(ids)), progress=False)
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.endswith(("_proj.weight",)) for n in changed)  # no embedding, norm or router moved
+    assert prunepath.read_meta(tmp_path / "ft")["full_weights"]
+    report = extract_adapter(tmp_path / "ft", tmp_path / "x", rank=64, adapter_dtype="fp32", base=_base(tiny_llama))
+    assert report["not_carried"] == {} and min(report["kept"].values()) > 0.99999
+    small, _ = prunepath.load(tmp_path / "x", base=_base(tiny_llama))
+    torch.testing.assert_close(_logits(small, ids), _logits(tuned, ids), atol=2e-4, rtol=1e-4)
