@@ -33,13 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prunepath.checkpoint import CheckpointError, checkpoint_folder, load, read_meta, save
-from prunepath.train import LINEAR_LAYERS
-
-
-def _names(targets: str) -> list[str]:
-    if targets not in ("ffn", "attn", "all"):
-        raise ValueError(f"targets must be 'ffn', 'attn' or 'all', got {targets!r}")
-    return LINEAR_LAYERS["ffn"] + LINEAR_LAYERS["attn"] if targets == "all" else LINEAR_LAYERS[targets]
+from prunepath.train import linear_layer_names, save_adapter
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -112,7 +106,7 @@ def extract_adapter(
         raise ValueError(f"size_mb must be > 0, got {size_mb!r}")
     if adapter_dtype not in ("fp32", "bf16"):
         raise ValueError(f"adapter_dtype must be 'fp32' or 'bf16', got {adapter_dtype!r}")
-    names = _names(targets)
+    names = linear_layer_names(targets)
     out = Path(out)
     if (out / "prunepath.json").exists() or (out / "adapter").exists():
         raise FileExistsError(f"{out} already holds a checkpoint; choose another --out")
@@ -199,10 +193,7 @@ def extract_adapter(
             params[f"base_model.model.{module}.lora_A.default.weight"].copy_(a)
             params[f"base_model.model.{module}.lora_B.default.weight"].copy_(b)
     out.mkdir(parents=True, exist_ok=True)
-    state = None
-    if adapter_dtype == "bf16":
-        state = {k: v.to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}
-    peft_model.save_pretrained(out / "adapter", state_dict=state)
+    save_adapter(peft_model, out / "adapter", adapter_dtype)
     report["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
     ft = dict(meta.get("train") or {})
     info = {"objective": "extract-adapter", "trainable": "lora", "extract": report,

@@ -67,6 +67,21 @@ OBJECTIVES = ("lm", "distill")
 TRAINABLE = ("router", "lora", "all", "linear")
 FULL_WEIGHTS = ("all", "linear")  # trainable sets saved with every weight (model.safetensors)
 LINEAR_LAYERS = {"ffn": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+def linear_layer_names(targets: str) -> list[str]:
+    """The linear layers a LoRA adapter targets: 'ffn', 'attn' or 'all' (both)."""
+    if targets not in ("ffn", "attn", "all"):
+        raise ValueError(f"targets must be 'ffn', 'attn' or 'all', got {targets!r}")
+    return [n for k in (("ffn", "attn") if targets == "all" else (targets,)) for n in LINEAR_LAYERS[k]]
+
+
+def save_adapter(peft_model, folder, dtype: str = "fp32") -> None:
+    """peft's save_pretrained, with the adapter's tensors in bf16 when asked (the loaders upcast them)."""
+    state = None  # peft picks the adapter's tensors out of the state dict it is given
+    if dtype == "bf16":
+        state = {k: v.to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}
+    peft_model.save_pretrained(folder, state_dict=state)
 TEACHERS = (None, "dense")
 DENSE_TAU = 1.05  # stage 1: τ > 1 keeps every expert
 STATE_FILE = "train_state.pt"
@@ -203,8 +218,7 @@ def setup_trainable(model, cfg: TrainConfig):
     if cfg.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        kinds = ("ffn", "attn") if cfg.lora_targets == "all" else (cfg.lora_targets,)
-        names = [n for k in kinds for n in LINEAR_LAYERS[k]]
+        names = linear_layer_names(cfg.lora_targets)
         if cfg.lora_init:
             model = _continue_lora(model, cfg, names)
         else:
@@ -410,10 +424,7 @@ class Trainer:
         if self.previous:
             info["previous"] = self.previous
         if self.cfg.trainable == "lora":
-            bf16 = None  # peft picks the adapter's tensors out of the state dict it is given
-            if self.cfg.adapter_dtype == "bf16":
-                bf16 = {k: v.to(torch.bfloat16) for k, v in self.model.state_dict().items() if "lora_" in k}
-            self.model.save_pretrained(self.out / "adapter", state_dict=bf16)
+            save_adapter(self.model, self.out / "adapter", self.cfg.adapter_dtype)
         elif self.cfg.trainable == "router" and self.adapter_in:  # the routers serve the adapted weights
             shutil.copytree(self.adapter_in, self.out / "adapter", dirs_exist_ok=True)
         rules = [f.rule for f in _ffns(base)]
