@@ -218,9 +218,12 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "extract-adapter",
         help="a full fine-tune's weight changes as a small LoRA adapter (truncated SVD)",
-        description=__doc__.split("\n\n")[0] + ". The τ calibration does not carry over: calibrate the result.",
+        description=__doc__.split("\n\n")[0].rstrip(".")
+        + ". The τ calibration does not carry over: calibrate the result.",
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of `prunepath train --trainable all`")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint of `prunepath train --trainable linear` (or `all`)"
+    )
     p.add_argument("--out", required=True, help="the new checkpoint's folder (routers + adapter/)")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="LoRA rank r of every target layer")

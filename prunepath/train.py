@@ -50,6 +50,8 @@ import copy
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 import warnings
 from contextlib import closing, contextmanager, nullcontext
@@ -90,6 +92,38 @@ LOG_FILE = "train_log.json"
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the last good checkpoint was kept."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM or Ctrl-C arrived: the step in flight finished, was saved, and --resume continues from it."""
+
+
+class _StopOnSignal:
+    """While active (main thread only), SIGTERM and the first SIGINT only raise a flag; a second SIGINT interrupts.
+
+    Schedulers (SLURM, Kubernetes, `timeout`) send SIGTERM some seconds before they kill: finishing the step and
+    saving loses nothing, where a kill loses everything since the last periodic save.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, without saving
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
 
 
 @dataclass(frozen=True)
@@ -604,6 +638,14 @@ class Trainer:
         )
         last_good = self.state.step if (self.out / STATE_FILE).is_file() else None
         end = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
+        with _StopOnSignal() as stop:
+            self._loop(end, bar, last_good, stop)
+        bar.close()
+        self.model.eval()
+        return self.state.log
+
+    def _loop(self, end: int, bar, last_good: int | None, stop: _StopOnSignal) -> None:
+        cfg = self.cfg
         while self.state.step < end:
             step = self.state.step
             stage, tau = self._stage_tau(step)
@@ -652,9 +694,14 @@ class Trainer:
             if self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps:
                 self.save()
                 last_good = self.state.step
-        bar.close()
-        self.model.eval()
-        return self.state.log
+            if stop.signum is not None:
+                if last_good != self.state.step:
+                    self.save()
+                bar.close()
+                raise TrainingStopped(
+                    f"{signal.Signals(stop.signum).name} after step {self.state.step} of {cfg.total_steps}: "
+                    f"checkpoint and run state saved in {self.out}; continue with the same command and --resume"
+                )
 
 
 def train(model, tokenizer, cfg: TrainConfig, out, resume: bool = False, progress: bool = True, batches=None):

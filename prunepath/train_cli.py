@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from prunepath.train import STATE_FILE, TrainConfig, TrainingDiverged, train
+from prunepath.train import STATE_FILE, TrainConfig, TrainingDiverged, TrainingStopped, train
 from prunepath.train import __doc__ as _TRAIN_DOC
 
 
@@ -125,5 +125,8 @@ def run(args) -> int:
     except TrainingDiverged as e:
         print(f"prunepath train: {e}")
         return 3
+    except TrainingStopped as e:
+        print(f"prunepath train: stopped by {e}")
+        return 4
     print(f"trained {len(log)} steps; final loss {log[-1]['loss']:.4f}; checkpoint in {out}")
     return 0

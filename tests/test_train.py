@@ -7,13 +7,23 @@ cumulative-mass rule has room to vary. A handful of steps each; the whole module
 import copy
 import dataclasses
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
 
 import prunepath
-from prunepath.train import STATE_FILE, TrainConfig, Trainer, TrainingDiverged, routing_losses, train
+from prunepath.train import (
+    STATE_FILE,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    TrainingStopped,
+    routing_losses,
+    train,
+)
 
 
 def _moefy(model, gate="sigmoid", tau=0.9, init="centroid"):
@@ -89,6 +99,34 @@ def test_resume_reproduces_uninterrupted_run(tiny_llama, tmp_path):
     tr = Trainer(resumed, None, cfg, tmp_path / "part", progress=False, batches=_batch())
     log = tr.run(resume=True)
     assert len(log) == 6
+    for a, b in zip(full.prunepath_ffns(), resumed.prunepath_ffns()):
+        assert torch.equal(a.router.weight, b.router.weight)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_step_saves_and_resumes_exactly(tiny_llama, tmp_path, signum):
+    cfg = _cfg(steps=6, save_every=100, tau_range=(0.5, 0.95))  # no periodic save before the signal
+    full = _moefy(copy.deepcopy(tiny_llama))
+    Trainer(full, None, cfg, tmp_path / "full", progress=False, batches=_batch()).run()
+
+    part = _moefy(copy.deepcopy(tiny_llama))
+    tr = Trainer(part, None, cfg, tmp_path / "part", progress=False, batches=_batch())
+    step = tr._lm_step
+
+    def signalled(i, tau):  # the signal lands in the middle of the third step
+        if i == 2:
+            os.kill(os.getpid(), signum)
+        return step(i, tau)
+
+    tr._lm_step = signalled
+    before = signal.getsignal(signum)
+    with pytest.raises(TrainingStopped, match=f"{signal.Signals(signum).name} after step 3 of 6.*--resume"):
+        tr.run()
+    assert signal.getsignal(signum) is before  # the handler is put back
+    assert torch.load(tmp_path / "part" / STATE_FILE, weights_only=False)["step"] == 3
+    resumed = _moefy(copy.deepcopy(tiny_llama))
+    log = Trainer(resumed, None, cfg, tmp_path / "part", progress=False, batches=_batch()).run(resume=True)
+    assert [r["step"] for r in log] == list(range(1, 7))
     for a, b in zip(full.prunepath_ffns(), resumed.prunepath_ffns()):
         assert torch.equal(a.router.weight, b.router.weight)
 
