@@ -1,9 +1,9 @@
 """A full fine-tune made small: each linear layer's weight change as a LoRA adapter, truncated by SVD.
 
-`prunepath train --trainable all` (or `linear`) trains every backbone weight and saves all of them (`model.safetensors`,
-540 MB for SmolLM2-135M, never committed). `extract_adapter` compares such a checkpoint with its own base model
-(the same neuron permutations and routers) and writes, for every target linear layer, the best rank-r
-approximation of ΔW = W_fine-tuned − W_base in the Frobenius norm (Eckart–Young):
+`prunepath train --trainable all` trains every backbone weight (`linear`: those of the linear layers) and saves all
+of them (`model.safetensors`, 540 MB for SmolLM2-135M, never committed). `extract_adapter` compares such a
+checkpoint with its own base model (the same neuron permutations and routers) and writes, for every target linear
+layer, the best rank-r approximation of ΔW = W_fine-tuned − W_base in the Frobenius norm (Eckart–Young):
 
     ΔW ≈ (U_r S_r^½)(S_r^½ V_rᵀ) = B A        B: [out, r], A: [r, in]
 
@@ -88,7 +88,7 @@ def extract_adapter(
 ) -> dict:
     """Write `finetuned`'s weight changes as a LoRA adapter in a new checkpoint `out` -> report.
 
-    finetuned: a checkpoint saved by `prunepath train --trainable all` (it records full weights).
+    finetuned: a checkpoint saved by `prunepath train --trainable linear` or `all` (it records full weights).
     rank: the rank of every target layer; or size_mb: the adapter file's size, with one rank per layer kind
     chosen to keep the most of Σ‖ΔW‖² (`allocate_ranks`). Give exactly one.
     base: as in `prunepath.load` (a name/path, or a loaded (model, tokenizer) pair, converted in place).

@@ -69,6 +69,10 @@ OBJECTIVES = ("lm", "distill")
 TRAINABLE = ("router", "lora", "all", "linear")
 FULL_WEIGHTS = ("all", "linear")  # trainable sets saved with every weight (model.safetensors)
 LINEAR_LAYERS = {"ffn": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+TEACHERS = (None, "dense")
+DENSE_TAU = 1.05  # stage 1: τ > 1 keeps every expert
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.json"
 
 
 def linear_layer_names(targets: str) -> list[str]:
@@ -84,10 +88,6 @@ def save_adapter(peft_model, folder, dtype: str = "fp32") -> None:
     if dtype == "bf16":
         state = {k: v.to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}
     peft_model.save_pretrained(folder, state_dict=state)
-TEACHERS = (None, "dense")
-DENSE_TAU = 1.05  # stage 1: τ > 1 keeps every expert
-STATE_FILE = "train_state.pt"
-LOG_FILE = "train_log.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -265,7 +265,7 @@ def setup_trainable(model, cfg: TrainConfig):
         for p in backbone:
             p.requires_grad_(True)
     elif cfg.trainable == "linear":
-        linear = tuple(f".{m}.weight" for m in LINEAR_LAYERS["ffn"] + LINEAR_LAYERS["attn"])
+        linear = tuple(f".{m}.weight" for m in linear_layer_names("all"))
         backbone = [p for n, p in model.named_parameters() if n.endswith(linear)]
         for p in backbone:
             p.requires_grad_(True)
