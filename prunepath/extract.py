@@ -24,6 +24,7 @@ the kinds' summed singular values, per byte). peft stores them as a rank pattern
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -33,7 +34,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from prunepath.checkpoint import CheckpointError, checkpoint_folder, load, read_meta, save
+from prunepath.data import calibration_batches
 from prunepath.train import linear_layer_names, save_adapter
+
+# Global τ at which `--whiten` collects the fine-tuned model's inputs: the range it was trained on (τ ~ U[0.4, 1.05]),
+# dense included.
+WHITEN_TAUS = (0.45, 0.6, 0.75, 0.9, 1.05)
+WHITEN_SEQ_LEN = 512
 
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -52,6 +59,106 @@ def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     a[:k] = root[:, None] * vh[:k]
     total = float((s**2).sum())
     return b, a, float((s[:k] ** 2).sum()) / total if total > 0 else 1.0
+
+
+def whitening(gram: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """S and S⁻¹ [in, in] with S Sᵀ = G (a symmetric PSD input second moment), eigenvalues floored.
+
+    G = Q Λ Qᵀ, S = Q Λ^½, S⁻¹ = Λ^-½ Qᵀ, each eigenvalue raised to at least damp × their mean, so that
+    S is invertible and directions the calibration inputs never took still count a little.
+    """
+    if not damp > 0:
+        raise ValueError(f"damp must be > 0, got {damp!r}")
+    e, q = torch.linalg.eigh(gram.double())
+    e = e.clamp_min(damp * float(e.clamp_min(0).mean().clamp_min(1e-30)))
+    root = e.sqrt()
+    return (q * root).float(), (q / root).T.float()
+
+
+def whitened_low_rank(
+    delta: torch.Tensor, white: tuple[torch.Tensor, torch.Tensor], rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """The rank-`rank` factors that change `delta`'s outputs least -> (B, A, ‖ΔW‖² kept, output change kept).
+
+    Minimises ‖(delta − B A) S‖_F, white = (S, S⁻¹) from `whitening` (S Sᵀ = the inputs' second moment): the truncated
+    SVD of delta·S, mapped back by S⁻¹. Each rank-1 component's norm is split evenly between its column of B
+    and its row of A, as LoRA training wants. ‖ΔW‖² kept: 1 − ‖ΔW − B A‖²_F / ‖ΔW‖²_F (it can fall below a
+    plain SVD's, or below 0); output change kept: the share of ‖ΔW S‖²_F held (1.0 for a zero delta).
+    """
+    s_mat, s_inv = white
+    u, sv, vh = torch.linalg.svd(delta.float() @ s_mat, full_matrices=False)
+    k = min(rank, sv.numel())
+    b_k = u[:, :k] * sv[:k]  # [out, k]
+    a_k = vh[:k] @ s_inv  # [k, in]
+    scale = (a_k.norm(dim=1) / b_k.norm(dim=0).clamp_min(1e-30)).sqrt()  # balance each component's norms
+    scale = torch.where(sv[:k] > 0, scale, torch.ones_like(scale))
+    b = torch.zeros(delta.shape[0], rank)
+    a = torch.zeros(rank, delta.shape[1])
+    b[:, :k], a[:k] = b_k * scale, a_k / scale[:, None]
+    total, energy = float((sv**2).sum()), float(delta.float().norm() ** 2)
+    kept = 1.0 - float((delta.float() - b @ a).norm() ** 2) / energy if energy > 0 else 1.0
+    return b, a, kept, float((sv[:k] ** 2).sum()) / total if total > 0 else 1.0
+
+
+@torch.no_grad()
+def input_grams(model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS, batch_size: int = 8) -> dict:
+    """E[x xᵀ] of each named module's input over calibration ids [B, T], averaged over global τ settings.
+
+    Modules called one after another on the same tensor (q/k/v, gate/up) share one product. The model's
+    rules are restored afterwards. Returns module name -> [in, in] float32 on the CPU.
+    """
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    count = [0]
+    last: list = [None, None]  # the latest input and its xᵀx: q/k/v (gate/up) are called one after another on it
+
+    def hook(name):
+        def fn(_module, args):
+            x = args[0]
+            if x is not last[0]:
+                x2 = x.reshape(-1, x.shape[-1]).float()
+                last[:] = [x, x2.T @ x2]
+            sums[name] = sums[name] + last[1] if name in sums else last[1].clone()
+
+        return fn
+
+    named = dict(model.named_modules())
+    handles = [named[m].register_forward_pre_hook(hook(m)) for m in sorted(modules)]
+    saved = [f.rule for f in model.prunepath_ffns()]
+    try:
+        for tau in taus:
+            model.set_tau(float(tau))
+            for s in range(0, ids.shape[0], batch_size):
+                batch = ids[s : s + batch_size].to(device)
+                model(input_ids=batch, use_cache=False)
+                last[:] = [None, None]
+                count[0] += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for f, r in zip(model.prunepath_ffns(), saved):
+            f.rule = r
+    return {m: (g / count[0]).float().cpu() for m, g in sums.items()}
+
+
+def fine_tuned_grams(folder, base, ids, kinds, taus, device: str = "cpu") -> dict:
+    """`input_grams` of a full fine-tune's target layers (child names `kinds`), its own weights loaded.
+
+    ids: token ids [B, T], or a number of tokens of the calibration text (lm/wiki_demo.txt, 512-token windows,
+    seed 2: not the windows `prunepath calibrate` measures τ on).
+    """
+    tuned, tokenizer = load(folder, base=base, device=device)
+    if isinstance(ids, int):
+        if tokenizer is None:
+            raise ValueError("whiten: a number of tokens needs the model's tokenizer; pass token ids instead")
+        ids = calibration_batches(tokenizer, ids, WHITEN_SEQ_LEN, seed=2)
+    modules = {n for n, _ in tuned.named_modules() if n.rsplit(".", 1)[-1] in kinds}
+    grams = input_grams(tuned, ids, modules, taus)
+    grams["tokens"] = int(ids.numel())  # per τ
+    del tuned
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return grams
 
 
 def allocate_ranks(spectra: dict[str, list[torch.Tensor]], cost: dict[str, int], budget: int) -> dict[str, int]:
@@ -85,6 +192,10 @@ def extract_adapter(
     adapter_dtype: str = "bf16",
     base=None,
     size_mb: float | None = None,
+    whiten: int | torch.Tensor | None = None,
+    taus: tuple[float, ...] = WHITEN_TAUS,
+    damp: float = 0.01,
+    device: str = "cpu",
 ) -> dict:
     """Write `finetuned`'s weight changes as a LoRA adapter in a new checkpoint `out` -> report.
 
@@ -92,6 +203,9 @@ def extract_adapter(
     rank: the rank of every target layer; or size_mb: the adapter file's size, with one rank per layer kind
     chosen to keep the most of Σ‖ΔW‖² (`allocate_ranks`). Give exactly one.
     base: as in `prunepath.load` (a name/path, or a loaded (model, tokenizer) pair, converted in place).
+    whiten: calibration tokens (a count, or ids [B, T]): keep what changes each layer's outputs most on the
+    fine-tuned model's inputs there (at each global τ of `taus`, averaged; `input_grams`, `whitened_low_rank`,
+    eigenvalue floor `damp`), instead of what changes its weights most. device: where that forward runs.
     The report (also stored in `out`/prunepath.json under train → extract): per target kind, the relative
     change ‖ΔW‖/‖W‖ and the share of ‖ΔW‖² the rank kept; every other parameter that moved, with its
     relative change (those are left at their base values).
@@ -106,6 +220,15 @@ def extract_adapter(
         raise ValueError(f"size_mb must be > 0, got {size_mb!r}")
     if adapter_dtype not in ("fp32", "bf16"):
         raise ValueError(f"adapter_dtype must be 'fp32' or 'bf16', got {adapter_dtype!r}")
+    if whiten is not None:
+        count = isinstance(whiten, int) and not isinstance(whiten, bool) and whiten >= WHITEN_SEQ_LEN
+        if not count and not (isinstance(whiten, torch.Tensor) and whiten.dim() == 2 and whiten.numel() > 0):
+            raise ValueError(f"whiten must be a number of calibration tokens (>= {WHITEN_SEQ_LEN}) or token ids "
+                             f"[batch, tokens], got {whiten!r}")
+        if not taus or not all(t > 0 for t in taus):
+            raise ValueError(f"taus must be one or more values > 0 (> 1 is dense), got {taus!r}")
+        if not damp > 0:
+            raise ValueError(f"damp must be > 0, got {damp!r}")
     names = linear_layer_names(targets)
     out = Path(out)
     if (out / "prunepath.json").exists() or (out / "adapter").exists():
@@ -124,6 +247,11 @@ def extract_adapter(
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{folder / 'model.safetensors'} is corrupt or truncated ({e}); re-save it") from None
 
+    grams = {}
+    if whiten is not None:  # the fine-tuned model's inputs, first: loading `base` below converts it in place
+        tuned_base = (copy.deepcopy(base[0]), base[1]) if isinstance(base, tuple) else base
+        grams = fine_tuned_grams(folder, tuned_base, whiten, names, taus, device)
+        grams_tokens = grams.pop("tokens")
     model, _ = load(folder, base=base, full_weights=False)  # the base model under the fine-tune's routers
     modules = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in names}
     if not modules:
@@ -150,13 +278,23 @@ def extract_adapter(
             elif delta.any():
                 moved[pname] = float(delta.norm() / p.float().norm().clamp_min(1e-12))
 
+    missing = set(deltas) - set(grams) if grams else set()
+    if missing:
+        raise CheckpointError(f"the fine-tuned model of {folder} never called {sorted(missing)[:3]} on the "
+                              "calibration text, so their inputs are unknown; extract without --whiten")
+    white = {m: whitening(g, damp) for m, g in grams.items() if m in deltas}
+
+    def target_of(m):  # the matrix whose best truncation is wanted: ΔW, or ΔW S when whitened
+        delta = deltas[m][0]
+        return delta @ white[m][0] if white else delta
+
     kind_of = {m: m.rsplit(".", 1)[-1] for m in deltas}
     if size_mb is None:
         ranks = dict.fromkeys(kind_of.values(), rank)
     else:
         spectra, cost = {}, {}
         for m, (delta, _) in deltas.items():
-            spectra.setdefault(kind_of[m], []).append(torch.linalg.svdvals(delta))
+            spectra.setdefault(kind_of[m], []).append(torch.linalg.svdvals(target_of(m)))
             cost[kind_of[m]] = cost.get(kind_of[m], 0) + sum(delta.shape)
         per_param = 2 if adapter_dtype == "bf16" else 4
         ranks = allocate_ranks(spectra, cost, int(size_mb * 1e6 / per_param))
@@ -165,11 +303,17 @@ def extract_adapter(
     factors, kinds = {}, {}
     for m, (delta, weight) in deltas.items():
         kind = kind_of[m]
-        k = kinds.setdefault(kind, {"delta": 0.0, "weight": 0.0, "kept": 0.0})
+        k = kinds.setdefault(kind, {"delta": 0.0, "weight": 0.0, "kept": 0.0, "output": 0.0, "output_kept": 0.0})
         energy = float(delta.norm() ** 2)
         k["delta"], k["weight"] = k["delta"] + energy, k["weight"] + weight
+        out_energy = float(target_of(m).norm() ** 2) if white else 0.0
+        k["output"] += out_energy
         if ranks[kind]:
-            b, a, kept = low_rank(delta, ranks[kind])
+            if white:
+                b, a, kept, out_kept = whitened_low_rank(delta, white[m], ranks[kind])
+                k["output_kept"] += out_kept * out_energy
+            else:
+                b, a, kept = low_rank(delta, ranks[kind])
             factors[m] = (b, a)
             k["kept"] += kept * energy
     report = {
@@ -181,6 +325,10 @@ def extract_adapter(
         "kept": {k: v["kept"] / v["delta"] if v["delta"] > 0 else 1.0 for k, v in kinds.items()},
         "not_carried": dict(sorted(moved.items(), key=lambda kv: -kv[1])),
     }
+    if white:
+        report["output_kept"] = {k: v["output_kept"] / v["output"] if v["output"] > 0 else 1.0
+                                 for k, v in kinds.items()}
+        report["whiten"] = {"tokens": grams_tokens, "taus": [float(t) for t in taus], "damp": damp}
 
     top = max(ranks.values())
     pattern = {k: r for k, r in ranks.items() if r and r != top}  # peft matches these against each layer's name
@@ -203,10 +351,17 @@ def extract_adapter(
 
 
 def format_report(report: dict) -> str:
+    out_kept = report.get("output_kept")
     lines = [f"adapter ({report['adapter_dtype']}, {report['adapter_bytes'] / 1e6:.1f} MB) from {report['from']}",
-             f"{'layer':<10} {'rank':>5} {'‖ΔW‖/‖W‖':>10} {'‖ΔW‖² kept':>11}"]
+             f"{'layer':<10} {'rank':>5} {'‖ΔW‖/‖W‖':>10} {'‖ΔW‖² kept':>11}"
+             + (" output change kept" if out_kept else "")]
     for k, r in report["rank"].items():
-        lines.append(f"{k:<10} {r:>5} {report['change'][k]:>10.4f} {report['kept'][k]:>11.1%}")
+        line = f"{k:<10} {r:>5} {report['change'][k]:>10.4f} {report['kept'][k]:>11.1%}"
+        lines.append(line + (f" {out_kept[k]:>18.1%}" if out_kept else ""))
+    if out_kept:
+        w = report["whiten"]
+        lines.append(f"whitened by the inputs of {w['tokens']:,} calibration tokens at τ = "
+                     f"{', '.join(f'{t:g}' for t in w['taus'])} (eigenvalue floor {w['damp']:g} × mean)")
     moved = report["not_carried"]
     if moved:
         top = ", ".join(f"{n} {c:.2e}" for n, c in list(moved.items())[:3])
@@ -230,13 +385,22 @@ def add_cli(subparsers) -> None:
     size.add_argument("--size-mb", type=float, help="the adapter's size; ranks per layer kind keep the most of ΔW")
     p.add_argument("--targets", default="all", choices=["ffn", "attn", "all"], help="layers to carry (default all)")
     p.add_argument("--adapter-dtype", default="bf16", choices=["fp32", "bf16"], help="the saved adapter's dtype")
+    p.add_argument("--whiten", type=int, nargs="?", const=131072, default=None, metavar="TOKENS",
+                   help="keep what changes the layers' outputs most on TOKENS of calibration text "
+                        "(lm/wiki_demo.txt; default 131072), not what changes their weights most")
+    p.add_argument("--whiten-tau", type=float, nargs="+", default=list(WHITEN_TAUS),
+                   help="global τ at which the inputs are collected, averaged (default "
+                        + " ".join(map(str, WHITEN_TAUS)) + ")")
+    p.add_argument("--damp", type=float, default=0.01, help="floor of the inputs' eigenvalues, × their mean")
+    p.add_argument("--device", default="cpu", help="where --whiten's forward passes run (cpu | cuda)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
     report = extract_adapter(args.checkpoint, args.out, args.rank, args.targets, args.adapter_dtype,
-                             size_mb=args.size_mb)
+                             size_mb=args.size_mb, whiten=args.whiten, taus=tuple(args.whiten_tau), damp=args.damp,
+                             device=args.device)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     print(f"saved to {args.out}; calibrate it: "
           f"prunepath calibrate --checkpoint {args.out} --target 0.25 0.5 0.75 --save")

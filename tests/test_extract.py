@@ -12,7 +12,15 @@ from safetensors.torch import load_file
 
 import prunepath
 from prunepath.cli import main
-from prunepath.extract import allocate_ranks, extract_adapter, low_rank
+from prunepath.extract import (
+    allocate_ranks,
+    extract_adapter,
+    format_report,
+    input_grams,
+    low_rank,
+    whitened_low_rank,
+    whitening,
+)
 from prunepath.train import TrainConfig, train
 
 
@@ -192,3 +200,108 @@ def test_trainable_linear_changes_only_what_lora_can_carry(tiny_llama, tmp_path)
     assert report["not_carried"] == {} and min(report["kept"].values()) > 0.99999
     small, _ = prunepath.load(tmp_path / "x", base=_base(tiny_llama))
     torch.testing.assert_close(_logits(small, ids), _logits(tuned, ids), atol=2e-4, rtol=1e-4)
+
+
+def test_whitened_low_rank_is_the_best_rank_for_the_outputs():
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(40, 24, generator=g, dtype=torch.float64).float()
+    x = torch.randn(500, 24, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+    gram = (x.T @ x / x.shape[0]).float()  # strongly anisotropic inputs
+    white = whitening(gram, damp=1e-6)
+    s_mat, s_inv = white
+    torch.testing.assert_close(s_mat @ s_mat.T, gram, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(s_mat @ s_inv, torch.eye(24), atol=1e-4, rtol=1e-4)
+    b, a, kept, out_kept = whitened_low_rank(delta, white, 5)
+    sv = torch.linalg.svdvals((delta @ s_mat).double())
+    err = float((((delta - b @ a) @ s_mat).double() ** 2).sum())
+    assert err == pytest.approx(float((sv[5:] ** 2).sum()), rel=1e-3)  # Eckart-Young on ΔW S
+    assert out_kept == pytest.approx(float((sv[:5] ** 2).sum() / (sv**2).sum()), rel=1e-5)
+    pb, pa, pkept = low_rank(delta, 5)
+    plain_err = float((((delta - pb @ pa) @ s_mat).double() ** 2).sum())
+    assert err < 0.5 * plain_err  # the plain SVD keeps directions the inputs hardly take
+    assert pkept > kept  # ... which is why it keeps more of ‖ΔW‖²
+    torch.testing.assert_close(b.norm(dim=0), a.norm(dim=1), rtol=1e-4, atol=1e-6)  # each component balanced
+    b, a, kept, out_kept = whitened_low_rank(delta, white, 30)  # above full rank: exact, zero-padded
+    assert b.shape == (40, 30) and a[24:].abs().sum() == 0 and out_kept == pytest.approx(1.0)
+    torch.testing.assert_close(b @ a, delta, atol=1e-3, rtol=1e-3)
+    assert whitened_low_rank(torch.zeros(4, 24), white, 2)[2:] == (1.0, 1.0)
+    with pytest.raises(ValueError, match="damp"):
+        whitening(gram, damp=0)
+
+
+def test_input_grams_are_each_layers_input_second_moment(tiny_llama):
+    model = _moefy(copy.deepcopy(tiny_llama))
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(6))
+    names = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "down_proj")}
+    rules = [f.rule.spec for f in model.prunepath_ffns()]
+    grams = input_grams(model, ids, names, taus=(0.5, 1.05), batch_size=2)
+    assert set(grams) == names and [f.rule.spec for f in model.prunepath_ffns()] == rules  # restored
+    seen = {}  # the same inputs, captured by hand, one τ after the other
+    hooks = [dict(model.named_modules())[n].register_forward_pre_hook(
+        lambda m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    for tau in (0.5, 1.05):
+        model.set_tau(tau)
+        with torch.no_grad():
+            model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        x = torch.cat(seen[n])
+        torch.testing.assert_close(grams[n], x.T @ x / x.shape[0], atol=1e-5, rtol=1e-4)
+    layer0 = "model.layers.0.self_attn."
+    torch.testing.assert_close(grams[layer0 + "q_proj"], grams[layer0 + "k_proj"])  # one input, shared
+    down = grams["model.layers.0.mlp.down_proj"]
+    assert down.shape == (128, 128) and not torch.allclose(down, grams[layer0 + "q_proj"][:1, :1])
+
+
+def test_whitened_extraction_keeps_more_of_each_layers_output_change(tiny_llama, tmp_path):
+    model = _moefy(copy.deepcopy(tiny_llama))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                p.add_(0.004 * torch.randn(p.shape, generator=g))
+    prunepath.save(model, tmp_path / "ft", full_weights=True)
+    ids = torch.randint(0, 128, (4, 16), generator=g)
+    full = extract_adapter(tmp_path / "ft", tmp_path / "w64", rank=64, adapter_dtype="fp32", base=_base(tiny_llama),
+                           whiten=ids, taus=(0.6, 1.05))
+    assert min(full["output_kept"].values()) > 0.9999 and min(full["kept"].values()) > 0.9999
+    assert full["whiten"] == {"tokens": 64, "taus": [0.6, 1.05], "damp": 0.01}
+    tuned, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama))
+    exact, _ = prunepath.load(tmp_path / "w64", base=_base(tiny_llama))
+    torch.testing.assert_close(_logits(exact, ids), _logits(tuned, ids), atol=2e-4, rtol=1e-4)
+
+    white = extract_adapter(tmp_path / "ft", tmp_path / "w4", rank=4, base=_base(tiny_llama), whiten=ids,
+                            taus=(0.6, 1.05), adapter_dtype="fp32")
+    extract_adapter(tmp_path / "ft", tmp_path / "p4", rank=4, base=_base(tiny_llama), adapter_dtype="fp32")
+    ref, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama))  # the grams, recomputed by hand
+    grams = input_grams(ref, ids, {"model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"}, (0.6, 1.05))
+    plain, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama), full_weights=False)
+    weights = {n: dict(m.named_modules()) for n, m in (("tuned", tuned), ("plain", plain))}
+    for module, gram in grams.items():
+        delta = (weights["tuned"][module].weight - weights["plain"][module].weight).detach()
+        errs = []
+        for folder in ("w4", "p4"):
+            t = load_file(tmp_path / folder / "adapter" / "adapter_model.safetensors")
+            key = f"base_model.model.{module}.lora_"
+            approx = t[key + "B.weight"] @ t[key + "A.weight"]
+            errs.append(float(torch.trace((delta - approx) @ gram @ (delta - approx).T)))  # E‖(ΔW − BA) x‖²
+        assert errs[0] < errs[1]  # whitened beats plain on the inputs it saw
+    assert all(0 < v < 1 for v in white["output_kept"].values())
+    assert "output change kept" in format_report(white) and "whitened by" in format_report(white)
+
+
+def test_whiten_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_path):
+    model = _moefy(copy.deepcopy(tiny_llama))
+    prunepath.save(model, tmp_path / "ft", full_weights=True)
+    for bad in (10, torch.zeros(5, dtype=torch.long), True):
+        with pytest.raises(ValueError, match="whiten must be"):
+            extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=bad)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="taus"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=ids, taus=())
+    with pytest.raises(ValueError, match="damp"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=ids, damp=0.0)
+    with pytest.raises(ValueError, match="tokenizer"):  # a count needs the tokenizer, which a bare pair lacks
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=1024, base=_base(tiny_llama))
+    assert not (tmp_path / "o").exists()
