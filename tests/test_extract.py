@@ -291,7 +291,7 @@ def test_whitened_extraction_keeps_more_of_each_layers_output_change(tiny_llama,
     assert "output change kept" in format_report(white) and "whitened by" in format_report(white)
 
 
-def test_whiten_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_path):
+def test_whiten_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_path, capsys):
     model = _moefy(copy.deepcopy(tiny_llama))
     prunepath.save(model, tmp_path / "ft", full_weights=True)
     for bad in (10, torch.zeros(5, dtype=torch.long), True):
@@ -304,4 +304,7 @@ def test_whiten_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_
         extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=ids, damp=0.0)
     with pytest.raises(ValueError, match="tokenizer"):  # a count needs the tokenizer, which a bare pair lacks
         extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=1024, base=_base(tiny_llama))
+    code = main(["extract-adapter", "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "o"), "--rank", "4",
+                 "--whiten", "100"])  # the CLI says so too, before any model loads
+    assert code == 2 and "whiten must be" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
