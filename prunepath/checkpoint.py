@@ -6,7 +6,9 @@ A checkpoint is a folder:
                         --save`) the global and per-layer τ that reach given active fractions
   prunepath.safetensors neuron permutations and router weights (small: ~2 MB for SmolLM2-135M)
   model.safetensors     only after full fine-tuning: the whole model's weights (never committed)
-  adapter/              only after LoRA training: the peft adapter, merged into the weights on load
+  adapter/              only after LoRA training: the peft adapter, merged into the weights on load (stored by peft
+                        in fp32/bf16, or as 8-bit rows in adapter_model.int8.safetensors, which peft cannot read:
+                        `adapter_tensors` and `peft_readable` give it back in float)
 
 The base model's own weights are never copied: `load` rebuilds the model from its reference and
 refuses a base whose fingerprint differs from the one the checkpoint was made on.
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_model
 
@@ -208,6 +212,88 @@ def save_calibration(directory: str | os.PathLike, results: list[dict], info: di
     return folder
 
 
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's
+INT8_ADAPTER_FILE = "adapter_model.int8.safetensors"  # ours: a name peft does not read, so it cannot misread it
+_INT8 = "int8-rowwise"
+
+
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit quantisation per row: t [rows, cols] ≈ q · scale[:, None] -> (q int8, scale float16).
+
+    Each row's largest magnitude maps to ±127, so the error of an entry is at most half a step, 1/254 of its
+    row's largest magnitude. A zero row gets scale 0.
+    """
+    t = t.detach().float()
+    amax = t.abs().amax(dim=1)
+    scale = (amax / 127).to(torch.float16).float()  # rounded first, so that q is computed with the stored scale
+    q = torch.where(scale[:, None] > 0, t / scale.clamp_min(1e-30)[:, None], torch.zeros_like(t))
+    return q.round().clamp(-127, 127).to(torch.int8), scale.to(torch.float16)
+
+
+def write_int8_adapter(folder: str | os.PathLike) -> Path:
+    """Re-store the peft adapter in `folder` as 8-bit rows (half the bytes of bf16); peft's file is removed."""
+    folder = Path(folder)
+    tensors = load_file(folder / ADAPTER_FILE)
+    out = {}
+    for key, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"{key} is not a matrix ({tuple(t.shape)}): only LoRA A/B weights can be stored in 8 bits")
+        out[key], out[key + ".scale"] = quantize_rows(t)
+    save_file(out, folder / (INT8_ADAPTER_FILE + ".tmp"), metadata={"format": "pt", "prunepath_quant": _INT8})
+    os.replace(folder / (INT8_ADAPTER_FILE + ".tmp"), folder / INT8_ADAPTER_FILE)
+    (folder / ADAPTER_FILE).unlink()
+    return folder / INT8_ADAPTER_FILE
+
+
+def adapter_file(folder: str | os.PathLike) -> Path:
+    """The adapter's weights file in `folder`: peft's, or the 8-bit one."""
+    folder = Path(folder)
+    return folder / (INT8_ADAPTER_FILE if (folder / INT8_ADAPTER_FILE).is_file() else ADAPTER_FILE)
+
+
+def adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in float (peft's key names), de-quantised if they were stored in 8 bits.
+
+    Raises FileNotFoundError if there is none, CheckpointError if it is corrupt.
+    """
+    path = adapter_file(folder)
+    try:
+        tensors = load_file(path)
+        if path.name != INT8_ADAPTER_FILE:
+            return tensors
+        with safe_open(path, framework="pt") as f:
+            quant = (f.metadata() or {}).get("prunepath_quant")
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(f"the adapter in {path.parent} is corrupt ({e}); re-save the checkpoint") from None
+    if quant != _INT8:
+        raise CheckpointError(f"{path} is stored as {quant!r}, which this version cannot read (it reads {_INT8!r})")
+    out = {}
+    for key, q in tensors.items():
+        if key.endswith(".scale"):
+            continue
+        scale = tensors.get(key + ".scale")
+        if q.dtype != torch.int8 or scale is None or scale.shape != (q.shape[0],):
+            raise CheckpointError(f"{path}: {key} has no matching 8-bit rows and scales; re-save the checkpoint")
+        out[key] = q.float() * scale.float()[:, None]
+    return out
+
+
+@contextmanager
+def peft_readable(folder: str | os.PathLike):
+    """A folder peft can load the adapter from: `folder` itself, or a float copy of an 8-bit adapter."""
+    folder = Path(folder)
+    if not (folder / INT8_ADAPTER_FILE).is_file():
+        yield folder
+        return
+    tensors = adapter_tensors(folder)
+    with tempfile.TemporaryDirectory(prefix="prunepath-adapter-") as tmp:
+        (Path(tmp) / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
+        save_file(tensors, Path(tmp) / ADAPTER_FILE)
+        yield Path(tmp)
+
+
 def _merge_adapter(model, folder: Path):
     """Fold a LoRA adapter saved by peft into the weights: W += (lora_alpha / r) · B A per target module.
 
@@ -216,7 +302,7 @@ def _merge_adapter(model, folder: Path):
     """
     try:
         cfg = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load_file(folder / "adapter_model.safetensors")
+        tensors = adapter_tensors(folder)
     except FileNotFoundError as e:
         raise CheckpointError(f"{folder} is incomplete ({e.filename} is missing); re-save the checkpoint") from None
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
@@ -235,7 +321,8 @@ def _merge_adapter(model, folder: Path):
     if not plain:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, folder).merge_and_unload()
+        with peft_readable(folder) as readable:
+            return PeftModel.from_pretrained(model, readable).merge_and_unload()
     scale = cfg["lora_alpha"] / cfg["r"]
     modules = dict(model.named_modules())
     prefix, suffix = "base_model.model.", ".lora_A.weight"

@@ -33,9 +33,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from prunepath.checkpoint import CheckpointError, checkpoint_folder, load, read_meta, save
+from prunepath.checkpoint import CheckpointError, adapter_file, checkpoint_folder, load, read_meta, save
 from prunepath.data import calibration_batches
-from prunepath.train import linear_layer_names, save_adapter
+from prunepath.train import ADAPTER_DTYPES, linear_layer_names, save_adapter
 
 # Global τ at which `--whiten` collects the fine-tuned model's inputs: the range it was trained on (τ ~ U[0.4, 1.05]),
 # dense included.
@@ -162,11 +162,12 @@ def fine_tuned_grams(folder, base, ids, kinds, taus, device: str = "cpu") -> dic
 
 
 def allocate_ranks(spectra: dict[str, list[torch.Tensor]], cost: dict[str, int], budget: int) -> dict[str, int]:
-    """One rank per layer kind, keeping the most squared singular mass within `budget` parameters.
+    """One rank per layer kind, keeping the most squared singular mass within `budget`.
 
-    spectra: kind -> the singular values of each of its matrices; cost: kind -> parameters one more rank costs
-    (Σ out + in over its matrices). Each kind's gain per rank, the sum of its matrices' next σ², falls with the
-    rank, so taking the best gain per parameter while it fits is the greedy optimum of this knapsack.
+    spectra: kind -> the singular values of each of its matrices; cost: kind -> what one more rank costs in the
+    unit of `budget` (parameters, Σ out + in over its matrices, or their bytes). Each kind's gain per rank, the sum
+    of its matrices' next σ², falls with the rank, so taking the best gain per cost while it fits is the greedy
+    optimum of this knapsack.
     """
     gains = {}
     for kind, svals in spectra.items():
@@ -218,8 +219,8 @@ def extract_adapter(
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if size_mb is not None and not size_mb > 0:
         raise ValueError(f"size_mb must be > 0, got {size_mb!r}")
-    if adapter_dtype not in ("fp32", "bf16"):
-        raise ValueError(f"adapter_dtype must be 'fp32' or 'bf16', got {adapter_dtype!r}")
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {adapter_dtype!r}")
     if whiten is not None:
         count = isinstance(whiten, int) and not isinstance(whiten, bool) and whiten >= WHITEN_SEQ_LEN
         if not count and not (isinstance(whiten, torch.Tensor) and whiten.dim() == 2 and whiten.numel() > 0):
@@ -292,12 +293,15 @@ def extract_adapter(
     if size_mb is None:
         ranks = dict.fromkeys(kind_of.values(), rank)
     else:
-        spectra, cost = {}, {}
+        # bytes: each rank costs (out + in) entries per matrix; int8 adds a float16 scale per row of A (one a
+        # rank) and one per row of B (fixed, whatever the rank)
+        per_entry, int8 = {"fp32": 4, "bf16": 2, "int8": 1}[adapter_dtype], adapter_dtype == "int8"
+        spectra, cost, fixed = {}, {}, 0
         for m, (delta, _) in deltas.items():
             spectra.setdefault(kind_of[m], []).append(torch.linalg.svdvals(target_of(m)))
-            cost[kind_of[m]] = cost.get(kind_of[m], 0) + sum(delta.shape)
-        per_param = 2 if adapter_dtype == "bf16" else 4
-        ranks = allocate_ranks(spectra, cost, int(size_mb * 1e6 / per_param))
+            cost[kind_of[m]] = cost.get(kind_of[m], 0) + per_entry * sum(delta.shape) + 2 * int8
+            fixed += 2 * delta.shape[0] * int8
+        ranks = allocate_ranks(spectra, cost, int(size_mb * 1e6) - fixed)
         if not any(ranks.values()):
             raise ValueError(f"{size_mb} MB holds not one rank of any target layer; give a larger --size-mb")
     factors, kinds = {}, {}
@@ -342,7 +346,7 @@ def extract_adapter(
             params[f"base_model.model.{module}.lora_B.default.weight"].copy_(b)
     out.mkdir(parents=True, exist_ok=True)
     save_adapter(peft_model, out / "adapter", adapter_dtype)
-    report["adapter_bytes"] = (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    report["adapter_bytes"] = adapter_file(out / "adapter").stat().st_size
     ft = dict(meta.get("train") or {})
     info = {"objective": "extract-adapter", "trainable": "lora", "extract": report,
             "previous": ft.pop("previous", []) + ([ft] if ft else [])}
@@ -384,7 +388,8 @@ def add_cli(subparsers) -> None:
     size.add_argument("--rank", type=int, help="LoRA rank r of every target layer")
     size.add_argument("--size-mb", type=float, help="the adapter's size; ranks per layer kind keep the most of ΔW")
     p.add_argument("--targets", default="all", choices=["ffn", "attn", "all"], help="layers to carry (default all)")
-    p.add_argument("--adapter-dtype", default="bf16", choices=["fp32", "bf16"], help="the saved adapter's dtype")
+    p.add_argument("--adapter-dtype", default="bf16", choices=list(ADAPTER_DTYPES),
+                   help="the saved adapter's dtype (int8: 8-bit rows, twice bf16's rank in the same bytes)")
     p.add_argument("--whiten", type=int, nargs="?", const=131072, default=None, metavar="TOKENS",
                    help="keep what changes the layers' outputs most on TOKENS of calibration text "
                         "(lm/wiki_demo.txt; default 131072), not what changes their weights most")

@@ -82,12 +82,23 @@ def linear_layer_names(targets: str) -> list[str]:
     return [n for k in (("ffn", "attn") if targets == "all" else (targets,)) for n in LINEAR_LAYERS[k]]
 
 
+ADAPTER_DTYPES = ("fp32", "bf16", "int8")
+
+
 def save_adapter(peft_model, folder, dtype: str = "fp32") -> None:
-    """peft's save_pretrained, with the adapter's tensors in bf16 when asked (the loaders upcast them)."""
+    """peft's save_pretrained, the tensors in bf16 or as 8-bit rows when asked (the loaders de-quantise them).
+
+    int8 (`prunepath.checkpoint.write_int8_adapter`) halves bf16's bytes, so twice the rank fits one file size;
+    peft alone cannot read that file, `prunepath.load` and `--continue-adapter` can.
+    """
+    from prunepath.checkpoint import write_int8_adapter
+
     state = None  # peft picks the adapter's tensors out of the state dict it is given
     if dtype == "bf16":
         state = {k: v.to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}
     peft_model.save_pretrained(folder, state_dict=state)
+    if dtype == "int8":
+        write_int8_adapter(folder)
 
 
 class TrainingDiverged(RuntimeError):
@@ -152,7 +163,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_targets: str = "ffn"  # ffn | attn | all
     lora_init: str | None = None  # a saved peft LoRA adapter (folder) to train further (its rank may grow)
-    adapter_dtype: str = "fp32"  # the saved adapter's dtype: bf16 halves the file (training stays in fp32)
+    adapter_dtype: str = "fp32"  # the saved adapter's dtype: bf16 halves the file, int8 quarters it (training: fp32)
     seed: int = 0
     save_every: int = 100
     keep_every: int = 0  # also keep a copy of the checkpoint in <out>/step-NNNNNN every K steps (0: never)
@@ -196,8 +207,8 @@ class TrainConfig:
         if not 0.0 <= self.kd_weight <= 1.0:
             raise ValueError(f"kd_weight must lie in [0, 1], got {self.kd_weight}")
         check_data(self.data)
-        if self.adapter_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"adapter_dtype must be 'fp32' or 'bf16', got {self.adapter_dtype!r}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if self.lora_r < 1:
             raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.lora_targets not in ("ffn", "attn", "all"):
@@ -288,7 +299,8 @@ def _continue_lora(model, cfg: TrainConfig, names: list[str]):
     and lora_alpha grows with the rank so the scale α/r stays the saved one.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
-    from safetensors.torch import load_file
+
+    from prunepath.checkpoint import adapter_tensors, peft_readable
 
     folder = Path(cfg.lora_init)
     saved = json.loads((folder / "adapter_config.json").read_text())
@@ -299,14 +311,15 @@ def _continue_lora(model, cfg: TrainConfig, names: list[str]):
             f"on {sorted(names)}. Pass its own --lora-targets and a --lora-r of at least {got_r} to train it further"
         )
     if got_r == cfg.lora_r:
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        with peft_readable(folder) as readable:  # an 8-bit adapter trains on from its de-quantised values
+            return PeftModel.from_pretrained(model, str(readable), is_trainable=True)
     if saved.get("use_dora") or saved.get("use_rslora") or saved.get("rank_pattern") or saved.get("alpha_pattern"):
         raise ValueError(f"the adapter in {cfg.lora_init} is not plain LoRA (DoRA, rsLoRA or per-module ranks); "
                          "its rank cannot grow: train it further at its own --lora-r")
     alpha = saved.get("lora_alpha", 8) * cfg.lora_r / got_r  # peft's default α is 8
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0))
-    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors = adapter_tensors(folder)
     params = dict(model.named_parameters())
     grown = 0
     with torch.no_grad():

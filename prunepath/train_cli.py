@@ -57,7 +57,8 @@ def add_cli(subparsers) -> None:
         ("kd_weight", float, "with --teacher: task = w * KL + (1 - w) * cross-entropy"),
         ("lora_r", int, "LoRA rank"),
         ("lora_targets", str, "ffn | attn | all"),
-        ("adapter_dtype", str, "the saved adapter's dtype: fp32 | bf16 (half the file; training stays fp32)"),
+        ("adapter_dtype", str, "the saved adapter's dtype: fp32 | bf16 (half the file) | int8 (8-bit rows, a quarter; "
+                               "only prunepath reads it); training stays fp32"),
         ("seed", int, "random seed"),
         ("save_every", int, "save every K steps"),
         ("keep_every", int, "also keep every K-th step's checkpoint in <out>/step-NNNNNN (0: off)"),
