@@ -17,8 +17,23 @@ Instead of one rank, a size budget (`--size-mb`) gives each layer kind (gate/up/
 ranks that keep the most of Σ‖ΔW‖²_F, the total squared error of the approximation, within the budget (greedy over
 the kinds' summed singular values, per byte). peft stores them as a rank pattern.
 
+The Frobenius norm weighs every input direction alike, but a layer's inputs are far from isotropic: what matters is
+the change of its outputs, ‖ΔW X‖ over real inputs X. `--whiten` runs the fine-tuned model on calibration text
+(at several τ, as it was trained), collects each target layer's input second moment G = E[x xᵀ] = S Sᵀ and keeps
+the best rank-r approximation of ΔW S instead (the data-whitened truncation of SVD-LLM, Wang et al. 2024):
+
+    ΔW S ≈ U_r Σ_r V_rᵀ   →   B A = U_r Σ_r V_rᵀ S⁻¹,   the rank-r minimiser of ‖(ΔW − B A) X‖_F
+
+with S = Q Λ^½ from G's eigendecomposition, its eigenvalues floored at `damp` × their mean (inputs the
+calibration never showed keep a little weight). The report then also gives the share of the output change kept.
+On the default model it kept about twice the plain truncation's share of a fine-tune's gain, in the same bytes.
+`--adapter-dtype int8` stores the factors' rows in 8 bits (`prunepath.checkpoint.quantize_rows`): twice bf16's
+rank in the same file size.
+
     prunepath extract-adapter --checkpoint ft/ --rank 24 --adapter-dtype bf16 --out small/
     prunepath extract-adapter --checkpoint ft/ --size-mb 16 --out small/       # ranks per layer kind
+    prunepath extract-adapter --checkpoint ft/ --rank 24 --whiten --device cuda --out small/  # by output change
+    prunepath extract-adapter --checkpoint ft/ --rank 48 --whiten --adapter-dtype int8 --out small/  # 8-bit rows
     prunepath calibrate --checkpoint small/ --target 0.25 0.5 0.75 --save     # the τ moved with the weights
 """
 
