@@ -258,15 +258,15 @@ def adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = adapter_file(folder)
     try:
-        tensors = load_file(path)
-        if path.name != INT8_ADAPTER_FILE:
-            return tensors
         with safe_open(path, framework="pt") as f:
             quant = (f.metadata() or {}).get("prunepath_quant")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise CheckpointError(f"the adapter in {path.parent} is corrupt ({e}); re-save the checkpoint") from None
+    if path.name != INT8_ADAPTER_FILE:
+        return tensors
     if quant != _INT8:
         raise CheckpointError(f"{path} is stored as {quant!r}, which this version cannot read (it reads {_INT8!r})")
     out = {}
