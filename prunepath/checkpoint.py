@@ -261,9 +261,9 @@ def adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         with safe_open(path, framework="pt") as f:
             quant = (f.metadata() or {}).get("prunepath_quant")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
     except (SafetensorError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
         raise CheckpointError(f"the adapter in {path.parent} is corrupt ({e}); re-save the checkpoint") from None
     if path.name != INT8_ADAPTER_FILE:
         return tensors
@@ -281,13 +281,16 @@ def adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def peft_readable(folder: str | os.PathLike):
-    """A folder peft can load the adapter from: `folder` itself, or a float copy of an 8-bit adapter."""
+def peft_readable(folder: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None):
+    """A folder peft can load the adapter from: `folder` itself, or a float copy of an 8-bit adapter.
+
+    tensors: the adapter's `adapter_tensors`, if the caller has already read them.
+    """
     folder = Path(folder)
     if not (folder / INT8_ADAPTER_FILE).is_file():
         yield folder
         return
-    tensors = adapter_tensors(folder)
+    tensors = adapter_tensors(folder) if tensors is None else tensors
     with tempfile.TemporaryDirectory(prefix="prunepath-adapter-") as tmp:
         (Path(tmp) / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
         save_file(tensors, Path(tmp) / ADAPTER_FILE)
@@ -321,7 +324,7 @@ def _merge_adapter(model, folder: Path):
     if not plain:
         from peft import PeftModel
 
-        with peft_readable(folder) as readable:
+        with peft_readable(folder, tensors) as readable:
             return PeftModel.from_pretrained(model, readable).merge_and_unload()
     scale = cfg["lora_alpha"] / cfg["r"]
     modules = dict(model.named_modules())

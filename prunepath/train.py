@@ -73,6 +73,7 @@ TEACHERS = (None, "dense")
 DENSE_TAU = 1.05  # stage 1: τ > 1 keeps every expert
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.json"
+ADAPTER_DTYPES = ("fp32", "bf16", "int8")  # how save_adapter stores it; training itself stays in fp32
 
 
 def linear_layer_names(targets: str) -> list[str]:
@@ -81,8 +82,6 @@ def linear_layer_names(targets: str) -> list[str]:
         raise ValueError(f"targets must be 'ffn', 'attn' or 'all', got {targets!r}")
     return [n for k in (("ffn", "attn") if targets == "all" else (targets,)) for n in LINEAR_LAYERS[k]]
 
-
-ADAPTER_DTYPES = ("fp32", "bf16", "int8")
 
 
 def save_adapter(peft_model, folder, dtype: str = "fp32") -> None:
