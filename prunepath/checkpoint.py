@@ -246,8 +246,15 @@ def write_int8_adapter(folder: str | os.PathLike) -> Path:
 
 
 def adapter_file(folder: str | os.PathLike) -> Path:
-    """The adapter's weights file in `folder`: peft's, or the 8-bit one."""
+    """The adapter's weights file in `folder`: peft's, or the 8-bit one.
+
+    Raises CheckpointError if both are there: which one was meant cannot be told (a `git checkout` of an older
+    default, say, brings its float file back beside the newer 8-bit one).
+    """
     folder = Path(folder)
+    if (folder / INT8_ADAPTER_FILE).is_file() and (folder / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{folder} holds two adapters, {ADAPTER_FILE} and {INT8_ADAPTER_FILE}; remove the one "
+                              "you do not mean (adapter_config.json must be the one saved with it)")
     return folder / (INT8_ADAPTER_FILE if (folder / INT8_ADAPTER_FILE).is_file() else ADAPTER_FILE)
 
 

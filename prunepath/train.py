@@ -90,8 +90,9 @@ def save_adapter(peft_model, folder, dtype: str = "fp32") -> None:
     int8 (`prunepath.checkpoint.write_int8_adapter`) halves bf16's bytes, so twice the rank fits one file size;
     peft alone cannot read that file, `prunepath.load` and `--continue-adapter` can.
     """
-    from prunepath.checkpoint import write_int8_adapter
+    from prunepath.checkpoint import INT8_ADAPTER_FILE, write_int8_adapter
 
+    (Path(folder) / INT8_ADAPTER_FILE).unlink(missing_ok=True)  # an earlier save's 8-bit file would shadow this one
     state = None  # peft picks the adapter's tensors out of the state dict it is given
     if dtype == "bf16":
         state = {k: v.to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}

@@ -123,6 +123,25 @@ def test_a_damaged_int8_adapter_is_refused(tiny_llama, tmp_path):
         prunepath.load(tmp_path / "a", base=(bases[2], None))
 
 
+def test_two_adapter_files_are_refused_and_a_float_save_drops_a_stale_8bit_one(tiny_llama, tmp_path):
+    bases = _bases(tiny_llama, 2)
+    model = _moefy(tiny_llama)
+    train(copy.deepcopy(model), None, _lora(adapter_dtype="int8"), tmp_path / "a", batches=_batch(), progress=False)
+    train(model, None, _lora(adapter_dtype="bf16"), tmp_path / "b", batches=_batch(), progress=False)
+    folder = tmp_path / "a" / "adapter"
+    # an older float adapter brought back beside the 8-bit one (a checkout of an older default does this)
+    (folder / ADAPTER_FILE).write_bytes((tmp_path / "b" / "adapter" / ADAPTER_FILE).read_bytes())
+    with pytest.raises(prunepath.CheckpointError, match="two adapters"):
+        prunepath.load(tmp_path / "a", base=(bases[0], None))
+    # a float save into a folder that holds an 8-bit file replaces it instead of leaving it to shadow the new one
+    (folder / ADAPTER_FILE).unlink()
+    (tmp_path / "b" / "adapter" / INT8_ADAPTER_FILE).write_bytes((folder / INT8_ADAPTER_FILE).read_bytes())
+    train(_moefy(bases[1]), None, _lora(adapter_dtype="bf16", seed=1), tmp_path / "b", batches=_batch(),
+          progress=False)
+    assert not (tmp_path / "b" / "adapter" / INT8_ADAPTER_FILE).exists()
+    assert (tmp_path / "b" / "adapter" / ADAPTER_FILE).is_file()
+
+
 def test_extract_int8_fits_twice_the_rank_of_bf16_in_the_same_bytes(tiny_llama, tmp_path):
     model = _moefy(copy.deepcopy(tiny_llama))
     g = torch.Generator().manual_seed(3)

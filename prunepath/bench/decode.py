@@ -225,6 +225,8 @@ def main(argv=None) -> int:
     rows = bench_default(args, device, dtype) if args.model == "default" else bench_random(args, device, dtype)
     result = {**environment(), "model": args.model, "dtype": str(dtype), "new_tokens": args.new_tokens,
               "prompt_len": args.prompt_len, "rows": rows}
+    if args.model == "default":
+        result["checkpoint"] = args.checkpoint  # which PrunePath checkpoint ("default" is whichever is packaged)
     out = Path(args.out or f"results/bench/decode_{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
