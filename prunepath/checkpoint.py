@@ -252,10 +252,13 @@ def adapter_file(folder: str | os.PathLike) -> Path:
     default, say, brings its float file back beside the newer 8-bit one).
     """
     folder = Path(folder)
-    if (folder / INT8_ADAPTER_FILE).is_file() and (folder / ADAPTER_FILE).is_file():
+    int8, plain = folder / INT8_ADAPTER_FILE, folder / ADAPTER_FILE
+    if not int8.is_file():
+        return plain
+    if plain.is_file():
         raise CheckpointError(f"{folder} holds two adapters, {ADAPTER_FILE} and {INT8_ADAPTER_FILE}; remove the one "
                               "you do not mean (adapter_config.json must be the one saved with it)")
-    return folder / (INT8_ADAPTER_FILE if (folder / INT8_ADAPTER_FILE).is_file() else ADAPTER_FILE)
+    return int8
 
 
 def adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -83,7 +83,6 @@ def linear_layer_names(targets: str) -> list[str]:
     return [n for k in (("ffn", "attn") if targets == "all" else (targets,)) for n in LINEAR_LAYERS[k]]
 
 
-
 def save_adapter(peft_model, folder, dtype: str = "fp32") -> None:
     """peft's save_pretrained, the tensors in bf16 or as 8-bit rows when asked (the loaders de-quantise them).
 
