@@ -27,6 +27,11 @@ the best rank-r approximation of ΔW S instead (the data-whitened truncation of 
 with S = Q Λ^½ from G's eigendecomposition, its eigenvalues floored at `damp` × their mean (inputs the
 calibration never showed keep a little weight). The report then also gives the share of the output change kept.
 On the default model it kept about twice the plain truncation's share of a fine-tune's gain, in the same bytes.
+`--fisher` weighs the outputs too, by the calibration loss's gradients there (g = ∂L/∂y, L the next-token
+cross-entropy): with Γ = E[g gᵀ] = T Tᵀ it truncates Tᵀ ΔW S, the rank-r minimiser of tr(Rᵀ Γ R G), R = ΔW − B A,
+which is the second-order loss change under the Kronecker-factored Fisher Γ ⊗ G (K-FAC; the two-sided weighting of
+GFWSVD, Chekalina et al. 2025, and IO-SVD, Abbasi et al. 2026). An output direction the loss does not feel costs
+nothing to drop, one it feels strongly costs more than its energy says.
 `--adapter-dtype int8` stores the factors' rows in 8 bits (`prunepath.checkpoint.quantize_rows`): twice bf16's
 rank in the same file size.
 
@@ -34,6 +39,7 @@ rank in the same file size.
     prunepath extract-adapter --checkpoint ft/ --size-mb 16 --out small/       # ranks per layer kind
     prunepath extract-adapter --checkpoint ft/ --rank 24 --whiten --device cuda --out small/  # by output change
     prunepath extract-adapter --checkpoint ft/ --rank 48 --whiten --adapter-dtype int8 --out small/  # 8-bit rows
+    prunepath extract-adapter --checkpoint ft/ --rank 48 --whiten --fisher --adapter-dtype int8 --out small/  # by loss
     prunepath calibrate --checkpoint small/ --target 0.25 0.5 0.75 --save     # the τ moved with the weights
 """
 
@@ -91,19 +97,30 @@ def whitening(gram: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, tor
 
 
 def whitened_low_rank(
-    delta: torch.Tensor, white: tuple[torch.Tensor, torch.Tensor], rank: int
+    delta: torch.Tensor,
+    white: tuple[torch.Tensor, torch.Tensor],
+    rank: int,
+    out_white: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """The rank-`rank` factors that change `delta`'s outputs least -> (B, A, ‖ΔW‖² kept, output change kept).
+    """The rank-`rank` factors that change `delta`'s outputs least -> (B, A, ‖ΔW‖² kept, weighted change kept).
 
     Minimises ‖(delta − B A) S‖_F, white = (S, S⁻¹) from `whitening` (S Sᵀ = the inputs' second moment): the truncated
-    SVD of delta·S, mapped back by S⁻¹. Each rank-1 component's norm is split evenly between its column of B
-    and its row of A, as LoRA training wants. ‖ΔW‖² kept: 1 − ‖ΔW − B A‖²_F / ‖ΔW‖²_F (it can fall below a
-    plain SVD's, or below 0); output change kept: the share of ‖ΔW S‖²_F held (1.0 for a zero delta).
+    SVD of delta·S, mapped back by S⁻¹. With out_white = (T, T⁻¹) (T Tᵀ = the outputs' gradient second moment, also
+    from `whitening`) it minimises ‖Tᵀ (delta − B A) S‖_F instead: the second-order loss change under the
+    Kronecker-factored (K-FAC) Fisher, tr(Rᵀ Γ R G) for R = delta − B A. Each rank-1 component's norm is split evenly
+    between its column of B and its row of A, as LoRA training wants. ‖ΔW‖² kept: 1 − ‖ΔW − B A‖²_F / ‖ΔW‖²_F (it can
+    fall below a plain SVD's, or below 0); weighted change kept: the share of ‖ΔW S‖²_F (‖Tᵀ ΔW S‖²_F) held (1.0
+    for a zero delta).
     """
     s_mat, s_inv = white
-    u, sv, vh = torch.linalg.svd(delta.float() @ s_mat, full_matrices=False)
+    target = delta.float() @ s_mat
+    if out_white is not None:
+        target = out_white[0].T @ target
+    u, sv, vh = torch.linalg.svd(target, full_matrices=False)
     k = min(rank, sv.numel())
     b_k = u[:, :k] * sv[:k]  # [out, k]
+    if out_white is not None:
+        b_k = out_white[1].T @ b_k  # T⁻ᵀ
     a_k = vh[:k] @ s_inv  # [k, in]
     scale = (a_k.norm(dim=1) / b_k.norm(dim=0).clamp_min(1e-30)).sqrt()  # balance each component's norms
     scale = torch.where(sv[:k] > 0, scale, torch.ones_like(scale))
@@ -113,6 +130,12 @@ def whitened_low_rank(
     total, energy = float((sv**2).sum()), float(delta.float().norm() ** 2)
     kept = 1.0 - float((delta.float() - b @ a).norm() ** 2) / energy if energy > 0 else 1.0
     return b, a, kept, float((sv[:k] ** 2).sum()) / total if total > 0 else 1.0
+
+
+def output_kept(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s_mat: torch.Tensor) -> float:
+    """1 − ‖(ΔW − B A) S‖²_F / ‖ΔW S‖²_F: the share of the layer's output change on the inputs (S Sᵀ) that B A holds."""
+    total = float((delta.float() @ s_mat).norm() ** 2)
+    return 1.0 - float(((delta.float() - b @ a) @ s_mat).norm() ** 2) / total if total > 0 else 1.0
 
 
 @torch.no_grad()
@@ -156,8 +179,63 @@ def input_grams(model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS, b
     return {m: (g / count[0]).float().cpu() for m, g in sums.items()}
 
 
-def fine_tuned_grams(folder, base, ids, kinds, taus, device: str = "cpu") -> dict:
-    """`input_grams` of a full fine-tune's target layers (child names `kinds`), its own weights loaded.
+@torch.no_grad()
+def _accumulate(sums: dict, name: str, t: torch.Tensor) -> None:
+    t2 = t.reshape(-1, t.shape[-1]).float()
+    sums[name] = sums[name] + t2.T @ t2 if name in sums else t2.T @ t2
+
+
+def gradient_grams(model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS, batch_size: int = 8) -> dict:
+    """E[g gᵀ] of each named module's output gradient over calibration ids [B, T], averaged over global τ settings.
+
+    g = ∂L/∂y at each token, L the next-token cross-entropy summed over the batch's tokens: with `input_grams`, the
+    two Kronecker factors of the layer's (empirical) Fisher, E[g gᵀ] ⊗ E[x xᵀ] (K-FAC, Martens & Grosse 2015). No
+    parameter gradient is computed (the embeddings' output is where the graph starts); the parameters' requires_grad
+    flags and the model's rules are restored afterwards. Returns module name -> [out, out] float32 on the CPU.
+    """
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+
+    def hook(name):
+        def fn(_module, _args, out):
+            if out.requires_grad:
+                out.register_hook(lambda g: _accumulate(sums, name, g))
+
+        return fn
+
+    named = dict(model.named_modules())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = [named[m].register_forward_hook(hook(m)) for m in sorted(modules)]
+    handles.append(model.get_input_embeddings().register_forward_hook(
+        lambda _m, _a, out: out.detach().requires_grad_()))
+    saved = [f.rule for f in model.prunepath_ffns()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for tau in taus:
+                model.set_tau(float(tau))
+                for s in range(0, ids.shape[0], batch_size):
+                    batch = ids[s : s + batch_size].to(device)
+                    logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
+                    loss.backward()
+                    count += batch[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for f, r in zip(model.prunepath_ffns(), saved):
+            f.rule = r
+    return {m: (g / count).float().cpu() for m, g in sums.items()}
+
+
+def fine_tuned_grams(folder, base, ids, kinds, taus, device: str = "cpu", gradients: bool = False):
+    """`input_grams` (and `gradient_grams`) of a full fine-tune's target layers (child names `kinds`), its own
+    weights loaded -> (input grams, gradient grams or None, calibration tokens per τ).
 
     ids: token ids [B, T], or a number of tokens of the calibration text (lm/wiki_demo.txt, 512-token windows,
     seed 2: not the windows `prunepath calibrate` measures τ on).
@@ -169,11 +247,11 @@ def fine_tuned_grams(folder, base, ids, kinds, taus, device: str = "cpu") -> dic
         ids = calibration_batches(tokenizer, ids, WHITEN_SEQ_LEN, seed=2)
     modules = {n for n, _ in tuned.named_modules() if n.rsplit(".", 1)[-1] in kinds}
     grams = input_grams(tuned, ids, modules, taus)
-    grams["tokens"] = int(ids.numel())  # per τ
+    grads = gradient_grams(tuned, ids, modules, taus) if gradients else None
     del tuned
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
-    return grams
+    return grams, grads, int(ids.numel())
 
 
 def allocate_ranks(spectra: dict[str, list[torch.Tensor]], cost: dict[str, int], budget: int) -> dict[str, int]:
@@ -212,6 +290,7 @@ def extract_adapter(
     taus: tuple[float, ...] = WHITEN_TAUS,
     damp: float = 0.01,
     device: str = "cpu",
+    fisher: float | None = None,
 ) -> dict:
     """Write `finetuned`'s weight changes as a LoRA adapter in a new checkpoint `out` -> report.
 
@@ -222,6 +301,9 @@ def extract_adapter(
     whiten: calibration tokens (a count, or ids [B, T]): keep what changes each layer's outputs most on the
     fine-tuned model's inputs there (at each global τ of `taus`, averaged; `input_grams`, `whitened_low_rank`,
     eigenvalue floor `damp`), instead of what changes its weights most. device: where that forward runs.
+    fisher: with whiten, also weigh each layer's outputs by the calibration loss's gradients there (`gradient_grams`,
+    `whitened_low_rank`'s out_white; the value is that side's eigenvalue floor, × the mean): keep what changes the
+    loss most (the K-FAC Fisher), not what changes the outputs most.
     The report (also stored in `out`/prunepath.json under train → extract): per target kind, the relative
     change ‖ΔW‖/‖W‖ and the share of ‖ΔW‖² the rank kept; every other parameter that moved, with its
     relative change (those are left at their base values).
@@ -245,6 +327,11 @@ def extract_adapter(
             raise ValueError(f"taus must be one or more values > 0 (> 1 is dense), got {taus!r}")
         if not damp > 0:
             raise ValueError(f"damp must be > 0, got {damp!r}")
+    if fisher is not None:
+        if whiten is None:
+            raise ValueError("fisher weighs the whitened truncation by the loss's gradients: give whiten too")
+        if not fisher > 0:
+            raise ValueError(f"fisher (the gradient side's eigenvalue floor) must be > 0, got {fisher!r}")
     names = linear_layer_names(targets)
     out = Path(out)
     if (out / "prunepath.json").exists() or (out / "adapter").exists():
@@ -266,8 +353,8 @@ def extract_adapter(
     grams = {}
     if whiten is not None:  # the fine-tuned model's inputs, first: loading `base` below converts it in place
         tuned_base = (copy.deepcopy(base[0]), base[1]) if isinstance(base, tuple) else base
-        grams = fine_tuned_grams(folder, tuned_base, whiten, names, taus, device)
-        grams_tokens = grams.pop("tokens")
+        grams, grads, grams_tokens = fine_tuned_grams(folder, tuned_base, whiten, names, taus, device,
+                                                      gradients=fisher is not None)
     model, _ = load(folder, base=base, full_weights=False)  # the base model under the fine-tune's routers
     modules = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in names}
     if not modules:
@@ -299,10 +386,16 @@ def extract_adapter(
         raise CheckpointError(f"the fine-tuned model of {folder} never called {sorted(missing)[:3]} on the "
                               "calibration text, so their inputs are unknown; extract without --whiten")
     white = {m: whitening(g, damp) for m, g in grams.items() if m in deltas}
+    if fisher is not None and set(white) - set(grads):
+        raise CheckpointError(f"no gradient reached {sorted(set(white) - set(grads))[:3]} on the calibration text, so "
+                              "their outputs cannot be weighed; extract without --fisher")
+    out_white = {m: whitening(grads[m], fisher) for m in white} if fisher is not None else {}
 
-    def target_of(m):  # the matrix whose best truncation is wanted: ΔW, or ΔW S when whitened
+    def target_of(m):  # the matrix whose best truncation is wanted: ΔW, ΔW S when whitened, Tᵀ ΔW S with fisher
         delta = deltas[m][0]
-        return delta @ white[m][0] if white else delta
+        if not white:
+            return delta
+        return out_white[m][0].T @ (delta @ white[m][0]) if out_white else delta @ white[m][0]
 
     kind_of = {m: m.rsplit(".", 1)[-1] for m in deltas}
     if size_mb is None:
@@ -322,15 +415,19 @@ def extract_adapter(
     factors, kinds = {}, {}
     for m, (delta, weight) in deltas.items():
         kind = kind_of[m]
-        k = kinds.setdefault(kind, {"delta": 0.0, "weight": 0.0, "kept": 0.0, "output": 0.0, "output_kept": 0.0})
+        k = kinds.setdefault(kind, {"delta": 0.0, "weight": 0.0, "kept": 0.0, "output": 0.0, "output_kept": 0.0,
+                                    "loss": 0.0, "loss_kept": 0.0})
         energy = float(delta.norm() ** 2)
         k["delta"], k["weight"] = k["delta"] + energy, k["weight"] + weight
-        out_energy = float(target_of(m).norm() ** 2) if white else 0.0
+        out_energy = float((delta @ white[m][0]).norm() ** 2) if white else 0.0
+        loss_energy = float(target_of(m).norm() ** 2) if out_white else 0.0
         k["output"] += out_energy
+        k["loss"] += loss_energy
         if ranks[kind]:
             if white:
-                b, a, kept, out_kept = whitened_low_rank(delta, white[m], ranks[kind])
-                k["output_kept"] += out_kept * out_energy
+                b, a, kept, target_kept = whitened_low_rank(delta, white[m], ranks[kind], out_white.get(m))
+                k["output_kept"] += output_kept(delta, b, a, white[m][0]) * out_energy
+                k["loss_kept"] += target_kept * loss_energy
             else:
                 b, a, kept = low_rank(delta, ranks[kind])
             factors[m] = (b, a)
@@ -348,6 +445,9 @@ def extract_adapter(
         report["output_kept"] = {k: v["output_kept"] / v["output"] if v["output"] > 0 else 1.0
                                  for k, v in kinds.items()}
         report["whiten"] = {"tokens": grams_tokens, "taus": [float(t) for t in taus], "damp": damp}
+    if out_white:
+        report["loss_kept"] = {k: v["loss_kept"] / v["loss"] if v["loss"] > 0 else 1.0 for k, v in kinds.items()}
+        report["whiten"]["fisher"] = fisher
 
     top = max(ranks.values())
     pattern = {k: r for k, r in ranks.items() if r and r != top}  # peft matches these against each layer's name
@@ -370,17 +470,20 @@ def extract_adapter(
 
 
 def format_report(report: dict) -> str:
-    out_kept = report.get("output_kept")
+    out_kept, loss_kept = report.get("output_kept"), report.get("loss_kept")
     lines = [f"adapter ({report['adapter_dtype']}, {report['adapter_bytes'] / 1e6:.1f} MB) from {report['from']}",
              f"{'layer':<10} {'rank':>5} {'‖ΔW‖/‖W‖':>10} {'‖ΔW‖² kept':>11}"
-             + (" output change kept" if out_kept else "")]
+             + (" output change kept" if out_kept else "") + (" loss-weighted kept" if loss_kept else "")]
     for k, r in report["rank"].items():
         line = f"{k:<10} {r:>5} {report['change'][k]:>10.4f} {report['kept'][k]:>11.1%}"
-        lines.append(line + (f" {out_kept[k]:>18.1%}" if out_kept else ""))
+        line += f" {out_kept[k]:>18.1%}" if out_kept else ""
+        lines.append(line + (f" {loss_kept[k]:>18.1%}" if loss_kept else ""))
     if out_kept:
         w = report["whiten"]
         lines.append(f"whitened by the inputs of {w['tokens']:,} calibration tokens at τ = "
-                     f"{', '.join(f'{t:g}' for t in w['taus'])} (eigenvalue floor {w['damp']:g} × mean)")
+                     f"{', '.join(f'{t:g}' for t in w['taus'])} (eigenvalue floor {w['damp']:g} × mean)"
+                     + (f", outputs weighted by the loss's gradients (floor {w['fisher']:g} × mean)"
+                        if "fisher" in w else ""))
     moved = report["not_carried"]
     if moved:
         top = ", ".join(f"{n} {c:.2e}" for n, c in list(moved.items())[:3])
@@ -412,6 +515,9 @@ def add_cli(subparsers) -> None:
                    help="global τ at which the inputs are collected, averaged (default "
                         + " ".join(map(str, WHITEN_TAUS)) + ")")
     p.add_argument("--damp", type=float, default=0.01, help="floor of the inputs' eigenvalues, × their mean")
+    p.add_argument("--fisher", type=float, nargs="?", const=0.01, default=None, metavar="DAMP",
+                   help="with --whiten: also weigh each layer's outputs by the calibration loss's gradients (K-FAC "
+                        "Fisher), keeping what changes the loss most; DAMP floors their eigenvalues (default 0.01)")
     p.add_argument("--device", default="cpu", help="where --whiten's forward passes run (cpu | cuda)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_run)
@@ -420,7 +526,7 @@ def add_cli(subparsers) -> None:
 def _run(args) -> int:
     report = extract_adapter(args.checkpoint, args.out, args.rank, args.targets, args.adapter_dtype,
                              size_mb=args.size_mb, whiten=args.whiten, taus=tuple(args.whiten_tau), damp=args.damp,
-                             device=args.device)
+                             device=args.device, fisher=args.fisher)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     print(f"saved to {args.out}; calibrate it: "
           f"prunepath calibrate --checkpoint {args.out} --target 0.25 0.5 0.75 --save")

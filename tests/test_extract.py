@@ -16,8 +16,10 @@ from prunepath.extract import (
     allocate_ranks,
     extract_adapter,
     format_report,
+    gradient_grams,
     input_grams,
     low_rank,
+    output_kept,
     whitened_low_rank,
     whitening,
 )
@@ -229,6 +231,67 @@ def test_whitened_low_rank_is_the_best_rank_for_the_outputs():
         whitening(gram, damp=0)
 
 
+def test_fisher_weighted_low_rank_is_the_best_rank_for_the_loss():
+    g = torch.Generator().manual_seed(15)
+    delta = torch.randn(40, 24, generator=g, dtype=torch.float64).float()
+    x = torch.randn(500, 24, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)
+    y = torch.randn(500, 40, generator=g, dtype=torch.float64) * torch.logspace(-2, 0, 40, dtype=torch.float64)
+    gram, grad = (x.T @ x / 500).float(), (y.T @ y / 500).float()  # both sides strongly anisotropic
+    white, out_white = whitening(gram, damp=1e-6), whitening(grad, damp=1e-6)
+
+    def loss_err(b, a):  # tr(Rᵀ Γ R G): the second-order loss change under the K-FAC Fisher
+        r = (delta - b @ a).double()
+        return float(torch.trace(r.T @ grad.double() @ r @ gram.double()))
+
+    b, a, kept, loss_kept = whitened_low_rank(delta, white, 5, out_white)
+    sv = torch.linalg.svdvals((out_white[0].T @ delta @ white[0]).double())
+    assert loss_err(b, a) == pytest.approx(float((sv[5:] ** 2).sum()), rel=1e-3)  # Eckart-Young on Tᵀ ΔW S
+    assert loss_kept == pytest.approx(float((sv[:5] ** 2).sum() / (sv**2).sum()), rel=1e-4)
+    ob, oa, _, _ = whitened_low_rank(delta, white, 5)  # the outputs alone
+    assert loss_err(b, a) < 0.5 * loss_err(ob, oa)
+    assert output_kept(delta, ob, oa, white[0]) > output_kept(delta, b, a, white[0])  # ... which keep more output
+    torch.testing.assert_close(b.norm(dim=0), a.norm(dim=1), rtol=1e-4, atol=1e-6)
+    b, a, _, loss_kept = whitened_low_rank(delta, white, 24, out_white)  # full rank: exact
+    torch.testing.assert_close(b @ a, delta, atol=1e-3, rtol=1e-3)
+    assert loss_kept == pytest.approx(1.0)
+
+
+def test_gradient_grams_are_each_layers_output_gradient_second_moment(tiny_llama):
+    model = _moefy(copy.deepcopy(tiny_llama))
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(16))
+    names = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("v_proj", "up_proj", "down_proj")}
+    rules = [f.rule.spec for f in model.prunepath_ffns()]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    grads = gradient_grams(model, ids, names, taus=(0.5, 1.05), batch_size=2)
+    assert set(grads) == names and [f.rule.spec for f in model.prunepath_ffns()] == rules  # restored
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradient was made
+    outs = {}  # the same gradients by hand: every output retained, the summed loss over all rows at once
+
+    def keep(name):
+        def fn(_m, _a, out):
+            out.retain_grad()
+            outs[name] = out
+
+        return fn
+
+    hooks = [dict(model.named_modules())[n].register_forward_hook(keep(n)) for n in names]
+    seen = {n: [] for n in names}
+    for tau in (0.5, 1.05):
+        model.set_tau(tau)
+        outs.clear()
+        logits = model(input_ids=ids).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, 128), ids[:, 1:].reshape(-1), reduction="sum").backward()
+        for n in names:
+            seen[n].append(outs[n].grad.reshape(-1, outs[n].shape[-1]))
+    for h in hooks:
+        h.remove()
+    for n in names:
+        gr = torch.cat(seen[n])
+        torch.testing.assert_close(grads[n], gr.T @ gr / (2 * 3 * 9), atol=1e-7, rtol=1e-4)
+    assert grads["model.layers.1.mlp.up_proj"].shape == (128, 128)
+
+
 def test_input_grams_are_each_layers_input_second_moment(tiny_llama):
     model = _moefy(copy.deepcopy(tiny_llama))
     ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(6))
@@ -291,6 +354,38 @@ def test_whitened_extraction_keeps_more_of_each_layers_output_change(tiny_llama,
     assert "output change kept" in format_report(white) and "whitened by" in format_report(white)
 
 
+def test_fisher_extraction_keeps_more_of_each_layers_loss_change(tiny_llama, tmp_path):
+    model = _moefy(copy.deepcopy(tiny_llama))
+    g = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                p.add_(0.004 * torch.randn(p.shape, generator=g))
+    prunepath.save(model, tmp_path / "ft", full_weights=True)
+    ids = torch.randint(0, 128, (4, 16), generator=g)
+    kw = dict(whiten=ids, taus=(0.6, 1.05), adapter_dtype="fp32")  # a fresh base each time: load converts it
+    full = extract_adapter(tmp_path / "ft", tmp_path / "f64", rank=64, fisher=0.01, base=_base(tiny_llama), **kw)
+    assert min(full["loss_kept"].values()) > 0.9999 and full["whiten"]["fisher"] == 0.01
+    fisher = extract_adapter(tmp_path / "ft", tmp_path / "f4", rank=4, fisher=0.01, base=_base(tiny_llama), **kw)
+    extract_adapter(tmp_path / "ft", tmp_path / "w4", rank=4, base=_base(tiny_llama), **kw)
+    assert all(0 < v < 1 for v in fisher["loss_kept"].values()) and "output_kept" in fisher
+    report = format_report(fisher)
+    assert "loss-weighted kept" in report and "weighted by the loss's gradients" in report
+    tuned, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama))
+    module = "model.layers.1.mlp.down_proj"
+    gram = input_grams(tuned, ids, {module}, (0.6, 1.05))[module]
+    grad = gradient_grams(tuned, ids, {module}, (0.6, 1.05))[module]
+    plain, _ = prunepath.load(tmp_path / "ft", base=_base(tiny_llama), full_weights=False)
+    delta = (dict(tuned.named_modules())[module].weight - dict(plain.named_modules())[module].weight).detach()
+    errs = []
+    for folder in ("f4", "w4"):
+        t = load_file(tmp_path / folder / "adapter" / "adapter_model.safetensors")
+        key = f"base_model.model.{module}.lora_"
+        r = delta - t[key + "B.weight"] @ t[key + "A.weight"]
+        errs.append(float(torch.trace(r.T @ grad @ r @ gram)))  # the K-FAC loss change
+    assert errs[0] < errs[1]
+
+
 def test_whiten_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_path, capsys):
     model = _moefy(copy.deepcopy(tiny_llama))
     prunepath.save(model, tmp_path / "ft", full_weights=True)
@@ -302,6 +397,10 @@ def test_whiten_bad_input_is_refused_before_anything_is_written(tiny_llama, tmp_
         extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=ids, taus=())
     with pytest.raises(ValueError, match="damp"):
         extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=ids, damp=0.0)
+    with pytest.raises(ValueError, match="give whiten too"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, fisher=0.01)
+    with pytest.raises(ValueError, match="fisher"):
+        extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=ids, fisher=0.0)
     with pytest.raises(ValueError, match="tokenizer"):  # a count needs the tokenizer, which a bare pair lacks
         extract_adapter(tmp_path / "ft", tmp_path / "o", rank=4, whiten=1024, base=_base(tiny_llama))
     code = main(["extract-adapter", "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "o"), "--rank", "4",
