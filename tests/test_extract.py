@@ -38,6 +38,18 @@ def _base(tiny):
     return m, None
 
 
+def _perturbed_fine_tune(tiny, folder, seed):
+    """A full-weights checkpoint in `folder`: every target linear layer moved a little at random -> calibration ids."""
+    model = _moefy(copy.deepcopy(tiny))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                p.add_(0.004 * torch.randn(p.shape, generator=g))
+    prunepath.save(model, folder, full_weights=True)
+    return torch.randint(0, 128, (4, 16), generator=g)
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -318,14 +330,7 @@ def test_input_grams_are_each_layers_input_second_moment(tiny_llama):
 
 
 def test_whitened_extraction_keeps_more_of_each_layers_output_change(tiny_llama, tmp_path):
-    model = _moefy(copy.deepcopy(tiny_llama))
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-                p.add_(0.004 * torch.randn(p.shape, generator=g))
-    prunepath.save(model, tmp_path / "ft", full_weights=True)
-    ids = torch.randint(0, 128, (4, 16), generator=g)
+    ids = _perturbed_fine_tune(tiny_llama, tmp_path / "ft", seed=7)
     full = extract_adapter(tmp_path / "ft", tmp_path / "w64", rank=64, adapter_dtype="fp32", base=_base(tiny_llama),
                            whiten=ids, taus=(0.6, 1.05))
     assert min(full["output_kept"].values()) > 0.9999 and min(full["kept"].values()) > 0.9999
@@ -355,14 +360,7 @@ def test_whitened_extraction_keeps_more_of_each_layers_output_change(tiny_llama,
 
 
 def test_fisher_extraction_keeps_more_of_each_layers_loss_change(tiny_llama, tmp_path):
-    model = _moefy(copy.deepcopy(tiny_llama))
-    g = torch.Generator().manual_seed(17)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-                p.add_(0.004 * torch.randn(p.shape, generator=g))
-    prunepath.save(model, tmp_path / "ft", full_weights=True)
-    ids = torch.randint(0, 128, (4, 16), generator=g)
+    ids = _perturbed_fine_tune(tiny_llama, tmp_path / "ft", seed=17)
     kw = dict(whiten=ids, taus=(0.6, 1.05), adapter_dtype="fp32")  # a fresh base each time: load converts it
     full = extract_adapter(tmp_path / "ft", tmp_path / "f64", rank=64, fisher=0.01, base=_base(tiny_llama), **kw)
     assert min(full["loss_kept"].values()) > 0.9999 and full["whiten"]["fisher"] == 0.01
