@@ -138,91 +138,69 @@ def output_kept(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor, s_mat: to
     return 1.0 - float(((delta.float() - b @ a) @ s_mat).norm() ** 2) / total if total > 0 else 1.0
 
 
-@torch.no_grad()
-def input_grams(model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS, batch_size: int = 8) -> dict:
-    """E[x xᵀ] of each named module's input over calibration ids [B, T], averaged over global τ settings.
+def layer_grams(
+    model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS, batch_size: int = 8, gradients: bool = False
+) -> tuple[dict, dict | None]:
+    """E[x xᵀ] of each named module's input (and E[g gᵀ] of its output gradient) over calibration ids [B, T],
+    averaged over global τ settings -> (input grams, gradient grams or None), module name -> float32 on the CPU.
 
-    Modules called one after another on the same tensor (q/k/v, gate/up) share one product. The model's
-    rules are restored afterwards. Returns module name -> [in, in] float32 on the CPU.
+    Modules called one after another on the same tensor (q/k/v, gate/up) share one input product. With gradients,
+    the same forward passes also run backward: g = ∂L/∂y at each token, L the next-token cross-entropy summed over the
+    batch's tokens, so that E[g gᵀ] ⊗ E[x xᵀ] is the layer's (empirical) Fisher in Kronecker factors (K-FAC, Martens &
+    Grosse 2015). No parameter gradient is computed (the embeddings' output is where the graph starts). The model's
+    rules and its parameters' requires_grad flags are restored afterwards.
     """
     device = next(model.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
-    count = [0]
+    ins: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+    tokens, targets = 0, 0
     last: list = [None, None]  # the latest input and its xᵀx: q/k/v (gate/up) are called one after another on it
 
-    def hook(name):
+    def gram(t):
+        t2 = t.detach().reshape(-1, t.shape[-1]).float()
+        return t2.T @ t2
+
+    def add(sums, name, g):
+        sums[name] = sums[name] + g if name in sums else g.clone()
+
+    def input_hook(name):
         def fn(_module, args):
-            x = args[0]
-            if x is not last[0]:
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                last[:] = [x, x2.T @ x2]
-            sums[name] = sums[name] + last[1] if name in sums else last[1].clone()
+            if args[0] is not last[0]:
+                last[:] = [args[0], gram(args[0])]
+            add(ins, name, last[1])
 
         return fn
 
-    named = dict(model.named_modules())
-    handles = [named[m].register_forward_pre_hook(hook(m)) for m in sorted(modules)]
-    saved = [f.rule for f in model.prunepath_ffns()]
-    try:
-        for tau in taus:
-            model.set_tau(float(tau))
-            for s in range(0, ids.shape[0], batch_size):
-                batch = ids[s : s + batch_size].to(device)
-                model(input_ids=batch, use_cache=False)
-                last[:] = [None, None]
-                count[0] += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for f, r in zip(model.prunepath_ffns(), saved):
-            f.rule = r
-    return {m: (g / count[0]).float().cpu() for m, g in sums.items()}
-
-
-@torch.no_grad()
-def _accumulate(sums: dict, name: str, t: torch.Tensor) -> None:
-    t2 = t.reshape(-1, t.shape[-1]).float()
-    sums[name] = sums[name] + t2.T @ t2 if name in sums else t2.T @ t2
-
-
-def gradient_grams(model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS, batch_size: int = 8) -> dict:
-    """E[g gᵀ] of each named module's output gradient over calibration ids [B, T], averaged over global τ settings.
-
-    g = ∂L/∂y at each token, L the next-token cross-entropy summed over the batch's tokens: with `input_grams`, the
-    two Kronecker factors of the layer's (empirical) Fisher, E[g gᵀ] ⊗ E[x xᵀ] (K-FAC, Martens & Grosse 2015). No
-    parameter gradient is computed (the embeddings' output is where the graph starts); the parameters' requires_grad
-    flags and the model's rules are restored afterwards. Returns module name -> [out, out] float32 on the CPU.
-    """
-    device = next(model.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-
-    def hook(name):
+    def output_hook(name):
         def fn(_module, _args, out):
-            if out.requires_grad:
-                out.register_hook(lambda g: _accumulate(sums, name, g))
+            out.register_hook(lambda g: add(outs, name, gram(g)))
 
         return fn
 
     named = dict(model.named_modules())
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    handles = [named[m].register_forward_hook(hook(m)) for m in sorted(modules)]
-    handles.append(model.get_input_embeddings().register_forward_hook(
-        lambda _m, _a, out: out.detach().requires_grad_()))
+    handles = [named[m].register_forward_pre_hook(input_hook(m)) for m in sorted(modules)]
+    flags = [(p, p.requires_grad) for p in model.parameters()] if gradients else []
+    if gradients:
+        handles += [named[m].register_forward_hook(output_hook(m)) for m in sorted(modules)]
+        handles.append(model.get_input_embeddings().register_forward_hook(
+            lambda _m, _a, out: out.detach().requires_grad_()))
     saved = [f.rule for f in model.prunepath_ffns()]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.set_grad_enabled(gradients):
             for tau in taus:
                 model.set_tau(float(tau))
                 for s in range(0, ids.shape[0], batch_size):
                     batch = ids[s : s + batch_size].to(device)
-                    logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-                    loss = torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
-                    loss.backward()
-                    count += batch[:, 1:].numel()
+                    logits = model(input_ids=batch, use_cache=False).logits
+                    last[:] = [None, None]
+                    tokens += batch.numel()
+                    if gradients:
+                        torch.nn.functional.cross_entropy(
+                            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                            reduction="sum").backward()
+                        targets += batch[:, 1:].numel()
     finally:
         for h in handles:
             h.remove()
@@ -230,11 +208,22 @@ def gradient_grams(model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS
             p.requires_grad_(flag)
         for f, r in zip(model.prunepath_ffns(), saved):
             f.rule = r
-    return {m: (g / count).float().cpu() for m, g in sums.items()}
+    grads = {m: (g / targets).float().cpu() for m, g in outs.items()} if gradients else None
+    return {m: (g / tokens).float().cpu() for m, g in ins.items()}, grads
+
+
+def input_grams(model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS, batch_size: int = 8) -> dict:
+    """E[x xᵀ] of each named module's input (`layer_grams`), module name -> [in, in] float32 on the CPU."""
+    return layer_grams(model, ids, modules, taus, batch_size)[0]
+
+
+def gradient_grams(model, ids: torch.Tensor, modules: set[str], taus=WHITEN_TAUS, batch_size: int = 8) -> dict:
+    """E[g gᵀ] of each named module's output gradient (`layer_grams`), module name -> [out, out] float32 on the CPU."""
+    return layer_grams(model, ids, modules, taus, batch_size, gradients=True)[1]
 
 
 def fine_tuned_grams(folder, base, ids, kinds, taus, device: str = "cpu", gradients: bool = False):
-    """`input_grams` (and `gradient_grams`) of a full fine-tune's target layers (child names `kinds`), its own
+    """`layer_grams` of a full fine-tune's target layers (child names `kinds`), its own
     weights loaded -> (input grams, gradient grams or None, calibration tokens per τ).
 
     ids: token ids [B, T], or a number of tokens of the calibration text (lm/wiki_demo.txt, 512-token windows,
@@ -246,8 +235,7 @@ def fine_tuned_grams(folder, base, ids, kinds, taus, device: str = "cpu", gradie
             raise ValueError("whiten: a number of tokens needs the model's tokenizer; pass token ids instead")
         ids = calibration_batches(tokenizer, ids, WHITEN_SEQ_LEN, seed=2)
     modules = {n for n, _ in tuned.named_modules() if n.rsplit(".", 1)[-1] in kinds}
-    grams = input_grams(tuned, ids, modules, taus)
-    grads = gradient_grams(tuned, ids, modules, taus) if gradients else None
+    grams, grads = layer_grams(tuned, ids, modules, taus, gradients=gradients)  # one pass over the text for both
     del tuned
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
@@ -426,7 +414,9 @@ def extract_adapter(
         if ranks[kind]:
             if white:
                 b, a, kept, target_kept = whitened_low_rank(delta, white[m], ranks[kind], out_white.get(m))
-                k["output_kept"] += output_kept(delta, b, a, white[m][0]) * out_energy
+                # without fisher the truncation's own kept share is the output change kept (Eckart–Young)
+                out_kept = output_kept(delta, b, a, white[m][0]) if out_white else target_kept
+                k["output_kept"] += out_kept * out_energy
                 k["loss_kept"] += target_kept * loss_energy
             else:
                 b, a, kept = low_rank(delta, ranks[kind])
