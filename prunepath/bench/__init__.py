@@ -17,6 +17,7 @@ BENCHMARKS = {
     "decode": "single-batch KV-cache decode tokens/s, dense vs PrunePath at several τ (GPU)",
     "explorer": "response times of the explorer app's compute layer",
     "load": "second load of the default model from its safetensors cache (CPU)",
+    "recipe": "the quick recipe on a model: WikiText-2 per rule (dense, top-k, per-layer and global τ) (CPU)",
 }
 
 
@@ -25,7 +26,7 @@ def add_cli(subparsers) -> None:
     lines = "\n".join(f"  {name:<9} {text}" for name, text in BENCHMARKS.items())
     p = subparsers.add_parser(
         "bench",
-        help="run a benchmark (split, ffn, decode, explorer, load)",
+        help="run a benchmark (split, ffn, decode, explorer, load, recipe)",
         description=f"Run a benchmark script; results go to results/*.json.\n\n{lines}\n\n"
         "Arguments after NAME go to the benchmark: `prunepath bench split --help`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

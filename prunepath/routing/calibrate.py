@@ -149,11 +149,55 @@ def global_tau(model, calib: Calibration, target: float) -> tuple[float, float]:
 
 def per_layer_taus(model, calib: Calibration, target: float) -> list[tuple[float, float]]:
     """Per-layer τ reaching `target` in each layer on its own inputs -> L x (τ, fraction)."""
+    return _layer_taus([_calib_logits(calib, i, f) for i, f in enumerate(prunepath_ffns(model))], target)
+
+
+def _layer_taus(logits: list[torch.Tensor], target: float) -> list[tuple[float, float]]:
     out = []
-    for i, f in enumerate(prunepath_ffns(model)):
-        z = _calib_logits(calib, i, f)
-        out.append(bisect(lambda t, z=z: float(routing.CumulativeMass(t).select(z).float().mean()), 1e-4, 1.0, target))
+    for z in logits:
+        out.append(bisect(lambda t, z=z: float(routing.CumulativeMass(t).select(z).float().mean()), 1e-4, 1.0, target,
+                          iters=40, tol=5e-4))
     return out
+
+
+@torch.no_grad()
+def routed_logits(model, ids: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
+    """Every layer's router logits on calibration ids [B, T] under the model's current rules.  # L x [N, E]"""
+    ffns = prunepath_ffns(model)
+    zs = [[] for _ in ffns]
+    hooks = [f.router.register_forward_hook(lambda _m, _a, out, i=i: zs[i].append(out.reshape(-1, out.shape[-1])
+                                                                                   .float().cpu()))
+             for i, f in enumerate(ffns)]
+    try:
+        device = next(model.parameters()).device
+        for s in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(z) for z in zs]
+
+
+def refine_layer_taus(model, ids: torch.Tensor, taus: list[float], target: float, tol: float = 0.005,
+                      rounds: int = 4) -> tuple[list[float], float]:
+    """Per-layer τ whose *real* forward over ids keeps `target` within tol -> (τ per layer, measured fraction).
+
+    τ found on the dense model's FFN inputs misses on the sparse model: once earlier layers drop experts, a later
+    layer sees other inputs (the default checkpoint: 0.514 for a 0.5 target). Each round re-fits every layer's τ on
+    the logits the per-layer-τ model itself gives on the same text, a fixed point reached in one or two rounds.
+    """
+    set_tau(model, taus)
+    got = measured_fraction(model, ids)
+    best = (list(taus), got)
+    for _ in range(rounds):
+        if abs(got - target) <= tol:
+            break
+        taus = [t for t, _ in _layer_taus(routed_logits(model, ids), target)]
+        set_tau(model, taus)
+        got = measured_fraction(model, ids)
+        if abs(got - target) < abs(best[1] - target):
+            best = (list(taus), got)
+    return best
 
 
 @torch.no_grad()
@@ -174,7 +218,8 @@ def check_target(target: float) -> float:
 
 
 def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, iters: int = 12) -> dict:
-    """Global τ (bisection on real forwards) and per-layer τ (on captured inputs) for `target`."""
+    """Global τ (bisection on real forwards) and per-layer τ (on captured inputs, refined on real forwards) for
+    `target`; both within `tol` of it on these ids when the bisection can reach it."""
     check_target(target)
     n_exp = prunepath_ffns(model)[0].n_experts
     if target < 1 / n_exp:
@@ -202,14 +247,13 @@ def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, i
             if abs(got0 - target) < abs(got - target):
                 tau, got = tau0, got0
         layers = per_layer_taus(model, calib, target)
-        set_tau(model, [t for t, _ in layers])
-        per_layer_measured = measured_fraction(model, ids)
+        refined, per_layer_measured = refine_layer_taus(model, ids, [t for t, _ in layers], target, tol)
     return {
         "target": target,
         "tau": tau,
         "active_fraction": got,
         "tokens": int(ids.numel()),
-        "per_layer_tau": [t for t, _ in layers],
+        "per_layer_tau": refined,
         "per_layer_fraction_captured": [v for _, v in layers],
         "per_layer_active_fraction": per_layer_measured,
     }

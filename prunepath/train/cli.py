@@ -20,6 +20,9 @@ def add_cli(subparsers) -> None:
     src.add_argument("--checkpoint", help="start from this PrunePath checkpoint ('default' or a folder)")
     src.add_argument("--model", default=None, help="convert this base model first (default SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json")
+    p.add_argument("--recipe", choices=["quick"], default=None,
+                   help="quick: routers for a new --model in minutes on a CPU (share distillation, one temperature "
+                        "per layer, per-layer τ calibrated and saved); other training flags do not apply")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/train_state.pt with the same flags (--steps may grow before any decay)")
     p.add_argument("--no-adapter", dest="adapter", action="store_false",
@@ -92,6 +95,13 @@ def run(args) -> int:
     from prunepath.convert import MoefyConfig
     from prunepath.routing.rules import CumulativeMass
 
+    if args.recipe == "quick":
+        from prunepath.train.quick import QuickConfig, run_quick
+
+        if args.checkpoint or args.resume:
+            raise ValueError("--recipe quick converts a base model: give --model (not --checkpoint or --resume)")
+        run_quick(args.model or prunepath.DEFAULT_MODEL, args.out, QuickConfig(seed=args.seed), device=args.device)
+        return 0
     cfg = TrainConfig.from_flat({k: v for k, v in vars(args).items() if k in FLAT_FIELDS})
     out = Path(args.out)
     # A resumed run starts from the same source as the interrupted one; train_state.pt restores the rest.

@@ -53,7 +53,7 @@ import signal
 import threading
 import time
 import warnings
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,25 +347,12 @@ class Trainer:
 
     @torch.no_grad()
     def _build_cache(self) -> None:
-        """One dense forward: every layer's FFN input x [N, D] (bf16) and true expert norms [N, E]."""
-        cfg, model = self.cfg, self.model
-        ffns = prunepath_ffns(model)
-        xs, norms = [[] for _ in ffns], [[] for _ in ffns]
-        # dense, unit gates: the inputs the base model itself produces
-        with dense_routing(model), closing(LogitCapture(ffns, inputs=True)) as cap:
-            batches = range(0, self.ids.shape[0], cfg.data.batch_size)
-            for s in tqdm(batches, desc="distill: dense forward", disable=not self.progress):
-                rows = slice(s, s + cfg.data.batch_size)
-                ids, mask = self.ids[rows].to(cfg.device), self.mask[rows]
-                with _autocast(cfg):
-                    model(input_ids=ids, attention_mask=mask.to(cfg.device), use_cache=False)
-                keep = mask.reshape(-1).bool()
-                for i, f in enumerate(ffns):
-                    x = cap.inputs[i][keep.to(cap.inputs[i].device)]  # [n, D] real tokens
-                    xs[i].append(x.to("cpu", torch.bfloat16))
-                    with _autocast(cfg):
-                        norms[i].append(f.expert_norms(x.to(next(f.parameters()).dtype)).cpu())  # [n, E]
-        self.cache = ([torch.cat(x) for x in xs], [torch.cat(n) for n in norms])
+        """One dense pass through the model body (no LM head): every layer's FFN input x [N, D] (bf16) and true
+        expert norms [N, E], the norms taken from the activations the forward computes (`quick.capture_ffn_io`)."""
+        from prunepath.train.quick import capture_ffn_io
+
+        xs, norms = capture_ffn_io(self.model, self.ids, self.mask, self.cfg.data.batch_size, self.progress)
+        self.cache = ([x.to(torch.bfloat16) for x in xs], norms)
 
     def _distill_step(self, step: int) -> dict:
         cfg = self.cfg

@@ -1,0 +1,137 @@
+"""The quick recipe (`prunepath train --recipe quick`) and the per-layer τ refinement of `calibrate`.
+
+Tiny random Llama (tests/conftest.py: D=64, F=128), converted with 8 experts of 16; a stand-in tokenizer maps
+characters to ids so the calibration text can be read. Seconds in all.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import prunepath
+from prunepath import routing
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.calibrate import calibrate_tau
+from prunepath.train import quick
+
+
+class CharTokenizer:
+    """Characters -> ids below the tiny model's vocabulary; what calibration_batches needs of a tokenizer."""
+
+    name_or_path = "char-tokenizer"
+    eos_token_id = 0
+
+    def __len__(self):
+        return 128
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[1 + ord(c) % 127 for c in t] for t in texts]}
+
+
+def _moefy(model):
+    model.config.prunepath_base = "tiny-llama"
+    cfg = prunepath.MoefyConfig(expert_size=16, rule=routing.CumulativeMass(0.9), gate="one")
+    return prunepath.moefy(model, cfg, progress=False)
+
+
+def _ids(seed=0, b=8, t=32):
+    return torch.randint(1, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_capture_gives_each_layers_inputs_and_true_norms(tiny_llama):
+    model = _moefy(tiny_llama)
+    ids = _ids()
+    xs, norms = quick.capture_ffn_io(model, ids, batch_size=3)
+    seen = []
+    hooks = [f.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+             for f in prunepath_ffns(model)]
+    with prunepath.routing_kept(model), torch.no_grad():
+        prunepath.set_rule(model, routing.Dense())
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for f, x, n, ref in zip(prunepath_ffns(model), xs, norms, seen):
+        assert x.shape == (ids.numel(), 64) and n.shape == (ids.numel(), 8)
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)  # the dense model's own FFN inputs
+        torch.testing.assert_close(n, f.expert_norms(x), rtol=1e-4, atol=1e-6)
+    assert all(isinstance(f.rule, routing.CumulativeMass) for f in prunepath_ffns(model))  # rules restored
+
+
+def test_drop_error_is_the_squared_norm_of_the_dropped_experts_output(tiny_llama):
+    model = _moefy(tiny_llama)
+    f = prunepath_ffns(model)[0]
+    x = torch.randn(20, 64)
+    keep = torch.rand(20, 8) > 0.5
+    with torch.no_grad():
+        h = f._hidden(x) * (~keep).float().repeat_interleave(16, dim=1)
+        want = float((f.down_proj(h) ** 2).sum())
+    assert quick.drop_error(quick.expert_gram(f, x, chunk=7), keep) == pytest.approx(want, rel=1e-4)
+
+
+def test_fold_temperature_divides_the_logits():
+    router = prunepath.routing.router.LinearRouter(64, 8)
+    torch.nn.init.normal_(router.weight)
+    x = torch.randn(5, 64)
+    z = router(x).detach()
+    quick.fold_temperature(router, 4.0)
+    torch.testing.assert_close(router(x).detach(), z / 4.0)
+
+
+def test_temperature_follows_the_error_not_the_grid_order():
+    # Two kinds of token: "big" ones whose output needs every expert, "small" ones that need one. A router whose
+    # softmax is flat on big tokens and peaked on small ones lets mass spend experts where they matter: a sharp
+    # temperature (variable counts) must then beat the flattest (top-k's constant counts).
+    g = torch.Generator().manual_seed(0)
+    n, e = 200, 8
+    big = torch.arange(n) < n // 2
+    z = torch.where(big[:, None], 0.01 * torch.randn(n, e, generator=g), torch.tensor([4.0] + [0.0] * (e - 1)))
+    y = torch.randn(n, e, 16, generator=g)
+    y = torch.where(big[:, None, None], 10 * y, 0.01 * y)
+    gram = y @ y.transpose(1, 2)
+    cfg = quick.QuickConfig(temperatures=(1.0, 16.0), fractions=(0.5,))
+    best, scores = quick.choose_temperature(z, gram, cfg)
+    assert best == 1.0 and scores[1.0] < 0.8 * scores[16.0]
+
+
+def test_quick_routers_fit_and_fold_one_temperature_per_layer(tiny_llama):
+    model = _moefy(tiny_llama)
+    before = [f.router.weight.detach().clone() for f in prunepath_ffns(model)]
+    cfg = quick.QuickConfig(tokens=768, seq_len=32, holdout=256, steps=40, batch=128, lr=5e-2,
+                            temperatures=(0.5, 1.0, 4.0))
+    rep = quick.quick_routers(model, CharTokenizer(), cfg, progress=False)
+    assert len(rep.temperatures) == 2 and set(rep.temperatures) <= {0.5, 1.0, 4.0}
+    for curve in rep.fit_loss:
+        assert curve[-1] < curve[0]  # the KL to the share falls
+    for f, w in zip(prunepath_ffns(model), before):
+        assert not torch.equal(f.router.weight, w)
+    assert {"capture", "fit", "temperature"} <= rep.seconds.keys()
+
+
+def test_calibrate_meets_its_tolerance_for_per_layer_tau(tiny_llama):
+    model = _moefy(tiny_llama)
+    g = torch.Generator().manual_seed(1)
+    for f in prunepath_ffns(model):  # sharp, input-dependent routers: the dense-input τ misses on the sparse model
+        f.router.weight.data = 0.3 * torch.randn(f.router.weight.shape, generator=g)
+    ids = _ids(seed=3, b=16, t=32)
+    res = calibrate_tau(copy.deepcopy(model), ids, 0.5, tol=0.005)
+    assert abs(res["per_layer_active_fraction"] - 0.5) <= 0.005
+    prunepath.set_tau(model, res["per_layer_tau"])  # the stored τ reproduce the measured fraction
+    with prunepath.record(model) as rec, torch.no_grad():
+        for s in range(0, ids.shape[0], 4):
+            model(input_ids=ids[s : s + 4])
+    assert rec.stats().active_fraction == pytest.approx(res["per_layer_active_fraction"], abs=1e-9)
+
+
+def test_quick_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="holdout"):
+        quick.QuickConfig(tokens=100, holdout=100)
+    with pytest.raises(ValueError, match="fractions"):
+        quick.QuickConfig(fractions=(0.5, 1.0))
+
+
+def test_cli_recipe_needs_a_base_model(tmp_path, capsys):
+    from prunepath.cli import main
+
+    assert main(["train", "--recipe", "quick", "--checkpoint", "default", "--out", str(tmp_path / "q")]) == 2
+    assert "--recipe quick converts a base model" in capsys.readouterr().err
