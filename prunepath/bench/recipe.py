@@ -68,7 +68,44 @@ def write_record(path: Path, data: dict) -> Path:
     return path
 
 
+def models_table(records: list[dict]) -> str:
+    """Markdown: one line per model, WikiText-2 perplexity per rule at each active fraction (the quick recipe)."""
+    fracs = sorted({r["fraction"] for d in records for r in d["rows"] if r["rule"] != "dense"})
+    head = ("| family | model (source) | parameters | all-experts conversion: max |Δ logit| | dense | "
+            + " | ".join(f"top-k / per-layer τ @ {f:.0%}" for f in fracs)
+            + " | experts per token at 50 % (p10 / p50 / p90) | recipe time (wall / CPU s) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for d in records:
+        by = {(r["rule"], r["fraction"]): r for r in d["rows"]}
+        dense = by.get(("dense", 1.0), {}).get("perplexity")
+        cells = []
+        for f in fracs:
+            tk, pl = by.get(("topk", f), {}).get("perplexity"), by.get(("per-layer τ", f), {}).get("perplexity")
+            mark = " ✓" if tk is not None and pl is not None and pl <= tk else ""
+            cells.append(f"{_num(tk)} / {_num(pl)}{mark}")
+        q = by.get(("per-layer τ", 0.5), {}).get("experts_p10_p50_p90") or []
+        counts = " / ".join(f"{v:g}" for v in q) if q else "–"
+        t = d.get("train_seconds", {}).get("total"), d.get("train_cpu_seconds", {}).get("total")
+        lines.append(f"| {d['family']} | {d['model']} ({d['source']}) | {d['parameters'] / 1e6:.0f}M | "
+                     f"{d['conversion_max_abs_logit_diff']:.1e} | {_num(dense)} | " + " | ".join(cells)
+                     + f" | {counts} | {_num(t[0])} / {_num(t[1])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    return "–" if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "table":  # prunepath bench recipe table [FOLDER]: the markdown models table
+        folder = Path(argv[1] if len(argv) > 1 else "results/recipes")
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob("quick_*.json"))]
+        if not records:
+            raise SystemExit(f"no quick_*.json in {folder}: run `prunepath bench recipe --name NAME` first")
+        out = folder / "models_table.md"
+        out.write_text(models_table(records))
+        print(out.read_text())
+        return 0
     p = argparse.ArgumentParser(prog="prunepath bench recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="base model (alias, local directory or hub id); default the default")
     p.add_argument("--name", required=True, help="short model name for the results file: quick_<name>.json")
@@ -77,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-dir", default=None, help="keep the checkpoint here (default: a temporary folder)")
     p.add_argument("--wt-tokens", type=int, default=4096)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--no-global", dest="global_tau", action="store_false", help="leave out the global-τ rows")
     p.add_argument("--share-baseline", action="store_true", help="also score the routers before the temperatures")
     p.add_argument("--results", default="results/recipes", help="folder of the results file")
     p.add_argument("--reuse", action="store_true",
@@ -111,30 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     text = load_lm_text("wikitext2", "test")
     ffns = prunepath_ffns(model)
     n_exp = ffns[0].n_experts
-    rows = [{"rule": "dense", "fraction": 1.0, **_ppl_dense(model, tok, text, args.wt_tokens)}]
-    for frac in args.fractions:
-        k = max(1, round(frac * n_exp))
-        set_rule(model, TopK(k))
-        rows.append({"rule": "topk", "fraction": frac, "knob": k, **_ppl(model, tok, text, args.wt_tokens)})
-        entry = set_active_fraction(model, frac, per_layer=True)
-        rows.append({"rule": "per-layer τ", "fraction": frac, "knob": entry["per_layer_tau"],
-                     **_ppl(model, tok, text, args.wt_tokens)})
-        set_active_fraction(model, frac, per_layer=False)
-        rows.append({"rule": "global τ", "fraction": frac, "knob": entry["tau"],
-                     **_ppl(model, tok, text, args.wt_tokens)})
-        print(json.dumps(rows[-3:]), flush=True)
-    if args.share_baseline:
-        from prunepath.routing.calibrate import calibrate_tau
-        from prunepath.routing.control import set_tau
-
-        _unfold(model, report.temperatures)
-        cal_ids = calibration_batches(tok, 2048, 256, seed=1)
-        for frac in args.fractions:
-            res = calibrate_tau(model, cal_ids, frac)
-            set_tau(model, res["per_layer_tau"])
-            rows.append({"rule": "per-layer τ, share routers (T = 1)", "fraction": frac, "knob": res["per_layer_tau"],
-                         **_ppl(model, tok, text, args.wt_tokens)})
-            print(json.dumps(rows[-1]), flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     data = {
         "kind": "recipe",
@@ -160,9 +174,40 @@ def main(argv: list[str] | None = None) -> int:
         "relative_error": report.relative_error,
         "config": report.config,
         "calibration": json.loads((ckpt / "quick_log.json").read_text())["calibration"],
-        "rows": rows,
+        "rows": [],
     }
-    path = write_record(Path(args.results) / f"quick_{args.name}.json", data)
+    path = Path(args.results) / f"quick_{args.name}.json"
+
+    def save(rows):  # after every row: an interrupted run keeps what it measured
+        return write_record(path, {**data, "rows": rows})
+
+    rows = [{"rule": "dense", "fraction": 1.0, **_ppl_dense(model, tok, text, args.wt_tokens)}]
+    for frac in args.fractions:
+        k = max(1, round(frac * n_exp))
+        set_rule(model, TopK(k))
+        rows.append({"rule": "topk", "fraction": frac, "knob": k, **_ppl(model, tok, text, args.wt_tokens)})
+        entry = set_active_fraction(model, frac, per_layer=True)
+        rows.append({"rule": "per-layer τ", "fraction": frac, "knob": entry["per_layer_tau"],
+                     **_ppl(model, tok, text, args.wt_tokens)})
+        if args.global_tau:
+            set_active_fraction(model, frac, per_layer=False)
+            rows.append({"rule": "global τ", "fraction": frac, "knob": entry["tau"],
+                         **_ppl(model, tok, text, args.wt_tokens)})
+        save(rows)
+        print(json.dumps(rows[-3:]), flush=True)
+    if args.share_baseline:
+        from prunepath.routing.calibrate import capture, per_layer_taus, refine_layer_taus
+
+        _unfold(model, report.temperatures)
+        cal_ids = calibration_batches(tok, 2048, 256, seed=1)
+        calib = capture(model, cal_ids)
+        for frac in args.fractions:
+            taus, _ = refine_layer_taus(model, cal_ids, [t for t, _ in per_layer_taus(model, calib, frac)], frac)
+            rows.append({"rule": "per-layer τ, share routers (T = 1)", "fraction": frac, "knob": taus,
+                         **_ppl(model, tok, text, args.wt_tokens)})
+            save(rows)
+            print(json.dumps(rows[-1]), flush=True)
+    path = save(rows)
     print(f"wrote {path}")
     if tmp is not None:
         tmp.cleanup()

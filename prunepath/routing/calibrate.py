@@ -46,7 +46,7 @@ def capture(model, ids: torch.Tensor, batch_size: int = 4) -> Calibration:
         with dense_routing(model):
             device = next(model.parameters()).device
             for s in range(0, ids.shape[0], batch_size):
-                model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+                model_body(model)(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -171,7 +171,7 @@ def routed_logits(model, ids: torch.Tensor, batch_size: int = 4) -> list[torch.T
     try:
         device = next(model.parameters()).device
         for s in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+            model_body(model)(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -200,13 +200,20 @@ def refine_layer_taus(model, ids: torch.Tensor, taus: list[float], target: float
     return best
 
 
+def model_body(model):
+    """The transformer stack without the LM head (transformers' base_model_prefix), or the model itself.
+
+    Routing statistics need the FFN inputs only; with a 262k vocabulary (Gemma 3) the head costs more than the body."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+
+
 @torch.no_grad()
 def measured_fraction(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean active FFN fraction over layers and tokens of calibration ids [B, T] under the current rules."""
     device = next(model.parameters()).device
     with record(model) as rec:
         for s in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+            model_body(model)(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
     return rec.stats().active_fraction
 
 

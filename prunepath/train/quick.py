@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from prunepath import routing
 from prunepath.ffn.module import prunepath_ffns
-from prunepath.routing.calibrate import bisect
+from prunepath.routing.calibrate import bisect, model_body
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,6 @@ class _NormTap:
     def select(self, logits: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         self.norms.append(scores.detach().float().cpu())  # [n, E]
         return torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-
-
-def model_body(model):
-    """The transformer stack without the LM head (transformers' base_model_prefix), or the model itself."""
-    return getattr(model, getattr(model, "base_model_prefix", ""), None) or model
 
 
 @contextmanager
@@ -192,11 +187,15 @@ def drop_error(gram: torch.Tensor, keep: torch.Tensor) -> float:
 
 
 def _mass_at(z: torch.Tensor, fraction: float) -> tuple[float, torch.Tensor]:
-    """The τ whose cumulative-mass rule keeps `fraction` of the experts of logits z [N, E], and its mask."""
-    probs = torch.softmax(z.float(), -1)
-    tau, _ = bisect(lambda t: float(routing.cumulative_mass_mask(probs, t).float().mean()), 1e-4, 1.0, fraction,
+    """The τ whose cumulative-mass rule keeps `fraction` of the experts of logits z [N, E], and its mask.
+
+    The sorted cumulative sums are computed once; each bisection step only counts (the exclusive rule keeps rank i
+    while the mass up to it is < τ, and always the top-1), so a step costs N·E comparisons, not a sort."""
+    csum = torch.softmax(z.float(), -1).sort(-1, descending=True).values.cumsum(-1)  # [N, E]
+    n_exp = z.shape[-1]
+    tau, _ = bisect(lambda t: float((csum < t).sum(-1).clamp_min(1).float().mean()) / n_exp, 1e-4, 1.0, fraction,
                     iters=40, tol=1e-4)
-    return tau, routing.cumulative_mass_mask(probs, tau)
+    return tau, routing.cumulative_mass_mask(torch.softmax(z.float(), -1), tau)
 
 
 @torch.no_grad()
