@@ -135,3 +135,29 @@ def test_cli_recipe_needs_a_base_model(tmp_path, capsys):
 
     assert main(["train", "--recipe", "quick", "--checkpoint", "default", "--out", str(tmp_path / "q")]) == 2
     assert "--recipe quick converts a base model" in capsys.readouterr().err
+
+
+def test_models_table_marks_where_per_layer_tau_is_at_most_topk():
+    from prunepath.bench.recipe import models_table
+
+    rows = [{"rule": "dense", "fraction": 1.0, "perplexity": 20.0},
+            {"rule": "topk", "fraction": 0.5, "perplexity": 40.0},
+            {"rule": "per-layer τ", "fraction": 0.5, "perplexity": 38.0, "experts_p10_p50_p90": [10, 24, 40]},
+            {"rule": "topk", "fraction": 0.25, "perplexity": 90.0},
+            {"rule": "per-layer τ", "fraction": 0.25, "perplexity": 95.0}]
+    rec = {"family": "Llama", "model": "m", "source": "PyPI x", "parameters": 135e6,
+           "conversion_max_abs_logit_diff": 2e-5, "rows": rows,
+           "train_seconds": {"total": 600.0}, "train_cpu_seconds": {"total": 500.0}}
+    table = models_table([rec])
+    line = table.splitlines()[2]
+    assert "90.00 / 95.00 |" in line and "40.00 / 38.00 ✓" in line and "10 / 24 / 40" in line and "135M" in line
+
+
+def test_cli_recipe_quick_runs_the_recipe_on_the_model(tmp_path, monkeypatch):
+    from prunepath.cli import main
+
+    calls = []
+    monkeypatch.setattr(quick, "run_quick", lambda name, out, cfg, device="cpu": calls.append((name, out, cfg.seed)))
+    assert main(["train", "--recipe", "quick", "--model", "some/model", "--out", str(tmp_path / "q"),
+                 "--seed", "3"]) == 0
+    assert calls == [("some/model", str(tmp_path / "q"), 3)]
