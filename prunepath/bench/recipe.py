@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wt-tokens", type=int, default=4096)
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--no-global", dest="global_tau", action="store_false", help="leave out the global-τ rows")
-    p.add_argument("--share-baseline", action="store_true", help="also score the routers before the temperatures")
+    p.add_argument("--share-baseline", type=float, nargs="*", default=None, metavar="FRACTION",
+                   help="also score per-layer τ on the routers before their temperatures (at these fractions; "
+                        "none given: every --fractions)")
     p.add_argument("--results", default="results/recipes", help="folder of the results file")
     p.add_argument("--reuse", action="store_true",
                    help="with --checkpoint-dir: score a checkpoint the recipe already wrote there (its timings kept)")
@@ -195,13 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                          **_ppl(model, tok, text, args.wt_tokens)})
         save(rows)
         print(json.dumps(rows[-3:]), flush=True)
-    if args.share_baseline:
+    if args.share_baseline is not None:
         from prunepath.routing.calibrate import capture, per_layer_taus, refine_layer_taus
 
         _unfold(model, report.temperatures)
         cal_ids = calibration_batches(tok, 2048, 256, seed=1)
         calib = capture(model, cal_ids)
-        for frac in args.fractions:
+        for frac in args.share_baseline or args.fractions:
             taus, _ = refine_layer_taus(model, cal_ids, [t for t, _ in per_layer_taus(model, calib, frac)], frac)
             rows.append({"rule": "per-layer τ, share routers (T = 1)", "fraction": frac, "knob": taus,
                          **_ppl(model, tok, text, args.wt_tokens)})
