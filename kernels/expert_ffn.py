@@ -15,10 +15,10 @@ cost about a of the dense FFN's bytes. Four launches, no host synchronisation, n
 3. `_down_kernel` (batches, or E >= 128), grid C x (D / BLOCK_D): each program compacts the union flags itself (a cumsum
    over E in registers) and sums the contribution h[:, e] @ W_out[e] ([G, BLOCK_D] contiguous tiles)
    of SLOTS *active* experts into an fp32 partial [C, N, D]; programs past ceil(count / SLOTS) exit.
-   Split-K with a second pass instead of bf16 atomics (PAPER §7): deterministic, fp32 accumulation,
-   no zero-fill launch. `_down_by_id_kernel` (one token, E < 128) walks expert ids instead and masks
-   the inactive ones: no compaction latency, which wins when the whole FFN is a few microseconds,
-   but a ~18 us fixed cost at the Llama-3-8B shape (prunepath/bench/NOTES.md).
+   Split-K with a second pass instead of atomics (bf16 atomics lose precision; Gu, Fu, Yuan 2026):
+   deterministic, fp32 accumulation, no zero-fill launch. `_down_by_id_kernel` (one token, E < 128) walks
+   expert ids instead and masks the inactive ones: no compaction latency, which wins when the whole FFN
+   is a few microseconds, but a ~18 us fixed cost at the Llama-3-8B shape (prunepath/bench/NOTES.md).
 4. `_reduce_kernel` / `_reduce_all_kernel`: y = sum of the written partials (+ bias), cast to the
    model dtype.
 

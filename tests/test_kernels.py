@@ -32,6 +32,7 @@ from prunepath.kernels.route import (  # noqa: E402
     select_reference,
 )
 
+pytestmark = pytest.mark.gpu  # CPU: the Triton interpreter; `make test-gpu`: compiled, on CUDA
 DEV = "cuda" if torch.cuda.is_available() and __import__("os").environ.get("PRUNEPATH_GPU_TESTS") else "cpu"
 # relative L2 error vs the float64 reference: fp32 arithmetic, then half-precision outputs
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.2e-2}
