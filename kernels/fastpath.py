@@ -1,4 +1,4 @@
-"""`FastPath`: the object a `PrunePathFFN` calls (through `ffn.fast_path`) to run the decode kernels.
+"""`FastPath`: what a `PrunePathFFN` calls to run the decode kernels; `use_fast_paths(model)` installs them.
 
 Shapes: N = B*T rows, D hidden, E experts.
 
@@ -15,7 +15,7 @@ An unsupported device or dtype falls back with one warning per reason; a layout 
 the input raises (see `ExpertLayout.check_input`).
 
 The rule's parameter (tau, k, t) lives in a device tensor that is refreshed outside CUDA-graph capture,
-so `set_tau(model, ...)` followed by `sync()` changes a captured decode graph without re-capturing it.
+so `prunepath.set_tau(model, ...)` followed by `sync()` changes a captured decode graph without re-capturing it.
 """
 
 from __future__ import annotations

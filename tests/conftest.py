@@ -4,7 +4,8 @@ TRITON_INTERPRET must be set before any Triton kernel module is imported, so the
 CPU here (CI has no GPU). On a CUDA machine, `make test-gpu` (PRUNEPATH_GPU_TESTS=1, the `gpu` mark)
 tests the compiled kernels instead.
 
-Tiers: `make test-fast` deselects `slow` (the real default model) and `browser` (headless Chromium);
+Tiers: `make test-fast` deselects `slow` (the real default model, or over 10 s on 2 cores) and `browser`
+(headless Chromium);
 `make test` runs everything (what CI runs). A test that asks for the `default_model` fixture is marked
 `slow` here, whether or not it says so itself.
 """
