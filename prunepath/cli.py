@@ -26,6 +26,7 @@ _PLUGINS = {
     "bench": ("prunepath.bench", "benchmarks: split, ffn, decode, explorer"),
     "selfdata": ("prunepath.selfdata", "the dense model's own answers to instructions, as training data"),
     "extract-adapter": ("prunepath.extract", "a full fine-tune's weight changes as a small LoRA adapter (SVD)"),
+    "report": ("prunepath.report", "tables and figures from the results files; the README's results table"),
 }
 
 
