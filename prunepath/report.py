@@ -5,6 +5,7 @@
     prunepath report results/bench/ffn_h200.json     a benchmark file as tables
     prunepath report --readme                        rewrite README.md's results table from the sweeps
     prunepath report --readme --check                fail (exit 1) if README.md's table has drifted from them
+    prunepath report --figure                        the README's figure (results/figures/, needs matplotlib)
 
 The README's table is made here from `results/sweeps/` (HEADLINE: which files, metrics, methods and
 fractions), so it cannot drift from the files: a test runs `--readme --check`.
@@ -48,7 +49,8 @@ def sweep_table(sweep: results.Sweep) -> str:
     keys = list(dict.fromkeys((r["method"], r["target_fraction"]) for r in rows))
     lines = [f"**{sweep.name}**: checkpoint {sweep.meta.get('checkpoint', '?')}, {sweep.meta.get('device', '?')} "
              f"{sweep.meta.get('dtype', '')}, {str(sweep.meta.get('date', '?'))[:10]}", "",
-             "| method | target | knob | active fraction (measured) | " + " | ".join(f"{t} {m}" for t, m in cols) + " |",
+             "| method | target | knob | active fraction (measured) | "
+             + " | ".join(f"{t} {m}" for t, m in cols) + " |",
              "|" + "---|" * (4 + len(cols))]
     for method, target in keys:
         rs = [r for r in rows if r["method"] == method and r["target_fraction"] == target]
@@ -90,7 +92,8 @@ def sweep_figure(sweep: results.Sweep, path: Path) -> Path:
                          if r["task"] == task and r["metric"] == metric and r["method"] == method)
             if pts:
                 fig.add_trace(go.Scatter(
-                    x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers" if method == "dense" else "lines+markers",
+                    x=[p[0] for p in pts], y=[p[1] for p in pts],
+                    mode="markers" if method == "dense" else "lines+markers",
                     name=method, legendgroup=method, showlegend=j == 1, text=[f"knob {p[2]}" for p in pts],
                     marker=dict(color=_PALETTE[i % len(_PALETTE)], size=9)), row=1, col=j)
         fig.update_xaxes(title_text="mean active FFN fraction", row=1, col=j)
@@ -124,8 +127,59 @@ def headline_table() -> str:
             text = ["—" if v is None else (f"**{v:.{digits}f}**" if v == best else f"{v:.{digits}f}") for v in cells]
             lines.append(f"| {label}, {frac:.0%} active | {'' if dense is None else f'{dense:.{digits}f}'} | "
                          + " | ".join(text) + " |")
-    lines += ["", "From " + "; ".join(sources) + "."]
+    lines += ["", "From " + "; ".join(sources) + ". " + _against_dense() + "."]
     return "\n".join(lines)
+
+
+FIGURE = "figures/tradeoff_default.svg"  # under results/: the README's figure, made by `prunepath report --figure`
+
+
+def tradeoff_figure(path: Path | None = None) -> Path:
+    """The README's figure: WikiText-2 perplexity of the default checkpoint against the measured active FFN fraction,
+    PrunePath against top-k and the static baselines (`default_wikitext2_h200`), as a small SVG (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = results.load_sweep(HEADLINE_ROWS[0][0])
+    path = Path(path) if path else results.results_dir(create=True) / FIGURE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in sweep.rows if r.get("task") == "wikitext2" and r.get("metric") == "perplexity"]
+    plt.rcParams["svg.hashsalt"] = "prunepath"  # the same file from the same rows
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for i, (method, label) in enumerate(HEADLINE_METHODS):
+        pts = sorted((r["active_fraction"], r["value"]) for r in rows if r["method"] == method)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3.5, label=label, color=_PALETTE[i],
+                    lw=2.2 if method.startswith("prunepath") else 1.2)
+    dense = [r["value"] for r in rows if r["method"] == "dense"]
+    if dense:
+        ax.axhline(dense[0], color="black", lw=0.8, ls="--", label="dense")
+    ax.set(yscale="log", xlabel="mean active FFN fraction (measured)", ylabel="WikiText-2 perplexity",
+           title=f"SmolLM2-135M, default checkpoint: {sweep.meta.get('device', '?')}, {sweep.meta.get('dtype', '')}")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if v in (30, 50, 200) else ""))
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=7, ncol=2, frameon=False)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, format="svg", metadata={"Date": None, "Creator": "prunepath report --figure"})
+    plt.close(fig)
+    return path
+
+
+def _against_dense() -> str:
+    """The perplexity of one τ per layer and of the ground-truth oracle as multiples of dense, at 50 and 25 %."""
+    name, task, metric = HEADLINE_ROWS[0][:3]
+    values = results.load_sweep(name).values(task, metric)
+    dense = values.get(("dense", None))
+    parts = []
+    for method, label in (("prunepath-layer", "τ per layer"), ("oracle", "the ground-truth oracle")):
+        found = [f"{values[(method, f)] / dense:.2f}× at {f:.0%}" for f in (0.5, 0.25) if (method, f) in values]
+        if dense and found:
+            parts.append(f"{label} {' and '.join(found)}")
+    return ("WikiText-2 perplexity against dense: " + "; ".join(parts)) if parts else "no dense row"
 
 
 def readme_with_table(text: str) -> str:
@@ -150,6 +204,9 @@ def bench_tables(data: dict) -> str:
 
 
 def run(args) -> int:
+    if args.figure:
+        print(f"wrote {tradeoff_figure()}")
+        return 0
     if args.readme:
         path = Path(args.readme_file) if args.readme_file else readme_path()
         old = path.read_text()
@@ -170,7 +227,8 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     for name in names:
         path = Path(name)
-        in_bench = path.parent.name == results.BENCH or (not path.exists() and str(name).startswith(("decode_", "ffn_")))
+        bench_name = not path.exists() and str(name).startswith(("decode_", "ffn_"))
+        in_bench = path.parent.name == results.BENCH or bench_name
         if in_bench:
             print(bench_tables(results.load_bench(name)), end="\n\n")
             continue
@@ -195,5 +253,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--html", action="store_true", help="with --out: a plotly figure per sweep too")
     p.add_argument("--readme", action="store_true", help="rewrite README.md's results table from results/sweeps/")
     p.add_argument("--readme-file", help="another README to rewrite or check (default: the checkout's README.md)")
+    p.add_argument("--figure", action="store_true", help=f"write the README's figure, results/{FIGURE}")
     p.add_argument("--check", action="store_true", help="with --readme: exit 1 if the table has drifted, write nothing")
     p.set_defaults(func=run)

@@ -88,7 +88,8 @@ def read_json(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise ResultsNotFoundError(f"no results file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a results file (not JSON: {e}); a sweep still writing it, or another file")
+        raise ValueError(f"{path} is not a results file (not JSON: {e}); "
+                         "a sweep still writing it, or another file") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a results file: a results file holds one JSON object")
     return data
