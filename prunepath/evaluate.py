@@ -322,8 +322,9 @@ def run(args) -> int:
     if args.fraction is not None and res.get("routing"):
         res["routing"]["calibrated_fraction"] = args.fraction  # per-layer τ stored in the checkpoint
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        from prunepath.results import write_json
+
+        write_json(args.out, res, indent=2)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0

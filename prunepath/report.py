@@ -36,7 +36,8 @@ HEADLINE_FRACTIONS = (0.75, 0.5, 0.25)
 README_START, README_END = "<!-- results-table: made by `prunepath report --readme` -->", "<!-- /results-table -->"
 
 
-def _fmt(v) -> str:
+def format_knob(v) -> str:
+    """A method's knob for a table: a number, a per-layer range, or '-'."""
     if isinstance(v, list):  # per-layer knobs: their range
         return f"{min(v):.3g}..{max(v):.3g}"
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
@@ -58,7 +59,7 @@ def sweep_table(sweep: results.Sweep) -> str:
         frac = ", ".join(sorted({f"{r['active_fraction']:.3f}" for r in rs
                                  if isinstance(r.get("active_fraction"), (int, float))}))
         vals = " | ".join(f"{cell[c]:.4g}" if isinstance(cell.get(c), (int, float)) else "" for c in cols)
-        lines.append(f"| {method} | {_fmt(target)} | {_fmt(rs[0].get('knob'))} | {frac} | {vals} |")
+        lines.append(f"| {method} | {format_knob(target)} | {format_knob(rs[0].get('knob'))} | {frac} | {vals} |")
     return "\n".join(lines)
 
 
@@ -88,7 +89,7 @@ def sweep_figure(sweep: results.Sweep, path: Path) -> Path:
     methods = sorted({r["method"] for r in rows})
     for j, (task, metric) in enumerate(panels, start=1):
         for i, method in enumerate(methods):
-            pts = sorted((r["active_fraction"], r["value"], _fmt(r.get("knob"))) for r in rows
+            pts = sorted((r["active_fraction"], r["value"], format_knob(r.get("knob"))) for r in rows
                          if r["task"] == task and r["metric"] == metric and r["method"] == method)
             if pts:
                 fig.add_trace(go.Scatter(

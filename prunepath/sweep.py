@@ -1,6 +1,6 @@
 """Sparsity–accuracy sweeps on one checkpoint, and automatic τ calibration (PAPER.md §3, §5).
 
-    prunepath sweep --checkpoint default --fractions 0.25 0.5 0.75 --tasks wikitext2 sst2 rte --out results/x
+    prunepath sweep --checkpoint default --fractions 0.25 0.5 0.75 --tasks wikitext2 sst2 rte
     prunepath calibrate --checkpoint default --target 0.5
 
 The sweep turns τ on one checkpoint (`--taus`) and, at each matched mean active FFN fraction
@@ -10,10 +10,10 @@ calibration text to the target fraction, then every task is evaluated with the e
 
     method, knob, target_fraction, active_fraction, mean_experts, task, metric, value, n, protocol
 
-plus the per-token expert-count quantiles. They are appended to <out>.json / <out>.csv as they come, so
-an interrupted sweep resumes where it stopped; `<out>.html` is a plotly figure of each metric versus the
-measured active fraction. Active fraction is measured during each evaluation (not the calibration
-value); for neuron pruning it is the kept-neuron fraction.
+plus the per-token expert-count quantiles. They are appended to one JSON file as they come (by default
+results/sweeps/<checkpoint>_<tasks>_<device>.json, through `prunepath.results`), so an interrupted sweep
+resumes where it stopped; `prunepath report` makes its table, CSV and figure. Active fraction is
+measured during each evaluation (not the calibration value); for neuron pruning it is the kept-neuron fraction.
 
 Cost. A sweep evaluates the same texts under every (method, knob), so what does not depend on the
 model is done once per process: tokenised test text and prompts, task rows and demonstrations
@@ -31,7 +31,6 @@ Shape legend: B sequences, T tokens, L layers.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -39,27 +38,9 @@ from pathlib import Path
 
 import torch
 
-from prunepath import baselines, routing
+from prunepath import baselines, results, routing
+from prunepath.report import format_knob
 
-COLUMNS = (
-    "method",
-    "knob",
-    "target_fraction",
-    "active_fraction",
-    "mean_experts",
-    "task",
-    "metric",
-    "value",
-    "n",
-    "protocol",
-    "experts_p10",
-    "experts_p50",
-    "experts_p90",
-    "rule",
-    "dtype",
-    "device",
-    "date",
-)
 METRICS = {"wikitext2": ("perplexity", "next_token_accuracy"), "ifeval": None, "alpaca": None}
 
 
@@ -178,7 +159,7 @@ def _rows(res: dict, method: str, knob, target, static_fraction: float | None, g
 
 
 class Sweep:
-    """Rows accumulate in <out>.json (list) and <out>.csv; finished (method, knob, task) are skipped."""
+    """Rows accumulate in <out>.json (prunepath.results writes it); finished (method, knob, task) are skipped."""
 
     def __init__(self, out: str | Path, meta: dict):
         self.out = Path(out)
@@ -187,9 +168,9 @@ class Sweep:
         self.rows: list[dict] = []
         self.meta = dict(meta)
         if self.json.is_file():  # resume / extend: keep the rows, the first run's meta, and every run's meta
-            old = json.loads(self.json.read_text())
-            self.rows = old.get("rows", [])
-            self.meta = old.get("meta", {}) or dict(meta)
+            old = results.load_sweep(self.json)
+            self.rows = old.rows
+            self.meta = old.meta or dict(meta)
         self.meta.setdefault("runs", []).append({k: v for k, v in meta.items() if k != "runs"})
 
     def done(self, method, target, task) -> bool:
@@ -197,11 +178,7 @@ class Sweep:
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
-        self.json.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1) + "\n")
-        with open(self.out.with_suffix(".csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
+        results.write_sweep(self.json, self.meta, self.rows)
 
 
 def run_sweep(
@@ -273,7 +250,8 @@ def run_sweep(
             if progress:
                 main = rows[0]
                 print(
-                    f"[{time.time() - t0:6.1f}s] {method:<14} knob={_fmt(knob):<8} frac={main['active_fraction']:.3f} "
+                    f"[{time.time() - t0:6.1f}s] {method:<14} knob={format_knob(knob):<8} "
+                    f"frac={main['active_fraction']:.3f} "
                     f"{task}: {main['metric']}={main['value']:.4f}",
                     flush=True,
                 )
@@ -281,8 +259,6 @@ def run_sweep(
             model.set_gate(gate)
         del m
     sw.add([])  # writes the meta (expert-count distributions) even when every row was already done
-    write_figure(sw.rows, Path(out).with_suffix(".html"), sw.meta)
-    write_table(sw.rows, Path(out).with_suffix(".md"))
     return sw
 
 
@@ -301,94 +277,6 @@ def _batching(model, task: str, opts: dict) -> dict:
     if next(model.parameters()).device.type != "cuda":
         return dict(opts)
     return {**GPU_BATCHING[check_task(task)], **opts}
-
-
-def _fmt(v) -> str:
-    if isinstance(v, list):  # per-layer knobs: their range
-        return f"{min(v):.3g}..{max(v):.3g}"
-    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-
-
-def write_table(rows: list[dict], path: Path) -> Path:
-    """Markdown table: one line per (method, target fraction), one column per (task, metric)."""
-    cols = sorted({(r["task"], r["metric"]) for r in rows})
-    keys = []
-    for r in rows:
-        k = (r["method"], r["target_fraction"])
-        if k not in keys:
-            keys.append(k)
-    lines = [
-        "| method | target | knob | active fraction (measured) | " + " | ".join(f"{t} {m}" for t, m in cols) + " |",
-        "|" + "---|" * (4 + len(cols)),
-    ]
-    for method, target in keys:
-        rs = [r for r in rows if r["method"] == method and r["target_fraction"] == target]
-        cell = {(r["task"], r["metric"]): r["value"] for r in rs}
-        frac = ", ".join(sorted({f"{r['active_fraction']:.3f}" for r in rs}))
-        vals = " | ".join(f"{cell[c]:.4g}" if c in cell else "" for c in cols)
-        lines.append(f"| {method} | {_fmt(target)} | {_fmt(rs[0]['knob'])} | {frac} | {vals} |")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_figure(rows: list[dict], path: Path, meta: dict | None = None) -> Path | None:
-    """Plotly HTML: one panel per (task, metric), metric versus measured active fraction, one line per method."""
-    try:
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
-    except ImportError:
-        return None
-    panels = sorted({(r["task"], r["metric"]) for r in rows})
-    if not panels:
-        return None
-    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[f"{t}: {m}" for t, m in panels])
-    methods = sorted({r["method"] for r in rows})
-    palette = [
-        "#1f77b4",
-        "#d62728",
-        "#2ca02c",
-        "#ff7f0e",
-        "#9467bd",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#17becf",
-    ]
-    for j, (task, metric) in enumerate(panels, start=1):
-        for i, method in enumerate(methods):
-            pts = sorted(
-                (r["active_fraction"], r["value"], r["knob"])
-                for r in rows
-                if r["task"] == task and r["metric"] == metric and r["method"] == method
-            )
-            if not pts:
-                continue
-            mode = "markers" if method == "dense" else "lines+markers"
-            fig.add_trace(
-                go.Scatter(
-                    x=[p[0] for p in pts],
-                    y=[p[1] for p in pts],
-                    mode=mode,
-                    name=method,
-                    legendgroup=method,
-                    showlegend=j == 1,
-                    marker=dict(color=palette[i % len(palette)], size=9),
-                    text=[f"knob {_fmt(p[2])}" for p in pts],
-                ),
-                row=1,
-                col=j,
-            )
-        fig.update_xaxes(title_text="mean active FFN fraction", row=1, col=j)
-        if metric == "perplexity":
-            fig.update_yaxes(type="log", row=1, col=j)
-    meta = meta or {}
-    fig.update_layout(
-        title=f"PrunePath vs baselines — {meta.get('checkpoint', '')} on {meta.get('device', '')}",
-        height=450,
-        width=420 * len(panels) + 150,
-    )
-    fig.write_html(path, include_plotlyjs="cdn")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -444,10 +332,13 @@ def run_sweep_cli(args) -> int:
         print(BF16_PROMPT_WARNING, file=sys.stderr)
     model, tok = _load(args)
     opts["wikitext2"] = {"context": args.context, "stride": args.context}
+    out = Path(args.out) if args.out else results.sweep_path(
+        Path(args.checkpoint).name + args.tag, "-".join(args.tasks) + (f"-{args.protocol}" if opts else ""),
+        args.device)
     sw = run_sweep(
         model,
         tok,
-        args.out,
+        out,
         args.fractions,
         args.taus,
         args.methods,
@@ -459,7 +350,7 @@ def run_sweep_cli(args) -> int:
         meta=_meta(args, model),
         tag=args.tag,
     )
-    print(f"{len(sw.rows)} rows -> {Path(args.out).with_suffix('.json')}, .csv, .html")
+    print(f"{len(sw.rows)} rows -> {sw.json}; tables and figures: prunepath report {sw.json}")
     return 0
 
 
@@ -517,7 +408,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--demo-sets", type=int, default=1,
                    help="prompt protocol: average this many demonstration sets per row (K times the forwards); "
                         "rows then record each set's accuracy and two split-half ensembles")
-    p.add_argument("--out", default="results/sweep_default", help="output stem: .json, .csv, .html")
+    p.add_argument("--out", default=None, help="the sweep's JSON file (default: results/sweeps/"
+                   "<checkpoint>_<tasks>-<protocol>_<device>.json); an existing one is resumed and extended")
     p.add_argument("--tag", default="", help="suffix for method names, to add another checkpoint's rows to --out")
     _common(p)
     p.set_defaults(func=run_sweep_cli)
