@@ -51,8 +51,6 @@ EXAMPLES = {
     "Paris": "The capital of France is Paris. The capital of Germany is",
     "Recipe": "To make a simple tomato sauce, first heat some olive oil in a pan, then",
 }
-# Where the page reads committed results from; the repository's own results/ by default.
-RESULTS_DIR = Path(os.environ.get("PRUNEPATH_RESULTS", Path(__file__).resolve().parents[1] / "results"))
 
 
 def configure_threads(n: int | None = None) -> int:
