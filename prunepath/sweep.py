@@ -314,7 +314,7 @@ def _meta(args, model) -> dict:
 
 
 # Measured on default v4 (26 SST-2 rows, 2026-11-29): a 2-core CPU and an H200 disagree by 2.7 points on average
-# and up to 9.6 in bf16, by 0.05 on average and at most 0.46 in fp32 (results/h200/README.md).
+# and up to 9.6 in bf16, by 0.05 on average and at most 0.46 in fp32 (the sweeps of default v4, results/HISTORY.md).
 BF16_PROMPT_WARNING = (
     "prunepath sweep: the prompt protocol in bf16 ranks nothing between sparse methods. Their label-word scores lie "
     "close together and bf16 rounding flips decisions: the same SST-2 rows moved by up to 9.6 points between two "
