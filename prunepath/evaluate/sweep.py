@@ -12,8 +12,8 @@ calibration text to the target fraction, then every task is evaluated with the e
 
 plus the per-token expert-count quantiles. They are appended to one JSON file as they come (by default
 results/sweeps/<checkpoint>_<tasks>_<device>.json, through `prunepath.results`), so an interrupted sweep
-resumes where it stopped; `prunepath report` makes its table, CSV and figure. Active fraction is measured during each evaluation (not the calibration
-value); for neuron pruning it is the kept-neuron fraction.
+resumes where it stopped; `prunepath report` makes its table, CSV and figure. Active fraction is
+measured during each evaluation (not the calibration value); for neuron pruning it is the kept-neuron fraction.
 
 Cost. A sweep evaluates the same texts under every (method, knob), so what does not depend on the
 model is done once per process: tokenised test text and prompts, task rows and demonstrations
@@ -31,7 +31,6 @@ Shape legend: B sequences, T tokens, L layers.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
