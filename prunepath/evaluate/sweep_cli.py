@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from prunepath.evaluate import baselines
-from prunepath.evaluate.sweep import _load, _meta, run_sweep
+from prunepath.evaluate.sweep import SweepConfig, _load, _meta, run_sweep
 from prunepath.results import sweep_path
 from prunepath.routing.calibrate import calibrate_tau, check_target
 
@@ -34,21 +34,10 @@ def run_sweep_cli(args) -> int:
     out = Path(args.out) if args.out else sweep_path(
         Path(args.checkpoint).name + args.tag, "-".join(args.tasks) + (f"-{args.protocol}" if len(opts) > 1 else ""),
         args.device)
-    sw = run_sweep(
-        model,
-        tok,
-        out,
-        args.fractions,
-        args.taus,
-        args.methods,
-        args.tasks,
-        args.limit,
-        args.wt_tokens,
-        args.calib_tokens,
-        opts,
-        meta=_meta(args, model),
-        tag=args.tag,
-    )
+    config = SweepConfig(fractions=args.fractions, taus=args.taus, methods=args.methods, tasks=args.tasks,
+                         limit=args.limit, wt_tokens=args.wt_tokens, calib_tokens=args.calib_tokens, task_opts=opts,
+                         tag=args.tag)
+    sw = run_sweep(model, tok, out, config, meta=_meta(args, model))
     print(f"{len(sw.rows)} rows -> {sw.json}; tables and figures: prunepath report {sw.json}")
     return 0
 
@@ -84,7 +73,7 @@ def run_calibrate(args) -> int:
         }
         folder = save_calibration(args.checkpoint, results, info)
         if not args.json:
-            print(f"saved to {folder / 'prunepath.json'}: model.set_active_fraction(f) now routes by it")
+            print(f"saved to {folder / 'prunepath.json'}: set_active_fraction(model, f) now routes by it")
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
@@ -117,14 +106,14 @@ def add_cli(subparsers) -> None:
         "calibrate",
         help="find τ (global and per layer) for a target active fraction",
         description="Bisection for the τ reaching a target mean active FFN fraction; --save stores it in the "
-        "checkpoint, for model.set_active_fraction() and `prunepath eval --fraction`.",
+        "checkpoint, for set_active_fraction(model) and `prunepath eval --fraction`.",
     )
     c.add_argument("--checkpoint", default="default")
     c.add_argument("--target", type=float, nargs="+", required=True, help="mean active FFN fraction(s), e.g. 0.5")
     c.add_argument("--tol", type=float, default=0.005)
     c.add_argument("--json", action="store_true")
     c.add_argument("--save", action="store_true",
-                   help="record the τ values in the checkpoint (prunepath.json): model.set_active_fraction uses them")
+                   help="record the τ values in the checkpoint (prunepath.json), for prunepath.set_active_fraction")
     _common(c)
     c.set_defaults(func=run_calibrate)
 
