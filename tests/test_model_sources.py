@@ -213,3 +213,12 @@ def test_an_encoder_checkpoint_round_trips_and_keeps_every_output(tmp_path):
         "max_position_embeddings")})).eval()
     with pytest.raises(CheckpointError, match="fingerprint"):
         prunepath.load(tmp_path / "ckpt", base=(other, tok))
+
+
+def test_language_model_tasks_refuse_an_encoder_with_the_fix(tmp_path, capsys):
+    from prunepath.cli import main
+
+    folder, _ = _bert_dir(tmp_path, BertModel, "bert")
+    assert main(["eval", "--task", "wikitext2", "--model", str(folder), "--limit", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "BertModel is not a causal language model" in err and "--protocol probe" in err
