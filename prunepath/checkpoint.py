@@ -74,6 +74,11 @@ def save(model, directory: str | os.PathLike, train_info: dict | None = None, fu
 
 def read_meta(directory: str | os.PathLike) -> dict:
     path = checkpoint_folder(directory) / "prunepath.json"
+    if path.parent.is_file():
+        raise CheckpointError(
+            f"{path.parent} is a file; a checkpoint is a folder (with prunepath.json). Fix: pass the folder, "
+            "'default', or make one with `prunepath moefy --out DIR`"
+        )
     if not path.parent.exists():
         raise CheckpointError(
             f"checkpoint {path.parent} is missing: no such folder. Fix: check the path, pass 'default' for the "

@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PRUNEPATH_DEBUG"):
             raise
         message = str(e)
+        if isinstance(e, OSError) and e.filename and e.strerror:  # the bare "[Errno 2] ..." names no fix
+            message = f"{e.filename}: {e.strerror}. Fix: check the path, and that you may read or write there"
     print(f"prunepath {args.command}: error: {message}", file=sys.stderr)
     return 2
 

@@ -403,13 +403,13 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     online = hub_reachable()
     hint = (
         f"Known aliases (no network needed): {', '.join(sorted(ALIASES))}; "
-        f"or pass a local directory written by save_pretrained."
+        f"or pass a local .gguf file or a directory written by save_pretrained."
     )
     if not online and not _in_hub_cache(name):
         raise ModelOfflineError(
             f"'{name}' is not an alias or a local directory, the Hugging Face hub cannot be reached, "
             f"and it is not in the local hub cache. Fix: connect once to cache it (then HF_HUB_OFFLINE=1 "
-            f"works), or pass a local directory. {hint}"
+            f"works), or pass a local directory or .gguf file. {hint}"
         )
     try:
         model = _load_matching(name, dtype, local_files_only=not online)
@@ -420,7 +420,7 @@ def _load_pretrained(name: str, dtype: torch.dtype):
             raise ModelOfflineError(
                 f"'{name}' is not an alias or a local directory, the Hugging Face hub cannot be reached, "
                 f"and the files are not in the local hub cache. Fix: connect and retry (to cache it), set "
-                f"HF_HUB_OFFLINE=1 after caching it once, or pass a local directory. {hint}"
+                f"HF_HUB_OFFLINE=1 after caching it once, or pass a local directory or .gguf file. {hint}"
             ) from e
         raise UnknownModelError(f"could not load '{name}' from the Hugging Face hub: {e}. {hint}") from e
 
