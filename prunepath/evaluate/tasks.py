@@ -5,10 +5,11 @@ Tasks (`evaluate_task`, `prunepath eval --task ...`):
 - `wikitext2`: test perplexity with HF's strided sliding window, plus next-token accuracy (here).
 - `sst2`, `rte`, `boolq`, `jsonl:PATH?text=F&label=F[&text_pair=F][&labels=W0,W1,...]`, `csv:...`:
   classification accuracy, any number of classes, under a stated protocol — calibrated k-shot label-word
-  scoring, or a linear probe (see `prunepath.nlu`). The label words are the class names: for a file, its
-  label values (0, 1, 2 -> words " 0", " 1", " 2") unless `&labels=` names the classes in the order of
-  their values (ints 0..C-1, else sorted); words score better than digits, e.g. `&labels=negative,positive`.
-- `ifeval`, `alpaca`: instruction following, IFEval scored offline and ROUGE-L (see `prunepath.ifeval`).
+  scoring, or a linear probe (see `prunepath.evaluate.nlu`). The label words are the class names: for a
+  file, its label values (0, 1, 2 -> words " 0", " 1", " 2") unless `&labels=` names the classes in the
+  order of their values (ints 0..C-1, else sorted); words score better than digits, e.g.
+  `&labels=negative,positive`.
+- `ifeval`, `alpaca`: instruction following, IFEval scored offline and ROUGE-L (see `prunepath.evaluate.ifeval`).
 
 Every result is an `EvalResult`: metrics, n, protocol, dataset/split, settings, and `routing` — for a
 model with `routing_stats()` the rule, its knob, experts kept per token (mean and spread), active FFN
@@ -20,231 +21,24 @@ Shapes: B batch, T tokens, V vocabulary, C classes, D hidden, N = B*T rows.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import math
-import platform
 import sys
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from functools import lru_cache
 
-import torch
+from prunepath.evaluate.perplexity import perplexity
+from prunepath.evaluate.result import EvalResult
 
 LM_TASKS = ("wikitext2",)
 NLU_TASKS = ("sst2", "rte", "boolq")
 GEN_TASKS = ("ifeval", "alpaca")
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    """One number-bearing evaluation; `to_dict()` is what `--json` prints."""
-
-    task: str
-    metrics: dict  # e.g. {"perplexity": 23.1, "next_token_accuracy": 0.41}
-    n: int  # examples (or tokens, for perplexity) scored
-    protocol: str  # how the number was obtained, in words a reader can reproduce
-    dataset: str
-    split: str
-    settings: dict = field(default_factory=dict)  # k, seed, context, stride, ...
-    routing: dict | None = None  # rule, knob, experts kept, active fraction, FLOPs (PrunePath models)
-    model: str = ""
-    meta: dict = field(default_factory=dict)  # date, device, versions, seconds
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 # ---------------------------------------------------------------------------------------------
 # Routing statistics
 
 
-def _knob(rule) -> float | int | None:
-    """The rule's numeric knob (τ, k or t): its first numeric dataclass field."""
-    for f in dataclasses.fields(rule) if dataclasses.is_dataclass(rule) else ():
-        v = getattr(rule, f.name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return v
-    return None
-
-
-class RoutingRecorder:
-    """Records routing over a block of forwards; masks of real (non-padding) tokens are optional."""
-
-    def __init__(self, model):
-        self.model = model
-        self.active = hasattr(model, "routing_stats") and hasattr(model, "record_stats")
-        self.masks: list[torch.Tensor] = []
-        self.info: dict | None = None  # set when the `recording` block ends
-
-    def add_mask(self, attention_mask: torch.Tensor) -> None:
-        if self.active:
-            self.masks.append(attention_mask.reshape(-1).bool().cpu())  # [N], the order forwards see rows
-
-    def take_last(self) -> list[torch.Tensor] | None:
-        """Remove the last recorded forward's counts from every layer and return them (L x [N])."""
-        ffns = self.model.prunepath_ffns() if self.active else []
-        if not ffns or not all(f.history for f in ffns):
-            return None
-        return [f.history.pop() for f in ffns]
-
-    def add_repeated(self, counts: list[torch.Tensor] | None, times: int) -> None:
-        """Count one forward's real tokens (`counts`, L x [N], from `take_last`) `times` times over, as if
-        that many forwards had run them (a shared prompt prefix run once for many rows)."""
-        if not self.active or counts is None or times < 1:
-            return
-        for f, c in zip(self.model.prunepath_ffns(), counts):
-            f.history.append(c.repeat(times))
-        self.masks.append(torch.ones(counts[0].numel() * times, dtype=torch.bool))
-
-    def summary(self) -> dict:
-        if not self.active:
-            return {"rule": "dense", "active_fraction": 1.0}
-        ffns = self.model.prunepath_ffns()
-        recorded = sum(h.numel() for h in ffns[0].history)
-        mask = torch.cat(self.masks) if self.masks else None
-        # Masks line up only if every recorded forward supplied one; otherwise every routed row counts.
-        stats = self.model.routing_stats(mask if mask is not None and mask.numel() == recorded else None)
-        per_token = stats.counts.float().mean(0)  # [N] experts kept per token, averaged over layers
-        cells = stats.counts.flatten()  # [L*N] every (layer, token) decision; count_quantiles takes any size
-        qs = torch.tensor([0.1, 0.5, 0.9])
-        q = torch.quantile(per_token, qs).tolist() if len(per_token) else [0] * 3
-        q_cells = count_quantiles(cells, qs) if len(cells) else [0] * 3
-        knobs = {_knob(f.rule) for f in ffns}
-        return {
-            "rule": self.model.rule_spec,
-            "knob": knobs.pop() if len(knobs) == 1 else "per-layer",
-            **stats.summary(),
-            "experts_kept_p10_p50_p90": q,  # of the per-token mean over layers
-            "experts_kept_layer_token_p10_p50_p90": q_cells,  # of single (layer, token) decisions
-            "experts_kept_std": float(per_token.std()) if per_token.numel() > 1 else 0.0,
-            "per_layer_fraction": stats.per_layer_fraction(),
-            "padding_excluded": mask is not None and mask.numel() == recorded,
-        }
-
-
-def count_quantiles(counts: torch.Tensor, qs: torch.Tensor) -> list[float]:
-    """`torch.quantile(counts.float(), qs)` (linear interpolation) for non-negative integer counts,
-    read off their histogram instead of sorting them: the same numbers, for tens of millions of cells."""
-    cum = torch.bincount(counts.reshape(-1)).cumsum(0)  # [max + 1] how many counts are <= v
-    ranks = qs * (counts.numel() - 1)  # as torch.quantile computes them
-    below, above = ranks.long(), ranks.ceil().long()
-    value = lambda k: torch.searchsorted(cum, k, right=True).float()  # the k-th smallest count
-    return torch.lerp(value(below), value(above), ranks - below).tolist()
-
-
-@contextmanager
-def recording(model):
-    """`with recording(model) as rec: <forwards>` then `rec.info`: fresh stats for the block, then off."""
-    rec = RoutingRecorder(model)
-    if rec.active:
-        model.record_stats(True)
-    ok = False
-    try:
-        yield rec
-        ok = True
-    finally:
-        # routing_stats() must be read before record_stats(False), which clears the history.
-        if rec.active and ok:
-            rec.info = rec.summary() if model.prunepath_ffns()[0].history else None
-        elif not rec.active:
-            rec.info = rec.summary()
-        if rec.active:
-            model.record_stats(False)
-
-
-def run_meta(model, t0: float) -> dict:
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
-            "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
-def model_name(model) -> str:
-    try:
-        from prunepath.models import model_reference
-
-        return model_reference(model)
-    except Exception:  # any model of transformers, loaded by anyone
-        return getattr(model.config, "_name_or_path", type(model).__name__)
-
-
-def keeps_logits(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 # ---------------------------------------------------------------------------------------------
 # Perplexity
-
-
-@lru_cache(maxsize=4)
-def _encode(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of a whole test set, cached: a sweep evaluates the same text under every method.  # [L]"""
-    return tokenizer(text, return_tensors="pt").input_ids[0]
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, text: str, context: int = 1024, stride: int = 512,
-               max_tokens: int | None = None, batch_size: int = 4) -> EvalResult:
-    """Strided sliding-window perplexity (the HF "perplexity of fixed-length models" recipe).
-
-    Windows of `context` tokens start every `stride` tokens; each window scores only the tokens no
-    earlier window scored (its tail), so every token but the first is scored once, with at least
-    `context - stride` tokens of left context (except in the first window). NLL is summed over
-    tokens, not averaged per window, so a short last window carries its true weight.
-    """
-    if not 0 < stride <= context:
-        raise ValueError(f"need 0 < stride <= context, got stride={stride}, context={context}")
-    if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens must be >= 2 (one to predict from, one to score), got {max_tokens}")
-    t0 = time.time()
-    ids = _encode(tokenizer, text)  # [L]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    if ids.numel() < 2:
-        raise ValueError(f"text has {ids.numel()} token(s); perplexity needs at least 2")
-    device = next(model.parameters()).device
-    # Windows (begin, end, n_scored): targets ids[end - n_scored : end], each predicted from its left.
-    windows, prev_end = [], 0
-    for begin in range(0, ids.numel(), stride):
-        end = min(begin + context, ids.numel())
-        windows.append((begin, end, min(end - prev_end, end - begin - 1)))
-        prev_end = end
-        if end == ids.numel():
-            break
-    kw = keeps_logits(model)
-    nll, correct, scored = 0.0, 0, 0
-    with recording(model) as rec:
-        i = 0
-        while i < len(windows):
-            # Batch consecutive windows of the same shape (all but the first and last, in practice).
-            shape = lambda w: (w[1] - w[0], w[2])  # (window length, tokens scored)
-            group = [windows[i]]
-            while (i + len(group) < len(windows) and len(group) < batch_size
-                   and shape(windows[i + len(group)]) == shape(windows[i])):
-                group.append(windows[i + len(group)])
-            i += len(group)
-            x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)  # [B, T]
-            n = group[0][2]
-            rec.add_mask(torch.ones_like(x))
-            out = model(input_ids=x, use_cache=False, **({"logits_to_keep": n + 1} if kw else {}))
-            logits = out.logits[:, -(n + 1):-1].float()  # [B, n, V] predicts x[:, -n:]
-            target = x[:, -n:]  # [B, n]
-            nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum"))
-            correct += int((logits.argmax(-1) == target).sum())
-            scored += target.numel()
-    ppl = math.exp(nll / scored)
-    return EvalResult(
-        task="wikitext2",
-        metrics={"perplexity": ppl, "nll": nll / scored, "next_token_accuracy": correct / scored},
-        n=scored, protocol=f"strided sliding window, context {context}, stride {stride}, scored tails only",
-        dataset="wikitext2", split="test",
-        settings={"context": context, "stride": stride, "max_tokens": max_tokens, "tokens": int(ids.numel()),
-                  "windows": len(windows)},
-        routing=rec.info, model=model_name(model),
-        meta=run_meta(model, t0),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,10 +77,10 @@ def evaluate_task(model, tokenizer, task: str, limit: int | None = None, **opts)
 
         return perplexity(model, tokenizer, data.load_lm_text(task, "test"), max_tokens=limit, **opts)
     if family == "nlu":
-        from prunepath import nlu
+        from prunepath.evaluate import nlu
 
         return nlu.classify(model, tokenizer, task, limit=limit, **opts)
-    from prunepath import ifeval
+    from prunepath.evaluate import ifeval
 
     return ifeval.instruction_eval(model, tokenizer, task, limit=limit, **opts)
 
@@ -330,7 +124,7 @@ def run(args) -> int:
     if args.fraction is not None and (args.tau is not None or args.rule is not None):
         raise ValueError("give one of --tau, --rule or --fraction: --fraction sets a per-layer τ itself")
     if check_task(args.task) == "nlu":  # read the task (labels, fields) before the model: bad input costs nothing
-        from prunepath import nlu
+        from prunepath.evaluate import nlu
 
         nlu.task_splits(args.task, args.seed or 0)
     model, tok = load_for_eval(args)
