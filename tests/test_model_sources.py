@@ -22,7 +22,7 @@ from transformers import (
 )
 
 import prunepath
-from prunepath import CheckpointError, MoefyConfig, moefy
+from prunepath import CheckpointError, CumulativeMass, Dense, MoefyConfig, moefy
 from prunepath.models import UnknownModelError, load_model, model_fingerprint, model_reference
 
 gguf = pytest.importorskip("gguf")
@@ -129,7 +129,7 @@ def test_a_local_gguf_loads_as_its_model_and_is_cached(tiny_gguf, monkeypatch):
 def test_a_checkpoint_made_on_a_gguf_loads_back_from_its_reference(tiny_gguf, tmp_path):
     path, _ = tiny_gguf
     model, tok = load_model(path)
-    moefy(model, MoefyConfig(rule="mass:0.8"), progress=False)
+    moefy(model, MoefyConfig(rule=CumulativeMass(0.8)), progress=False)
     prunepath.save(model, tmp_path / "ckpt")
     loaded, _ = prunepath.load(tmp_path / "ckpt")  # finds the base through the recorded path of the file
     ids = tok("the the theta", return_tensors="pt").input_ids
@@ -196,12 +196,17 @@ def test_an_encoder_checkpoint_round_trips_and_keeps_every_output(tmp_path):
     ids = tok("hello prune path experts world", return_tensors="pt").input_ids
     with torch.no_grad():
         dense = model(ids, output_hidden_states=True)
-    moefy(model, MoefyConfig(rule="dense", gate="one"), progress=False)  # all experts, unit gates: exact
+    moefy(model, MoefyConfig(rule=Dense(), gate="one"), progress=False)  # all experts, unit gates: exact
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
     assert out.hidden_states is not None and len(out.hidden_states) == len(dense.hidden_states) == 3
     for a, b in zip(out.hidden_states, dense.hidden_states):
         torch.testing.assert_close(a, b)
+    # Attentions too (sdpa cannot return them; eager can, before and after the conversion alike).
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(ids, output_attentions=True).attentions
+    assert att is not None and len(att) == 2 and att[0].shape == (1, 4, ids.shape[1], ids.shape[1])
     prunepath.save(model, tmp_path / "ckpt")
     loaded, _ = prunepath.load(tmp_path / "ckpt")  # the fingerprint of the reloaded base matches
     with torch.no_grad():
