@@ -61,7 +61,8 @@ def load_matching_class(source, config, dtype: torch.dtype, **kwargs):
             break
         tried.append(f"{type(model).__name__} would initialise {len(missing)} weight(s) at random ({missing[0]}, ...)")
     else:
-        raise ValueError(f"no transformers class loads {source}: " + "; ".join(tried))
+        raise ValueError(f"no transformers class loads {source}: " + "; ".join(tried) + ". Fix: pass a model of "
+                         "an architecture this transformers version knows (or upgrade transformers)")
     if missing:
         warnings.warn(
             f"{source} lacks {len(missing)} weight(s) of {type(model).__name__} even as the bare backbone "
