@@ -41,6 +41,11 @@ def test_route_shapes_and_labels(ex):
     assert r.spec == "mass:0.5" and r.knobs is not None
 
 
+def test_labels_are_readable_in_any_script(ex):
+    labels = ex.labels(torch.tensor(ex.tokenizer("日本語 Привет").input_ids))
+    assert "�" not in "".join(labels) and "語 3/3" in labels  # byte pieces decoded together (prunepath.tokens)
+
+
 def test_counts_monotone_in_tau_and_dense_is_everything(ex):
     lo, hi = ex.route(PROMPT, "mass", 0.2), ex.route(PROMPT, "mass", 0.95)
     assert hi.mean_experts > lo.mean_experts
