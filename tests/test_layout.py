@@ -130,5 +130,7 @@ def test_the_repository_names_no_file_outside_it():
             text = (ROOT / name).read_text()
         except (UnicodeDecodeError, OSError):
             continue
-        found += [f"{name}: {w}" for w in words if w in text]
+        # a line that asserts the rule (another test's check) names the words without pointing at them
+        lines = [line for line in text.splitlines() if "assert" not in line]
+        found += [f"{name}: {w}" for w in words if any(w in line for line in lines)]
     assert not found, "names outside the repository: " + "; ".join(found)
