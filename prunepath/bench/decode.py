@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from prunepath.bench.ffn import environment
+from prunepath.bench.gpu_timing import environment
 from prunepath.decode import DecodeConfig, Decoder
 
 SHAPES = {  # Llama-3.2-1B and Llama-3-8B
@@ -217,9 +217,24 @@ def main(argv=None) -> int:
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate (default model)")
     p.add_argument("--out", default=None, help="JSON path (default results/bench/decode_MODEL.json)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per row (GPU rows; >= 5)")
+    p.add_argument("--no-baselines", action="store_true", help="GPU: skip the previous loop and transformers rows")
     args = p.parse_args(argv)
     args.taus = [t.strip() for t in args.taus.split(",") if t.strip()]
-    args.fractions = [float(f) for f in args.fractions.split(",")]
+    from prunepath.bench.gpu_timing import BenchInputError, parse_fractions, require_triton_gpu
+
+    try:
+        args.fractions = parse_fractions(args.fractions)
+        if args.device.startswith("cuda"):  # the GPU rows: compiled loop, kernels, baselines
+            require_triton_gpu()
+            if args.runs < 5:
+                raise BenchInputError(f"--runs {args.runs}: at least 5 runs are needed for a median with p20 / p80")
+            from prunepath.bench.decode_gpu import main_gpu
+
+            return main_gpu(args)
+    except BenchInputError as err:
+        print(f"prunepath bench decode: {err}")
+        return 2
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = bench_default(args, device, dtype) if args.model == "default" else bench_random(args, device, dtype)
