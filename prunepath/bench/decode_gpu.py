@@ -8,7 +8,7 @@ Models (bf16 on CUDA):
   the prompt to keep about the same fractions (the method's rule; Gu, Fu, Yuan 2026).
 * `default`: the packaged checkpoint at several tau, and its base model as the dense rows.
 
-Rows (schema of results/bench/*.json): our loop (`prunepath.fast_decode`: compiled non-FFN step, the
+Rows (schema of results/bench/*.json): our loop (`prunepath.decode.compiled`: compiled non-FFN step, the
 whole step one CUDA graph) dense and sparse; baselines: the previous loop (`prunepath.decode.Decoder`,
 transformers layers in a CUDA graph, not compiled), transformers `generate` with the static cache
 (compiled by generate itself, timed after a warm-up call that compiles) and without compilation.
@@ -116,7 +116,7 @@ def time_ours(dec, ids, n_tokens: int, runs: int) -> dict:
 
 def time_old_loop(model, ids, n_tokens: int, runs: int) -> dict:
     """The previous loop: transformers layers in a CUDA graph (prunepath.decode.Decoder)."""
-    from prunepath.decode import DecodeConfig, Decoder
+    from prunepath.decode.loop import DecodeConfig, Decoder
 
     dec = Decoder(model, max_len=ids.shape[1] + n_tokens + 16, config=DecodeConfig(max_new_tokens=n_tokens))
     per = []
@@ -179,16 +179,14 @@ def realised_fraction(dec, seq, code: int, value: float) -> float:
 
 
 def calibrate_tau(dec, ids, target: float) -> float:
+    """tau whose cumulative-mass rule keeps about `target` of the experts on the prompt's FFN inputs."""
     from prunepath.kernels.route import RULE_MASS, select_reference
+    from prunepath.routing.calibrate import bisect
 
     with FFNInputs(dec) as rec:
         dec.prefill(ids)
-    lo, hi = 1e-4, 1.0
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        frac = sum(select_reference(z, RULE_MASS, mid).float().mean().item() for z in rec.logits) / len(rec.logits)
-        lo, hi = (mid, hi) if frac < target else (lo, mid)
-    return hi
+    frac = lambda t: sum(select_reference(z, RULE_MASS, t).float().mean().item() for z in rec.logits) / len(rec.logits)  # noqa: E731
+    return bisect(frac, 1e-4, 1.0, target, tol=0.0, iters=25)[0]
 
 
 def _free():
@@ -198,7 +196,7 @@ def _free():
 
 def bench_random(args, out: Path) -> None:
     from prunepath import MoefyConfig, moefy, routing
-    from prunepath.fast_decode import CompiledDecoder
+    from prunepath.decode.compiled import CompiledDecoder
     from prunepath.kernels.route import RULE_MASS, RULE_TOPK
 
     bw = copy_bandwidth()

@@ -102,14 +102,13 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def mass_tau(logits: torch.Tensor, target: float) -> float:
-    """tau whose cumulative-mass rule keeps about `target` of the experts on these logits (bisection)."""
+    """tau whose cumulative-mass rule keeps about `target` of the experts on these logits."""
     from prunepath.kernels.route import RULE_MASS, select_reference
+    from prunepath.routing.calibrate import bisect
 
-    lo, hi = 1e-4, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if select_reference(logits, RULE_MASS, mid).float().mean().item() < target else (lo, mid)
-    return hi
+    tau, _ = bisect(lambda t: select_reference(logits, RULE_MASS, t).float().mean().item(), 1e-4, 1.0, target,
+                    tol=0.0)
+    return tau
 
 
 def _row(variant, path, batch, t_stats, copies, read, bw, dense_us, **extra):

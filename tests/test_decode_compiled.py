@@ -1,4 +1,4 @@
-"""The compiled decode step (prunepath.fast_decode) against transformers' own forward.
+"""The compiled decode step (prunepath.decode.compiled) against transformers' own forward.
 
 On CPU the step runs eagerly (no compile, no graph); with a CUDA device and PRUNEPATH_GPU_TESTS=1 the
 `gpu` tests run it compiled and captured as a CUDA graph, dense and with the Triton FFN kernels.
@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from prunepath.fast_decode import CompiledDecoder, UnsupportedModelError
+from prunepath.decode.compiled import CompiledDecoder, UnsupportedModelError
 
 GPU = torch.cuda.is_available() and bool(os.environ.get("PRUNEPATH_GPU_TESTS"))
 

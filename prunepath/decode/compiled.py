@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from prunepath.ffn.module import PrunePathFFN
+
 
 class UnsupportedModelError(ValueError):
     """The model is not a Llama-architecture causal LM this step can run."""
@@ -98,10 +100,6 @@ class _Layer:
     v_cache: torch.Tensor
 
 
-def _is_prunepath_ffn(m) -> bool:
-    return hasattr(m, "router") and hasattr(m, "expert_size")
-
-
 class CompiledDecoder:
     """Greedy static-cache decode of a transformers Llama-architecture model (dense or PrunePath).
 
@@ -140,7 +138,7 @@ class CompiledDecoder:
                                                 "compiled decode step; use prunepath.decode")
                 w_qkv = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).contiguous()
                 mlp = layer.mlp
-                if _is_prunepath_ffn(mlp):
+                if isinstance(mlp, PrunePathFFN):
                     self.sparse = True
                     ffn = mlp
                 else:
