@@ -31,6 +31,7 @@ padded to 16 (tf32 dots of upcast half operands: exact products, fp32 sums).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,21 +59,17 @@ def _act(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, count_ptr, h_ptr, N, E,
-                    D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
-                    BLOCK_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    j = pid // (G // BG)  # slot in the compacted list of kept experts
-    rb = pid % (G // BG)
-    if j >= tl.load(count_ptr):
-        return  # fewer experts kept than slots: no weight byte read
+def _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, h_ptr, j, rb, N, E,
+                  D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                  BLOCK_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """h[:, slot j, rows rb*BG ..] = act(x W_gate^T) * (x W_up^T) * g for BG neurons of kept expert j."""
     e = tl.load(ids_ptr + j)
     rows = e * G + rb * BG + tl.arange(0, BG)  # [BG] neuron indices in [0, F)
     n_offs = tl.arange(0, BN)
     nm = n_offs < N
-    # D is a compile-time constant: the K loop unrolls and every tile's loads can be issued up front
     if BN == 1:
+        # D is a compile-time constant: the K loop unrolls and every tile's loads can be issued up front
         accg = tl.zeros((BG, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
         accu = tl.zeros((BG, BLOCK_K), dtype=tl.float32)
         for k in tl.static_range(0, D, BLOCK_K):
@@ -90,7 +87,7 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, coun
     else:
         hg = tl.zeros((BN, BG), dtype=tl.float32)
         hu = tl.zeros((BN, BG), dtype=tl.float32)
-        for k in tl.static_range(0, D, BLOCK_K):
+        for k in range(0, D, BLOCK_K):  # tensor-core tiles: a pipelined loop, not an unrolled one
             k_offs = k + tl.arange(0, BLOCK_K)
             km = k_offs < D
             xt = tl.load(x_ptr + n_offs[:, None] * D + k_offs[None, :], mask=nm[:, None] & km[None, :],
@@ -107,90 +104,155 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, coun
     if GATED:
         a = a * hu
     g = tl.load(gate_ptr + n_offs * E + e, mask=nm, other=0.0)  # [BN]; 0 for rows that dropped e
-    h = a * g[:, None]  # [BN, BG]
-    tl.store(h_ptr + n_offs[:, None] * (E * G) + j * G + rb * BG + tl.arange(0, BG)[None, :], h,
+    tl.store(h_ptr + n_offs[:, None] * (E * G) + j * G + rb * BG + tl.arange(0, BG)[None, :], a * g[:, None],
              mask=nm[:, None])
 
 
 @triton.jit
-def _down_kernel(h_ptr, w_out_ptr, ids_ptr, count_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, N, E, D,
-                 G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
-                 BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    c = tl.program_id(0)
-    db = tl.program_id(1)
-    count = tl.load(count_ptr)
+def _down_item(h_ptr, w_out_ptr, ids_ptr, ready_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, c, db, count,
+               N, E, D, G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
+               BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, WAIT: tl.constexpr,
+               RB: tl.constexpr):
+    """Down contributions of kept slots c*SLOTS .. c*SLOTS+SLOTS-1 over columns db*BLOCK_D ..; the last
+    chunk of the column block to arrive writes y. WAIT: spin until the slots' h is written (fused kernel)."""
     n_chunks = (count + SLOTS - 1) // SLOTS
     d_offs = db * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d_offs < D
     n_offs = tl.arange(0, BN)
     nm = n_offs < N
     out_m = nm[:, None] & dm[None, :]
+    acc_offs = n_offs[:, None] * D + d_offs[None, :]
     if n_chunks == 0:  # no expert kept by any row: y = bias (or 0), written by the first chunk
         if c == 0:
             y0 = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
             if HAS_BIAS:
                 y0 += tl.load(b_out_ptr + d_offs, mask=dm, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + n_offs[:, None] * D + d_offs[None, :], y0.to(y_ptr.dtype.element_ty), mask=out_m)
-        return
-    if c >= n_chunks:
-        return
-    g_offs = tl.arange(0, BLOCK_G)
-    gm = g_offs < G
-    if BN == 1:
-        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # GEMV: elementwise products, summed at the end
+            tl.store(y_ptr + acc_offs, y0.to(y_ptr.dtype.element_ty), mask=out_m)
     else:
-        acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
-    for s in tl.static_range(SLOTS):
-        j = c * SLOTS + s
-        e = tl.load(ids_ptr + tl.minimum(j, count - 1))  # a valid id; empty slots are masked below
-        on = gm & ((g_offs * 0 + j) < count)  # [BLOCK_G]; the last chunk may be partly empty (no traffic)
-        w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
-                    mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+        g_offs = tl.arange(0, BLOCK_G)
+        gm = g_offs < G
         if BN == 1:
-            hv = tl.load(h_ptr + j * G + g_offs, mask=on, other=0.0)  # [BLOCK_G] fp32
-            acc += w.to(tl.float32) * hv[:, None]
+            acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # elementwise products, summed at the end
         else:
-            ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + j * G + g_offs[None, :],
-                         mask=nm[:, None] & on[None, :], other=0.0)  # [BN, BLOCK_G]
-            acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
-    if BN == 1:
-        acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_D]
-    acc_offs = n_offs[:, None] * D + d_offs[None, :]
-    tl.atomic_add(acc_ptr + acc_offs, acc, mask=out_m, sem="relaxed", scope="gpu")
-    # The last chunk of this column block to arrive writes y (barrier + release ticket, as in select.py).
-    tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr + db, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_chunks - 1:
+            acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
+        for s in tl.static_range(SLOTS):
+            j = c * SLOTS + s
+            e = tl.load(ids_ptr + tl.minimum(j, count - 1))  # a valid id; empty slots are masked below
+            on = gm & ((g_offs * 0 + j) < count)  # [BLOCK_G]; the last chunk may be partly empty (no traffic)
+            w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
+                        mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+            if WAIT:  # the weights are on their way; now wait for this slot's h (all RB row blocks)
+                if j < count:
+                    r = tl.atomic_add(ready_ptr + j, 0, sem="acquire", scope="gpu")
+                    spins = r * 0
+                    while (r < RB) & (spins < 1000000):
+                        r = tl.atomic_add(ready_ptr + j, 0, sem="acquire", scope="gpu")
+                        spins += 1
+                tl.debug_barrier()
+            if BN == 1:
+                hv = tl.load(h_ptr + j * G + g_offs, mask=on, other=0.0, cache_modifier=".cg")  # [BLOCK_G]
+                acc += w.to(tl.float32) * hv[:, None]
+            else:
+                ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + j * G + g_offs[None, :],
+                             mask=nm[:, None] & on[None, :], other=0.0, cache_modifier=".cg")  # [BN, BLOCK_G]
+                acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
+        if BN == 1:
+            acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_D]
+        tl.atomic_add(acc_ptr + acc_offs, acc, mask=out_m, sem="relaxed", scope="gpu")
+        # The last chunk of this column block to arrive writes y (barrier + release ticket, as in select.py).
         tl.debug_barrier()
-        y = tl.load(acc_ptr + acc_offs, mask=out_m, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            y += tl.load(b_out_ptr + d_offs, mask=dm, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + acc_offs, y.to(y_ptr.dtype.element_ty), mask=out_m)
-        tl.store(acc_ptr + acc_offs, tl.zeros((BN, BLOCK_D), dtype=tl.float32), mask=out_m)
-        tl.store(ticket_ptr + db, 0)
+        ticket = tl.atomic_add(ticket_ptr + db, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_chunks - 1:
+            tl.debug_barrier()
+            y = tl.load(acc_ptr + acc_offs, mask=out_m, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_out_ptr + d_offs, mask=dm, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + acc_offs, y.to(y_ptr.dtype.element_ty), mask=out_m)
+            tl.store(acc_ptr + acc_offs, tl.zeros((BN, BLOCK_D), dtype=tl.float32), mask=out_m)
+            tl.store(ticket_ptr + db, 0)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, count_ptr, h_ptr, N, E,
+                    D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Two-launch form, launch 2: program p = (slot p // (G / BG), row block); past the count: exit."""
+    pid = tl.program_id(0)
+    j = pid // (G // BG)
+    if j < tl.load(count_ptr):
+        _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, h_ptr, j, pid % (G // BG), N, E,
+                      D=D, G=G, BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS,
+                      DOT_PREC=DOT_PREC)
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_out_ptr, ids_ptr, count_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, N, E, D,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Two-launch form, launch 3: program (chunk, column block); chunks past the kept count exit."""
+    count = tl.load(count_ptr)
+    c = tl.program_id(0)
+    if c < tl.maximum((count + SLOTS - 1) // SLOTS, 1):
+        _down_item(h_ptr, w_out_ptr, ids_ptr, count_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, c, tl.program_id(1),
+                   count, N, E, D, G=G, BLOCK_G=BLOCK_G, SLOTS=SLOTS, BN=BN, BLOCK_D=BLOCK_D, HAS_BIAS=HAS_BIAS,
+                   DOT_PREC=DOT_PREC, WAIT=False, RB=1)
+
+
+@triton.jit
+def _fused_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, count_ptr, h_ptr, ready_ptr,
+                  w_out_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, N, E,
+                  D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr,
+                  ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS_IN: tl.constexpr, BLOCK_G: tl.constexpr,
+                  SLOTS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS_OUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One persistent launch for gate/up and down: every program first streams its gate/up items (slot,
+    row block) in turn, publishing each slot's progress in ready[slot], then its down items (chunk, column
+    block), each spinning until its slots' h is complete. The grid is small enough that every program is
+    resident at once (launcher), so a waiting program never blocks one it waits for."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    count = tl.load(count_ptr)
+    RB = G // BG
+    for i in range(pid, count * RB, P):
+        _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, h_ptr, i // RB, i % RB, N, E,
+                      D=D, G=G, BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS_IN,
+                      DOT_PREC=DOT_PREC)
+        tl.debug_barrier()
+        tl.atomic_add(ready_ptr + i // RB, 1, sem="release", scope="gpu")
+    n_db = (D + BLOCK_D - 1) // BLOCK_D
+    n_down = tl.maximum((count + SLOTS - 1) // SLOTS, 1) * n_db
+    for i in range(pid, n_down, P):
+        _down_item(h_ptr, w_out_ptr, ids_ptr, ready_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, i // n_db,
+                   i % n_db, count, N, E, D, G=G, BLOCK_G=BLOCK_G, SLOTS=SLOTS, BN=BN, BLOCK_D=BLOCK_D,
+                   HAS_BIAS=HAS_BIAS_OUT, DOT_PREC=DOT_PREC, WAIT=True, RB=RB)
 
 
 # ----------------------------------------------------------------------------- launcher
 @dataclass(frozen=True)
 class FFNConfig:
-    """Tile sizes; `for_batch` picks the GEMV (N = 1) or tensor-core (N > 1) defaults."""
+    """Tile sizes; `for_batch` picks the GEMV (N = 1) or tensor-core (N > 1) defaults.
 
-    block_g: int = 4  # neurons per gate/up program (a power-of-two divisor of G)
+    Batch-1 defaults from the H200 sweep at the Llama-3-8B FFN (prunepath/bench/NOTES.md).
+    """
+
+    block_g: int = 4  # neurons per gate/up item (a power-of-two divisor of G)
     block_k: int = 1024  # K tile of the gate/up stream
-    slots: int = 4  # kept experts per down program
-    block_d: int = 256  # output columns per down program
+    slots: int = 4  # kept experts per down item
+    block_d: int = 512  # output columns per down item
     num_warps: int = 4  # gate/up and down programs
-    router_block_e: int = 4  # experts per router program
-    router_block_k: int = 512
-    router_split: int = 2  # slices of D in the router grid
+    router_block_e: int = 2  # experts per router program
+    router_block_k: int = 1024  # one K tile per router program: its loads all in flight at once
+    router_split: int = 4  # slices of D in the router grid
+    fused: bool = True  # gate/up and down in one persistent launch (GPU); False: two launches
+    ctas_per_sm: int = 2  # programs per multiprocessor of the persistent launch
 
     @staticmethod
     def for_batch(n: int) -> FFNConfig:
         if n == 1:
             return FFNConfig()
         # tensor-core tiles need 16 neurons and 16 router experts per program
-        return FFNConfig(block_g=32, block_k=128, slots=8, block_d=128, router_block_e=16,
-                         router_block_k=256, router_split=2)
+        return FFNConfig(block_g=16, block_k=256, slots=8, block_d=128, router_block_e=16,
+                         router_block_k=512, router_split=4)
 
 
 class Scratch:
@@ -215,6 +277,7 @@ class Scratch:
         self.flags = torch.empty(E, **i32)  # [E] union flag
         self.ids = torch.empty(E, **i32)  # [E] compacted kept experts (first `count` valid)
         self.count = torch.empty(1, **i32)
+        self.ready = torch.zeros(E, **i32)  # [E] gate/up row blocks done per slot (fused launch)
         self.h = torch.empty(n_max * E * G, **f32)  # [N, slot, G]
         self.acc = torch.zeros(n_max * D, **f32)  # [N, D] fp32 sums of the down pass
         self.tickets = torch.zeros(D, **i32)  # one per down column block
@@ -245,6 +308,22 @@ class FFNResult:
     active: torch.Tensor  # [E] int32 union flag
 
 
+def _interpreting() -> bool:
+    """Triton's CPU interpreter runs programs one after another: the persistent launch's waits would never
+    end there, so it takes the two-launch form."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
 def router_split(cfg: FFNConfig, D: int, E: int) -> tuple[int, int]:
     """(S, D per slice): slices of whole K tiles, none empty."""
     s = max(1, min(cfg.router_split, 8, triton.cdiv(D, cfg.router_block_k)))
@@ -257,8 +336,8 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
                out: torch.Tensor | None = None, stages: int = 3) -> FFNResult | None:
     """Decode FFN for x2d [N, D] (N <= 8) with routing rule `code` and device parameter `param` [1].
 
-    stages < 3 stops after that many launches (benchmarks time the stages by difference; the down
-    pass's accumulator is then left as it was, so run a full call before trusting outputs again).
+    stages < 3 stops after that many launches of the two-launch form (benchmarks time the stages by
+    difference with cfg.fused=False; stages=1 also stops the fused form after route+select).
     """
     layout.check_input(x2d)
     N, D = x2d.shape
@@ -280,23 +359,33 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
     be = cfg.router_block_e if BN == 1 else max(16, cfg.router_block_e)
     _router_select_kernel[(triton.cdiv(E, be), S)](
         x2d, layout.w_router, scratch.rpart, scratch.router_ticket, param,
-        mask, gates, logits, scratch.flags, scratch.ids, scratch.count, N, E, D, d_per,
-        S=S, BE=be, BN=BN, BLOCK_K=cfg.router_block_k, BLOCK_E=next_pow2(E), RULE=code,
+        mask, gates, logits, scratch.flags, scratch.ids, scratch.count, scratch.ready, N, E, D, d_per,
+        S=S, BE=be, BN=BN, BN2=next_pow2(N), BLOCK_K=min(cfg.router_block_k, next_pow2(d_per)),
+        BLOCK_E=next_pow2(E), RULE=code,
         GATE=GATE_CODES[layout.gate], ROUND_TO=TL_DTYPES[x2d.dtype], DOT_PREC=prec, num_warps=4)
     if stages < 2:
         return None
     h = scratch.h[: N * E * G]
     w_up = layout.w_up if layout.w_up is not None else layout.w_in
     b_in = layout.b_in if layout.b_in is not None else layout.w_in
-    _gate_up_kernel[(E * (G // bg),)](
-        x2d, layout.w_in, w_up, b_in, gates, scratch.ids, scratch.count, h, N, E,
-        D=D, G=G, BG=bg, BN=BN, BLOCK_K=min(cfg.block_k, next_pow2(D)), ACT=ACT_CODES[layout.act],
-        GATED=layout.kind == "gated", HAS_BIAS=layout.b_in is not None, DOT_PREC=prec,
-        num_warps=cfg.num_warps)
-    if stages < 3:
-        return None
     y = out if out is not None else torch.empty(N, D, device=x2d.device, dtype=x2d.dtype)
     b_out = layout.b_out if layout.b_out is not None else y
+    common = dict(D=D, G=G, BG=bg, BN=BN, BLOCK_K=min(cfg.block_k, next_pow2(D)), ACT=ACT_CODES[layout.act],
+                  GATED=layout.kind == "gated", DOT_PREC=prec)
+    if cfg.fused and not _interpreting():
+        items = E * (G // bg)
+        grid = min(items, _sm_count(x2d.device) * cfg.ctas_per_sm)
+        _fused_kernel[(grid,)](
+            x2d, layout.w_in, w_up, b_in, gates, scratch.ids, scratch.count, h, scratch.ready, layout.w_out,
+            scratch.acc, scratch.tickets, b_out, y, N, E, HAS_BIAS_IN=layout.b_in is not None,
+            BLOCK_G=next_pow2(G), SLOTS=cfg.slots, BLOCK_D=cfg.block_d, HAS_BIAS_OUT=layout.b_out is not None,
+            num_warps=cfg.num_warps, **common)
+        return FFNResult(y=y, mask=mask, gates=gates, logits=logits, active=scratch.flags)
+    _gate_up_kernel[(E * (G // bg),)](
+        x2d, layout.w_in, w_up, b_in, gates, scratch.ids, scratch.count, h, N, E,
+        HAS_BIAS=layout.b_in is not None, num_warps=cfg.num_warps, **common)
+    if stages < 3:
+        return None
     _down_kernel[(triton.cdiv(E, cfg.slots), triton.cdiv(D, cfg.block_d))](
         h, layout.w_out, scratch.ids, scratch.count, scratch.acc, scratch.tickets, b_out, y, N, E, D,
         G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots, BN=BN, BLOCK_D=cfg.block_d,

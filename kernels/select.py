@@ -65,52 +65,54 @@ def _router_partial(x_ptr, w_ptr, part_ptr, N, E, D, d_per_split,
 
 @triton.jit
 def _kth(v, idx, k):
-    """v[k] of a 1-D tensor (0 when k is out of range)."""
-    return tl.sum(tl.where(idx == k, v, 0.0), axis=0)
+    """v[r, k[r]] of each row r of a 2-D tensor (0 when k[r] is out of range)."""
+    return tl.sum(tl.where(idx[None, :] == k[:, None], v, 0.0), axis=1)
 
 
 @triton.jit
-def _keep_one_token(z, em, idx, param, E, RULE: tl.constexpr):
-    """Keep decisions [BLOCK_E] of one token from its logits z (-inf outside the E valid lanes)."""
-    zmax = tl.max(z, axis=0)
-    ex = tl.exp(z - zmax)  # 0 on padded lanes
-    p = ex / tl.sum(ex, axis=0)
-    top1 = (z >= zmax) & em
+def _keep_rows(z, em, idx, param, E, RULE: tl.constexpr):
+    """Keep decisions [R, BLOCK_E] of R tokens at once from their logits z (-inf outside the E lanes)."""
+    zmax = tl.max(z, axis=1)  # [R]
+    ex = tl.exp(z - zmax[:, None])  # 0 on padded lanes
+    p = ex / tl.sum(ex, axis=1)[:, None]
+    valid = em[None, :] & (z == z)  # [R, BLOCK_E]
+    top1 = (z >= zmax[:, None]) & valid
+    lane = idx[None, :] + (p * 0.0).to(tl.int32)  # [R, BLOCK_E] lane index (p is finite everywhere)
     if RULE == 0 or RULE == 1:  # cumulative mass, exclusive (0) or inclusive (1) of the crossing expert
-        ps = tl.sort(tl.where(em, p, -1.0), descending=True)  # padded lanes sort last
-        cs = tl.cumsum(tl.maximum(ps, 0.0), axis=0)  # inclusive prefix mass
+        ps = tl.sort(tl.where(valid, p, -1.0), dim=1, descending=True)  # padded lanes sort last
+        cs = tl.cumsum(tl.maximum(ps, 0.0), axis=1)  # inclusive prefix mass
         if RULE == 0:
-            inside = (cs < param) & (idx < E)
+            inside = (cs < param) & (lane < E)
         else:
-            inside = (cs - tl.maximum(ps, 0.0) < param) & (idx < E)
-        K = tl.sum(inside.to(tl.int32), axis=0)
+            inside = (cs - tl.maximum(ps, 0.0) < param) & (lane < E)
+        K = tl.sum(inside.to(tl.int32), axis=1)  # [R] kept count before ties
         vstar = _kth(ps, idx, K - 1)
         if RULE == 0:
             vnext = _kth(ps, idx, K)
-            keep = (p > vstar) | ((p == vstar) & ((p * 0.0 + vnext) != vstar))
+            keep = (p > vstar[:, None]) | ((p == vstar[:, None]) & ((p * 0.0 + vnext[:, None]) != vstar[:, None]))
         else:
-            keep = p >= vstar
-        keep = (keep & ((idx * 0 + K) > 0)) | top1
+            keep = p >= vstar[:, None]
+        keep = (keep & ((lane * 0 + K[:, None]) > 0)) | top1
     elif RULE == 2:  # top-k on logits: #{j: z_j > z_e} < k  <=>  z_e >= k-th largest logit
-        zs = tl.sort(z, descending=True)
+        zs = tl.sort(z, dim=1, descending=True)
         kk = tl.minimum(tl.ceil(param), E * 1.0).to(tl.int32)
-        zk = tl.sum(tl.where(idx == kk - 1, zs, 0.0), axis=0)
-        keep = (z >= zk) & ((z * 0.0 + param) > 0.0)
+        zk = tl.sum(tl.where(lane == kk - 1, zs, 0.0), axis=1)  # [R]
+        keep = (z >= zk[:, None]) & ((z * 0.0 + param) > 0.0)
     elif RULE == 3:  # dense
-        keep = em
+        keep = valid
     elif RULE == 4:  # sigmoid threshold
         keep = (tl.sigmoid(z) > param) | top1
     else:  # relative threshold (D2DMoE): p_e >= (1 - t) max p
-        keep = (tl.exp(z - zmax) >= 1.0 - param) | top1
-    return keep & em, p
+        keep = (tl.exp(z - zmax[:, None]) >= 1.0 - param) | top1
+    return keep & valid, p
 
 
 @triton.jit
 def _router_select_kernel(x_ptr, w_ptr, part_ptr, ticket_ptr, param_ptr,
-                          mask_ptr, gate_ptr, logit_ptr, flag_ptr, ids_ptr, count_ptr,
+                          mask_ptr, gate_ptr, logit_ptr, flag_ptr, ids_ptr, count_ptr, ready_ptr,
                           N, E, D, d_per_split,
-                          S: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_E: tl.constexpr, RULE: tl.constexpr, GATE: tl.constexpr,
+                          S: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, BN2: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, RULE: tl.constexpr, GATE: tl.constexpr,
                           ROUND_TO: tl.constexpr, DOT_PREC: tl.constexpr):
     _router_partial(x_ptr, w_ptr, part_ptr, N, E, D, d_per_split, BE=BE, BN=BN, BLOCK_K=BLOCK_K,
                     DOT_PREC=DOT_PREC)
@@ -124,26 +126,31 @@ def _router_select_kernel(x_ptr, w_ptr, part_ptr, ticket_ptr, param_ptr,
         tl.store(ticket_ptr, 0)
         idx = tl.arange(0, BLOCK_E)
         em = idx < E
+        rows = tl.arange(0, BN2)  # every token at once
+        m2 = (rows[:, None] < N) & em[None, :]
         param = tl.load(param_ptr)
-        union = tl.zeros((BLOCK_E,), dtype=tl.int32)
-        for n in range(0, N):
-            z = tl.zeros((BLOCK_E,), dtype=tl.float32)
-            for s in tl.static_range(S):
-                z += tl.load(part_ptr + s * N * E + n * E + idx, mask=em, other=0.0, cache_modifier=".cg")
-            z = z.to(ROUND_TO).to(tl.float32)  # the torch router returns logits in the model dtype
-            z = tl.where(em, z, float("-inf"))
-            keep, p = _keep_one_token(z, em, idx, param, E, RULE=RULE)
-            if GATE == 0:
-                g = tl.sigmoid(z)
-            elif GATE == 1:
-                g = p
-            else:
-                g = tl.full((BLOCK_E,), 1.0, tl.float32)
-            tl.store(mask_ptr + n * E + idx, keep.to(tl.int8), mask=em)
-            tl.store(gate_ptr + n * E + idx, tl.where(keep, g, 0.0), mask=em)
-            tl.store(logit_ptr + n * E + idx, z, mask=em)
-            union = tl.maximum(union, keep.to(tl.int32))
+        z = tl.zeros((BN2, BLOCK_E), dtype=tl.float32)
+        for s in tl.static_range(S):
+            z += tl.load(part_ptr + s * N * E + rows[:, None] * E + idx[None, :], mask=m2, other=0.0,
+                         cache_modifier=".cg")
+        z = z.to(ROUND_TO).to(tl.float32)  # the torch router returns logits in the model dtype
+        z = tl.where(m2, z, float("-inf"))
+        zr = tl.where(rows[:, None] < N, z, tl.where(em[None, :], 0.0, float("-inf")))  # padded rows: finite
+        keep, p = _keep_rows(zr, em, idx, param, E, RULE=RULE)
+        keep = keep & m2
+        if GATE == 0:
+            g = tl.sigmoid(z)
+        elif GATE == 1:
+            g = p
+        else:
+            g = tl.full((BN2, BLOCK_E), 1.0, tl.float32)
+        out = rows[:, None] * E + idx[None, :]
+        tl.store(mask_ptr + out, keep.to(tl.int8), mask=m2)
+        tl.store(gate_ptr + out, tl.where(keep, g, 0.0), mask=m2)
+        tl.store(logit_ptr + out, z, mask=m2)
+        union = tl.max(keep.to(tl.int32), axis=0)  # [BLOCK_E]
         tl.store(flag_ptr + idx, union, mask=em)
+        tl.store(ready_ptr + idx, tl.zeros((BLOCK_E,), dtype=tl.int32), mask=em)
         rank = tl.cumsum(union, axis=0) - 1  # position of each union expert in the compacted list
         tl.store(ids_ptr + rank, idx, mask=em & (union != 0))
         tl.store(count_ptr, tl.sum(union, axis=0))

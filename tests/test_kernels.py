@@ -149,7 +149,8 @@ def test_scratch_state_resets_between_calls(N):
     scratch = Scratch(layout)
     cfg = FFNConfig.for_batch(N)
     cfg = replace(cfg, slots=4, block_d=16)  # several column blocks, several chunks
-    for tau in (0.3, 0.95, 0.3, 1.05):
+    for tau, fused in ((0.3, True), (0.95, False), (0.3, True), (1.05, True), (0.95, True)):
+        cfg = replace(cfg, fused=fused)  # on a GPU: the persistent launch and the two-launch form in turn
         x = torch.randn(N, 40, device=DEV)
         p = torch.tensor([tau], device=DEV)
         res = expert_ffn(x, layout, RULE_MASS, p, cfg=cfg, scratch=scratch)

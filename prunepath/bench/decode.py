@@ -205,7 +205,8 @@ def bench_default(args, device, dtype) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="prunepath bench decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-8b", choices=["default", *SHAPES])
+    p.add_argument("--model", default="llama-8b", choices=["default", *SHAPES, "default-shape"],
+                   help="default-shape: the default base model's shape with random weights (GPU rows)")
     p.add_argument("--checkpoint", default="default", help="PrunePath checkpoint for --model default")
     p.add_argument("--taus", default="0.5,0.7,0.9,dense", help="for --model default ('dense' = base model)")
     p.add_argument("--fractions", default="0.25,0.5", help="kept fractions for the random-weight models")
@@ -232,6 +233,8 @@ def main(argv=None) -> int:
             from prunepath.bench.decode_gpu import main_gpu
 
             return main_gpu(args)
+        if args.model == "default-shape":
+            raise BenchInputError("--model default-shape has GPU rows only; on a CPU use --model default")
     except BenchInputError as err:
         print(f"prunepath bench decode: {err}")
         return 2

@@ -6,6 +6,10 @@ Models (bf16 on CUDA):
   depend on the values). After the dense rows, the model is converted in place (identity split, random
   router directions) and run at top-k kept fractions (exact) and cumulative-mass tau calibrated on
   the prompt to keep about the same fractions (the method's rule; Gu, Fu, Yuan 2026).
+* `default-shape`: the default checkpoint's base shape (SmolLM2-135M: 30 layers, 576 x 1536, 9 / 3 heads,
+  49152 tokens) with random weights and random routers, run like the Llama shapes (for a GPU machine
+  without the model's cached weights: speed does not depend on the weight values, the kept fractions
+  are set by the rule).
 * `default`: the packaged checkpoint at several tau, and its base model as the dense rows.
 
 Rows (schema of results/bench/*.json): our loop (`prunepath.decode.compiled`: compiled non-FFN step, the
@@ -29,18 +33,23 @@ import torch
 
 from prunepath.bench.gpu_timing import copy_bandwidth, environment, stats
 
-SHAPES = {  # Llama-3.2-1B and Llama-3-8B
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, tie_word_embeddings=False),
+_LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, num_key_value_heads=8, num_attention_heads=32)
+SHAPES = {  # Llama-3.2-1B, Llama-3-8B, and the default checkpoint's base (SmolLM2-135M)
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, tie_word_embeddings=True,
+                     **_LLAMA3),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, tie_word_embeddings=False,
+                     **_LLAMA3),
+    "default-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, tie_word_embeddings=True, vocab_size=49152, rope_theta=100000.0,
+                          rms_norm_eps=1e-5),
 }
+RESULT_NAMES = {"default-shape": "default"}  # results/bench/decode_<name>_h200.json
 
 
 def random_llama(name: str, dtype=torch.bfloat16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, **SHAPES[name])
+    cfg = LlamaConfig(max_position_embeddings=8192, **SHAPES[name])
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -206,7 +215,8 @@ def bench_random(args, out: Path) -> None:
     max_len = args.prompt_len + 8 + (args.runs + 1) * args.new_tokens + 8
     shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "vocab_size")}
-    w = Writer(out, {"kind": "decode", "model": args.model, "shape": {**shape, "dtype": "bfloat16"},
+    model_name = args.model + (" (SmolLM2-135M, the default checkpoint's base)" if args.model == "default-shape" else "")
+    w = Writer(out, {"kind": "decode", "model": model_name, "shape": {**shape, "dtype": "bfloat16"},
                      **environment(), "bandwidth_gbs": bw / 1e9, "weights": "random",
                      "new_tokens_per_run": args.new_tokens, "prompt_len": args.prompt_len,
                      "kv_cache_bytes": kv_bytes(model, max_len)})
@@ -265,14 +275,72 @@ def bench_random(args, out: Path) -> None:
                       kept_fraction=1.0))
 
 
+def bench_default(args, out: Path) -> None:
+    """The packaged checkpoint: its base model on our dense loop and the baselines, then PrunePath at each tau."""
+    from prunepath.decode.compiled import CompiledDecoder
+    from prunepath.decode.loop import encode_prompt, load_for_decode
+    from prunepath.kernels.route import RULE_MASS
+
+    bw = copy_bandwidth()
+    base, tok = load_for_decode(args.checkpoint, True, "cuda", torch.bfloat16)
+    ids = encode_prompt(tok, "Write a short story about a lighthouse keeper who finds a message in a bottle.")
+    max_len = ids.shape[1] + 8 + (args.runs + 1) * args.new_tokens + 8
+    cfg = base.config
+    shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    w = Writer(out, {"kind": "decode", "model": "default", "checkpoint": args.checkpoint,
+                     "shape": {**shape, "dtype": "bfloat16"}, **environment(), "bandwidth_gbs": bw / 1e9,
+                     "weights": "checkpoint", "new_tokens_per_run": args.new_tokens, "prompt_len": ids.shape[1],
+                     "kv_cache_bytes": kv_bytes(base, max_len)})
+    dense_bytes = weight_bytes(base)
+    dec = CompiledDecoder(base, max_len=max_len)
+    dense = time_ours(dec, ids, args.new_tokens, args.runs)
+    w.add(row("dense (base model)", "compiled-graph", dense, dense_bytes, bw, None, kept_fraction=1.0))
+    dense_ms = dense["median"]
+    del dec
+    _free()
+    if not args.no_baselines:
+        w.add(row("dense, previous loop (transformers layers, CUDA graph)", "graph-eager-layers",
+                  time_old_loop(base, ids, args.new_tokens, args.runs), dense_bytes, bw, dense_ms, kept_fraction=1.0))
+        for compiled in (False, True):
+            name = f"transformers generate, static cache{', compiled' if compiled else ''} (prefill included)"
+            w.add(row(name, "transformers-generate" + ("-compiled" if compiled else ""),
+                      time_generate(base, ids, args.new_tokens, args.runs, compiled), dense_bytes, bw, dense_ms,
+                      kept_fraction=1.0))
+    del base
+    _free()
+    model, _ = load_for_decode(args.checkpoint, False, "cuda", torch.bfloat16)
+    dec = CompiledDecoder(model, max_len=max_len)
+    for t in args.taus:
+        if t == "dense":
+            continue
+        tau = float(t)
+        model.set_tau(tau)
+        r = time_ours(dec, ids, args.new_tokens, args.runs)
+        seq = torch.cat([ids, dec.out[:, ids.shape[1]: ids.shape[1] + 64].cpu()], 1)
+        kept = realised_fraction(dec, seq, RULE_MASS, tau)
+        path = "compiled-graph + " + ("cublas-gated" if dec.fast_paths[0].rule_key[-1] else "triton-fused")
+        w.add(row(f"tau={t}", path, r, weight_bytes(model, kept), bw, dense_ms, kept_fraction=kept, tau=tau))
+
+
 def main_gpu(args) -> int:
     """Entry from `prunepath bench decode` when the device is CUDA (args parsed there)."""
-    out = Path(args.out or f"results/bench/decode_{args.model}_h200.json")
-    if args.model == "default":
-        from prunepath.bench.decode_default_gpu import bench_default
+    from prunepath.bench.gpu_timing import BenchInputError
+    from prunepath.decode.compiled import UnsupportedModelError
+    from prunepath.errors import CheckpointError
 
-        bench_default(args, out)
-    else:
-        bench_random(args, out)
+    name = RESULT_NAMES.get(args.model, args.model)
+    out = Path(args.out or f"results/bench/decode_{name}_h200.json")
+    try:
+        if args.model == "default":
+            bench_default(args, out)
+        elif args.model in SHAPES:
+            bench_random(args, out)
+        else:
+            raise BenchInputError(f"--model {args.model}: the GPU rows know {', '.join(['default', *SHAPES])}")
+    except (CheckpointError, UnsupportedModelError, FileNotFoundError) as err:
+        print(f"prunepath bench decode: {err}\n(the GPU decode rows need a Llama-architecture PrunePath checkpoint "
+              "with its expert layout, e.g. `--checkpoint default`, and its base model's weights on this machine)")
+        return 2
     print(f"wrote {out}")
     return 0

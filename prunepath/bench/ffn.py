@@ -177,10 +177,13 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
     return rows
 
 
-def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), cfg=None) -> list[dict]:
-    """Time of the first k launches (route+select, +gate/up, +down) at the Llama-3-8B shape, batch 1."""
+def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0)) -> list[dict]:
+    """Time of the first k launches of the two-launch form (route+select, +gate/up, +down) at the
+    Llama-3-8B shape, batch 1."""
+    from prunepath.kernels.expert_ffn import FFNConfig
     from prunepath.kernels.route import RULE_TOPK
 
+    cfg = replace(FFNConfig(), fused=False)
     D, Fd = SHAPES["llama3-8b"]
     E = Fd // G
     prob = Problem(D, Fd, copies=6)
@@ -200,39 +203,45 @@ def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), cfg=None)
     return out
 
 
-SWEEP = {  # name: FFNConfig overrides, batch 1
-    "default": {},
-    "g8_k512": dict(block_g=8, block_k=512),
-    "g2_k2048": dict(block_g=2, block_k=2048),
-    "g4_k512": dict(block_g=4, block_k=512),
-    "g16_k256": dict(block_g=16, block_k=256),
-    "w8": dict(num_warps=8),
-    "g8_w8": dict(block_g=8, num_warps=8),
-    "s2_d512": dict(slots=2, block_d=512),
-    "s8_d128": dict(slots=8, block_d=128),
-    "s4_d512": dict(slots=4, block_d=512),
-    "s2_d256": dict(slots=2, block_d=256),
-    "r_e2_s4": dict(router_block_e=2, router_split=4),
-    "r_e8_s1": dict(router_block_e=8, router_split=1, router_block_k=1024),
+SWEEP = {  # name: (batch, FFNConfig overrides of that batch's defaults)
+    "default": (1, {}),
+    "two_launches": (1, dict(fused=False)),
+    "ctas1": (1, dict(ctas_per_sm=1)),
+    "ctas3": (1, dict(ctas_per_sm=3)),
+    "ctas4": (1, dict(ctas_per_sm=4)),
+    "g2_k2048": (1, dict(block_g=2, block_k=2048)),
+    "g8_k512": (1, dict(block_g=8, block_k=512)),
+    "s8_d128": (1, dict(slots=8, block_d=128)),
+    "s2_d512": (1, dict(slots=2, block_d=512)),
+    "s4_d256": (1, dict(slots=4, block_d=256)),
+    "r_e4_s2": (1, dict(router_block_e=4, router_split=2, router_block_k=2048)),
+    "r_e2_s8": (1, dict(router_block_e=2, router_split=8, router_block_k=512)),
+    "w8": (1, dict(num_warps=8)),
+    "b8_default": (8, {}),
+    "b8_two_launches": (8, dict(fused=False)),
+    "b8_g32_k128": (8, dict(block_g=32, block_k=128)),
+    "b8_s4_d256": (8, dict(slots=4, block_d=256)),
 }
 
 
-def sweep(bw: float, runs: int, fractions=(0.125, 0.25, 0.5)) -> list[dict]:
+def sweep(bw: float, runs: int) -> list[dict]:
     from prunepath.kernels.expert_ffn import FFNConfig
 
     out = []
-    for name, over in SWEEP.items():
-        cfg = replace(FFNConfig(), **over)
+    for name, (batch, over) in SWEEP.items():
+        cfg = replace(FFNConfig.for_batch(batch), **over)
+        fractions = [0.125, 0.25, 0.5] if batch == 1 else [0.25]
         try:
-            rows = bench_batch("llama3-8b", 1, list(fractions), bw, runs, cfg=cfg, both_paths_from=2.0)
+            rows = bench_batch("llama3-8b", batch, fractions, bw, runs, cfg=cfg, both_paths_from=2.0)
         except Exception as err:  # a tile the compiler rejects: note it, keep sweeping
             print(f"sweep {name}: {type(err).__name__}: {err}", flush=True)
             out.append({"config": name, "error": f"{type(err).__name__}: {err}"})
             continue
         for r in rows:
             if r["path"] == "triton-fused":
-                out.append({"config": name, **asdict(cfg), **{k: r[k] for k in ("variant", "us", "speedup_vs_dense",
-                                                                                   "bandwidth_fraction")}})
+                out.append({"config": name, "batch": batch, **asdict(cfg),
+                            **{k: r[k] for k in ("variant", "us", "speedup_vs_dense", "bandwidth_fraction",
+                                                 "rel_err_vs_fp64")}})
     return out
 
 
@@ -262,7 +271,10 @@ def main(argv=None) -> int:
               "dtype": "bfloat16"}, **env, "bandwidth_gbs": bw / 1e9, "rows": []}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from prunepath.kernels.expert_ffn import FFNConfig
+
     for b in (int(v) for v in args.batches.split(",")):
+        result.setdefault("configs", {})[f"batch {b}"] = asdict(FFNConfig.for_batch(b))
         result["rows"] += bench_batch(args.shape, b, fractions, bw, args.runs)
         out.write_text(json.dumps(result, indent=1))  # what is measured is kept, whatever comes next
     if args.sweep:
