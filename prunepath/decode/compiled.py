@@ -156,6 +156,10 @@ class CompiledDecoder:
             self.fast_paths = attach_fast_paths(model, share_down=True)
         self.model = model
         use_compile = compile and self.device.type == "cuda"
+        if use_compile:  # as gpt-fast: tune the generated pointwise / reduction kernels' launch parameters
+            import torch._inductor.config as inductor_config
+
+            inductor_config.coordinate_descent_tuning = True
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if use_compile else (lambda f: f)
         self._attn, self._dense_ffn, self._head = wrap(attention_block), wrap(dense_ffn), wrap(lm_head)
         self.use_graph = graph and self.device.type == "cuda"
