@@ -243,7 +243,9 @@ class FFNConfig:
     router_block_e: int = 2  # experts per router program
     router_block_k: int = 1024  # one K tile per router program: its loads all in flight at once
     router_split: int = 4  # slices of D in the router grid
-    fused: bool = True  # gate/up and down in one persistent launch (GPU); False: two launches
+    # gate/up and down in one persistent launch: measured slower than two launches on the H200 (37.2 against
+    # 40.2 us at 25 % kept, 59.7 against 65.9 at 50 %; prunepath/bench/NOTES.md v6), so off by default
+    fused: bool = False
     ctas_per_sm: int = 2  # programs per multiprocessor of the persistent launch
 
     @staticmethod

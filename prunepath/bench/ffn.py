@@ -177,24 +177,25 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
     return rows
 
 
-def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0)) -> list[dict]:
+def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), batch: int = 1) -> list[dict]:
     """Time of the first k launches of the two-launch form (route+select, +gate/up, +down) at the
     Llama-3-8B shape, batch 1."""
     from prunepath.kernels.expert_ffn import FFNConfig
     from prunepath.kernels.route import RULE_TOPK
 
-    cfg = replace(FFNConfig(), fused=False)
+    cfg = replace(FFNConfig.for_batch(batch), fused=False)
     D, Fd = SHAPES["llama3-8b"]
     E = Fd // G
     prob = Problem(D, Fd, copies=6)
-    x = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+    x = (torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+         + 0.05 * torch.randn(batch, D, device="cuda", dtype=torch.bfloat16)).contiguous()
     out = []
     for f in fractions:
         param = torch.tensor([float(round(f * E))], device="cuda")
         t = [stats(graph_times(lambda k=k, p=param: prob.ours(x, RULE_TOPK, p, cfg, stages=k), runs=runs))["median"]
              / prob.copies * 1e6 for k in (1, 2, 3)]
         prob.ours(x, RULE_TOPK, param, cfg)  # a full call: leaves the down pass's state clean
-        out.append({"kept_fraction": f, "route_select_us": t[0], "gate_up_us": t[1] - t[0], "down_us": t[2] - t[1],
+        out.append({"batch": batch, "kept_fraction": f, "route_select_us": t[0], "gate_up_us": t[1] - t[0], "down_us": t[2] - t[1],
                     "total_us": t[2], "gate_up_roofline_us": 2 * f * D * Fd * 2 / bw * 1e6,
                     "down_roofline_us": f * D * Fd * 2 / bw * 1e6})
         print("breakdown", {k: round(v, 1) for k, v in out[-1].items()}, flush=True)
@@ -253,6 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", default="0.125,0.25,0.5,0.75,0.875,1.0", help="kept fractions, each in (0, 1]")
     p.add_argument("--runs", type=int, default=30, help="timed graph replays per row (>= 5)")
     p.add_argument("--sweep", action="store_true", help="also time tile configurations and the launch breakdown")
+    p.add_argument("--breakdown", action="store_true", help="also time the launches one by one (batch 1 and 8)")
     p.add_argument("--out", default="results/bench/ffn_h200.json")
     args = p.parse_args(argv)
     try:
@@ -277,9 +279,10 @@ def main(argv=None) -> int:
         result.setdefault("configs", {})[f"batch {b}"] = asdict(FFNConfig.for_batch(b))
         result["rows"] += bench_batch(args.shape, b, fractions, bw, args.runs)
         out.write_text(json.dumps(result, indent=1))  # what is measured is kept, whatever comes next
-    if args.sweep:
-        result["breakdown"] = breakdown(bw, args.runs)
+    if args.sweep or args.breakdown:
+        result["breakdown"] = breakdown(bw, args.runs) + breakdown(bw, args.runs, fractions=(0.25,), batch=8)
         out.write_text(json.dumps(result, indent=1))
+    if args.sweep:
         result["sweep"] = sweep(bw, args.runs)
         out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -32,9 +32,9 @@ def ffn_table(d: dict) -> str:
                      f"{r['roofline_us']:.1f} | {r['gb_per_s']:.0f} | {100 * r['bandwidth_fraction']:.0f}% | "
                      f"{r['speedup_vs_dense']:.2f}x |")
     if d.get("breakdown"):
-        lines += ["", "| kept | route+select us | gate/up us | down us | total us |", "|---|---|---|---|---|"]
+        lines += ["", "| N | kept | route+select us | gate/up us | down us | total us |", "|---|---|---|---|---|---|"]
         for b in d["breakdown"]:
-            lines.append(f"| {b['kept_fraction']} | {b['route_select_us']:.1f} | {b['gate_up_us']:.1f} | "
+            lines.append(f"| {b.get('batch', 1)} | {b['kept_fraction']} | {b['route_select_us']:.1f} | {b['gate_up_us']:.1f} | "
                          f"{b['down_us']:.1f} | {b['total_us']:.1f} |")
     if d.get("sweep"):
         lines += ["", "| config | N | variant | us | speed-up |", "|---|---|---|---|---|"]
