@@ -198,7 +198,7 @@ class FastPath:
             from .route import RULE_TOPK
 
             y = all_kept_ffn(x2d, layout, code, value)
-            if self.ffn.record and not _capturing():
+            if self.ffn.recording and not _capturing():
                 kept = min(layout.n_experts, math.ceil(value)) if code == RULE_TOPK else layout.n_experts
                 self.ffn._record(torch.full((x2d.shape[0],), kept, device=x.device))
             return y.reshape(shape)

@@ -11,17 +11,19 @@ import pytest
 import torch
 
 from prunepath.decode.compiled import CompiledDecoder, UnsupportedModelError
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_tau
 
 GPU = torch.cuda.is_available() and bool(os.environ.get("PRUNEPATH_GPU_TESTS"))
 
 
 def _converted(model, tau=0.6):
-    from prunepath import MoefyConfig, moefy
+    from prunepath import MoefyConfig, moefy, routing
 
     m = copy.deepcopy(model)
-    moefy(m, MoefyConfig(split="random", router_init="zero", rule=f"mass:{tau}"), progress=False)
+    moefy(m, MoefyConfig(split="random", router_init="zero", rule=routing.CumulativeMass(tau)), progress=False)
     torch.manual_seed(0)
-    for f in m.prunepath_ffns():
+    for f in prunepath_ffns(m):
         f.router.weight.data.normal_(0, 0.5)
     return m
 
@@ -72,7 +74,7 @@ def test_compiled_graph_step_matches_transformers_on_gpu(tiny_llama, sparse):
     torch.manual_seed(2)
     for tau in (0.6, 0.9):
         if sparse:
-            model.set_tau(tau)
+            set_tau(model, tau)
         seq = torch.randint(0, 128, (1, 11))
         dec.prefill(seq)
         assert dec.graph is not None

@@ -205,6 +205,8 @@ def _free():
 
 def bench_random(args, out: Path) -> None:
     from prunepath import MoefyConfig, moefy, routing
+    from prunepath.ffn.module import prunepath_ffns
+    from prunepath.routing.control import set_rule
     from prunepath.decode.compiled import CompiledDecoder
     from prunepath.kernels.route import RULE_MASS, RULE_TOPK
 
@@ -237,10 +239,10 @@ def bench_random(args, out: Path) -> None:
         _free()
     # PrunePath: identity split (random weights: any split is as good), random router directions
     L, Fd = cfg.num_hidden_layers, cfg.intermediate_size
-    moefy(model, MoefyConfig(split="random", router_init="zero", rule="mass:0.5"),
+    moefy(model, MoefyConfig(split="random", router_init="zero", rule=routing.CumulativeMass(0.5)),
           splits=[torch.arange(Fd)] * L, progress=False)
     torch.manual_seed(1)
-    for f in model.prunepath_ffns():
+    for f in prunepath_ffns(model):
         f.router.weight.data.normal_(0.0, args.logit_std / math.sqrt(cfg.hidden_size))
     E = Fd // 32
     dec = CompiledDecoder(model, max_len=max_len)
@@ -251,7 +253,7 @@ def bench_random(args, out: Path) -> None:
         tau = calibrate_tau(dec, ids, a)
         runs.append((f"tau={tau:.3f} (mass, ~{a:g} kept)", routing.CumulativeMass(tau), RULE_MASS, tau))
     for variant, rule, code, value in runs:
-        model.set_rule(rule)
+        set_rule(model, rule)
         t = time_ours(dec, ids, args.new_tokens, args.runs)
         seq = torch.cat([ids, dec.out[:, args.prompt_len: args.prompt_len + 64].cpu()], 1)
         kept = 1.0 if code is None else realised_fraction(dec, seq, code, value)
@@ -280,6 +282,7 @@ def bench_default(args, out: Path) -> None:
     from prunepath.decode.compiled import CompiledDecoder
     from prunepath.decode.loop import encode_prompt, load_for_decode
     from prunepath.kernels.route import RULE_MASS
+    from prunepath.routing.control import set_tau
 
     bw = copy_bandwidth()
     base, tok = load_for_decode(args.checkpoint, True, "cuda", torch.bfloat16)
@@ -315,7 +318,7 @@ def bench_default(args, out: Path) -> None:
         if t == "dense":
             continue
         tau = float(t)
-        model.set_tau(tau)
+        set_tau(model, tau)
         r = time_ours(dec, ids, args.new_tokens, args.runs)
         seq = torch.cat([ids, dec.out[:, ids.shape[1]: ids.shape[1] + 64].cpu()], 1)
         kept = realised_fraction(dec, seq, RULE_MASS, tau)

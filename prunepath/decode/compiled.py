@@ -151,9 +151,9 @@ class CompiledDecoder:
                                           torch.zeros(batch, self.n_kv, max_len, hd, **kv)))
         self.fast_paths = []
         if self.sparse and self.device.type == "cuda":
-            from prunepath.kernels import attach_fast_paths
+            from prunepath.kernels import use_fast_paths
 
-            self.fast_paths = attach_fast_paths(model, share_down=True)
+            self.fast_paths = use_fast_paths(model, share_down=True)
         self.model = model
         use_compile = compile and self.device.type == "cuda"
         if use_compile:  # as gpt-fast: tune the generated pointwise / reduction kernels' launch parameters
