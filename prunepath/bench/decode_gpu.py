@@ -205,10 +205,10 @@ def _free():
 
 def bench_random(args, out: Path) -> None:
     from prunepath import MoefyConfig, moefy, routing
-    from prunepath.ffn.module import prunepath_ffns
-    from prunepath.routing.control import set_rule
     from prunepath.decode.compiled import CompiledDecoder
+    from prunepath.ffn.module import prunepath_ffns
     from prunepath.kernels.route import RULE_MASS, RULE_TOPK
+    from prunepath.routing.control import set_rule
 
     bw = copy_bandwidth()
     model = random_llama(args.model)
@@ -217,7 +217,7 @@ def bench_random(args, out: Path) -> None:
     max_len = args.prompt_len + 8 + (args.runs + 1) * args.new_tokens + 8
     shape = {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "vocab_size")}
-    model_name = args.model + (" (SmolLM2-135M, the default checkpoint's base)" if args.model == "default-shape" else "")
+    model_name = args.model + (" (SmolLM2-135M, the default base)" if args.model == "default-shape" else "")
     w = Writer(out, {"kind": "decode", "model": model_name, "shape": {**shape, "dtype": "bfloat16"},
                      **environment(), "bandwidth_gbs": bw / 1e9, "weights": "random",
                      "new_tokens_per_run": args.new_tokens, "prompt_len": args.prompt_len,

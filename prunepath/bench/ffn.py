@@ -172,8 +172,6 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
                   f"union {union:5.3f}: {r['us']:7.1f} us [{r['us_p20']:.1f}, {r['us_p80']:.1f}] "
                   f"x{r['speedup_vs_dense']:5.2f}  roofline {r['roofline_us']:6.1f} us  "
                   f"{r['gb_per_s']:5.0f} GB/s ({100 * r['bandwidth_fraction']:3.0f}%)  err {err:.1e}", flush=True)
-    del prob
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -193,14 +191,13 @@ def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), batch: in
     for f in fractions:
         param = torch.tensor([float(round(f * E))], device="cuda")
         t = [stats(graph_times(lambda k=k, p=param: prob.ours(x, RULE_TOPK, p, cfg, stages=k), runs=runs))["median"]
-             / prob.copies * 1e6 for k in (1, 2, 3)]
+             * 1e6 / prob.copies for k in (1, 2, 3)]
         prob.ours(x, RULE_TOPK, param, cfg)  # a full call: leaves the down pass's state clean
-        out.append({"batch": batch, "kept_fraction": f, "route_select_us": t[0], "gate_up_us": t[1] - t[0], "down_us": t[2] - t[1],
+        out.append({"batch": batch, "kept_fraction": f, "route_select_us": t[0], "gate_up_us": t[1] - t[0],
+                    "down_us": t[2] - t[1],
                     "total_us": t[2], "gate_up_roofline_us": 2 * f * D * Fd * 2 / bw * 1e6,
                     "down_roofline_us": f * D * Fd * 2 / bw * 1e6})
         print("breakdown", {k: round(v, 1) for k, v in out[-1].items()}, flush=True)
-    del prob
-    torch.cuda.empty_cache()
     return out
 
 
@@ -278,6 +275,7 @@ def main(argv=None) -> int:
     for b in (int(v) for v in args.batches.split(",")):
         result.setdefault("configs", {})[f"batch {b}"] = asdict(FFNConfig.for_batch(b))
         result["rows"] += bench_batch(args.shape, b, fractions, bw, args.runs)
+        torch.cuda.empty_cache()  # the weight copies of this batch are gone with bench_batch's frame
         out.write_text(json.dumps(result, indent=1))  # what is measured is kept, whatever comes next
     if args.sweep or args.breakdown:
         result["breakdown"] = breakdown(bw, args.runs) + breakdown(bw, args.runs, fractions=(0.25,), batch=8)

@@ -102,9 +102,11 @@ def graph_times(fn, runs: int = 30) -> list[float]:
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy of `nbytes` (2 GiB): bytes read + written per second, median of 20 runs."""
-    a = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).normal_()
-    b = torch.empty_like(a)
-    t = stats(event_times(lambda: b.copy_(a), runs=20))["median"]
-    del a, b
+    def median_copy_seconds() -> float:
+        a = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).normal_()
+        b = torch.empty_like(a)
+        return stats(event_times(lambda: b.copy_(a), runs=20))["median"]
+
+    t = median_copy_seconds()
     torch.cuda.empty_cache()
     return 2 * nbytes / t

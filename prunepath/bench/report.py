@@ -34,8 +34,8 @@ def ffn_table(d: dict) -> str:
     if d.get("breakdown"):
         lines += ["", "| N | kept | route+select us | gate/up us | down us | total us |", "|---|---|---|---|---|---|"]
         for b in d["breakdown"]:
-            lines.append(f"| {b.get('batch', 1)} | {b['kept_fraction']} | {b['route_select_us']:.1f} | {b['gate_up_us']:.1f} | "
-                         f"{b['down_us']:.1f} | {b['total_us']:.1f} |")
+            lines.append(f"| {b.get('batch', 1)} | {b['kept_fraction']} | {b['route_select_us']:.1f} | "
+                         f"{b['gate_up_us']:.1f} | {b['down_us']:.1f} | {b['total_us']:.1f} |")
     if d.get("sweep"):
         lines += ["", "| config | N | variant | us | speed-up |", "|---|---|---|---|---|"]
         for r in d["sweep"]:
