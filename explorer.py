@@ -26,9 +26,10 @@ from panel.io.state import set_curdoc
 
 import prunepath.data  # noqa: F401
 import prunepath.evaluate  # noqa: F401
-from prunepath.explore.explorer import EXAMPLES, RESULTS_DIR, RULE_NAMES, Explorer, Routed, configure_threads
+from prunepath import results
+from prunepath.explore.explorer import EXAMPLES, RULE_NAMES, Explorer, Routed, configure_threads
 from prunepath.explore.loading import ExplorerError
-from prunepath.explore_results import live_decode_speed, load_sweep_rows, recorded_benchmarks, sweep_figures
+from prunepath.explore_results import live_decode_speed, sweep_figures
 
 # The imports marked F401 above are eager on purpose: plotly, datasets and the evaluator import pandas
 # lazily, and two worker threads doing that at once left it half-initialised (seen in the browser test).
@@ -313,11 +314,14 @@ class ExplorerView(pn.viewable.Viewer):
             self._ui(fail)
 
     def _curves(self, tau, fraction) -> list:
-        rows = load_sweep_rows(RESULTS_DIR)
+        try:
+            rows = results.sweep_rows()
+        except results.ResultsNotFoundError as e:
+            return [pn.pane.Markdown(f"No committed sweep results: {e}")]
         if not rows:
             return [pn.pane.Markdown(
-                f"No committed sweep results under `{RESULTS_DIR.name}/` yet. Make them with "
-                "`prunepath sweep --checkpoint default --taus 0.5 0.7 0.9 --out results/sweep_default`.")]
+                "No committed sweep results under `results/sweeps/` yet. Make them with "
+                "`prunepath sweep --checkpoint default --taus 0.5 0.7 0.9`.")]
         train = getattr(self.explorer.model, "prunepath_train_info", None)  # this checkpoint's sweeps first
         return [pn.pane.Plotly(f) for f in sweep_figures(rows, tau, fraction, train=train)[:6]]
 
@@ -337,7 +341,7 @@ class ExplorerView(pn.viewable.Viewer):
                          f"**{d.tokens_per_s:.1f}** tokens/s, `{c.spec}` **{c.tokens_per_s:.1f}** tokens/s. The "
                          "torch path computes every expert and masks, so no speed-up is expected on a CPU; the "
                          "Triton kernels are what read only the kept experts on a GPU.")
-        benches = recorded_benchmarks(RESULTS_DIR / "bench")
+        benches = results.decode_benchmarks()
         if benches:
             for b in benches[:4]:
                 cells = " | ".join(f"{k}: **{v:,.0f}**" for k, v in b.figures)

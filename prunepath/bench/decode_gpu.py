@@ -24,13 +24,13 @@ speed-up against our dense loop. The JSON is rewritten after every row: nothing 
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
 
+from prunepath import results
 from prunepath.bench.gpu_timing import copy_bandwidth, environment, stats
 
 _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, num_key_value_heads=8, num_attention_heads=32)
@@ -88,11 +88,10 @@ class Writer:
 
     def __init__(self, path: Path, head: dict):
         self.path, self.result = path, {**head, "rows": []}
-        path.parent.mkdir(parents=True, exist_ok=True)
 
     def add(self, row: dict) -> None:
         self.result["rows"].append(row)
-        self.path.write_text(json.dumps(self.result, indent=1))
+        results.write_bench(self.path, self.result)
         r = row
         print(f"{r['variant']:44s} {r['path']:22s} kept {r.get('kept_fraction', 1):5.3f}: "
               f"{r['tokens_per_s']:7.1f} tok/s  {r['ms_per_token']:.3f} ms [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}]  "
@@ -333,7 +332,7 @@ def main_gpu(args) -> int:
     from prunepath.errors import CheckpointError
 
     name = RESULT_NAMES.get(args.model, args.model)
-    out = Path(args.out or f"results/bench/decode_{name}_h200.json")
+    out = Path(args.out or results.bench_path("decode", torch.cuda.get_device_name(0), name))
     try:
         if args.model == "default":
             bench_default(args, out)

@@ -19,20 +19,19 @@ and the speed-up against the dense cuBLAS FFN. Weights are rotated over several 
 call streams from HBM, not from the 60 MB L2. Each configuration's output is first checked against a
 float64 reference. `--sweep` also times tile configurations and the per-launch breakdown.
 
-    prunepath bench ffn --out results/bench/ffn_h200.json
+    prunepath bench ffn                # -> results/bench/ffn_<device>.json, e.g. ffn_h200.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from prunepath import results
 from prunepath.bench.gpu_timing import (
     BenchInputError,
     copy_bandwidth,
@@ -252,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=30, help="timed graph replays per row (>= 5)")
     p.add_argument("--sweep", action="store_true", help="also time tile configurations and the launch breakdown")
     p.add_argument("--breakdown", action="store_true", help="also time the launches one by one (batch 1 and 8)")
-    p.add_argument("--out", default="results/bench/ffn_h200.json")
+    p.add_argument("--out", default=None, help="JSON path (default results/bench/ffn_DEVICE.json)")
     args = p.parse_args(argv)
     try:
         fractions = parse_fractions(args.fractions)
@@ -268,21 +267,20 @@ def main(argv=None) -> int:
     D, Fd = SHAPES[args.shape]
     result = {"kind": "ffn", "model": f"{args.shape} FFN", "shape": {"D": D, "F": Fd, "G": G, "E": Fd // G,
               "dtype": "bfloat16"}, **env, "bandwidth_gbs": bw / 1e9, "rows": []}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out or results.bench_path("ffn", env["device"])
     from prunepath.kernels.expert_ffn import FFNConfig
 
     for b in (int(v) for v in args.batches.split(",")):
         result.setdefault("configs", {})[f"batch {b}"] = asdict(FFNConfig.for_batch(b))
         result["rows"] += bench_batch(args.shape, b, fractions, bw, args.runs)
         torch.cuda.empty_cache()  # the weight copies of this batch are gone with bench_batch's frame
-        out.write_text(json.dumps(result, indent=1))  # what is measured is kept, whatever comes next
+        results.write_bench(out, result)  # what is measured is kept, whatever comes next
     if args.sweep or args.breakdown:
         result["breakdown"] = breakdown(bw, args.runs) + breakdown(bw, args.runs, fractions=(0.25,), batch=8)
-        out.write_text(json.dumps(result, indent=1))
+        results.write_bench(out, result)
     if args.sweep:
         result["sweep"] = sweep(bw, args.runs)
-        out.write_text(json.dumps(result, indent=1))
+        results.write_bench(out, result)
     print(f"wrote {out}")
     return 0
 

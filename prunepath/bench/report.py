@@ -16,8 +16,16 @@ from pathlib import Path
 
 def _head(d: dict) -> str:
     v = d.get("versions", {})
-    return (f"{d['device']}, {d['date']} (torch {v.get('torch')}, triton {v.get('triton')}, transformers "
-            f"{v.get('transformers')}); measured copy bandwidth {d['bandwidth_gbs'] / 1e3:.2f} TB/s (read + write)")
+    bw = d.get("bandwidth_gbs")
+    head = (f"{d.get('device')}, {d.get('date')} (torch {v.get('torch')}, triton {v.get('triton')}, transformers "
+            f"{v.get('transformers')})")
+    return head + (f"; measured copy bandwidth {bw / 1e3:.2f} TB/s (read + write)" if bw else "")
+
+
+def _f(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """One optional field of a row, formatted ('' when the file does not record it)."""
+    v = r.get(key)
+    return "" if not isinstance(v, (int, float)) else format(v * scale, fmt)
 
 
 def ffn_table(d: dict) -> str:
@@ -46,14 +54,15 @@ def ffn_table(d: dict) -> str:
 
 
 def decode_table(d: dict) -> str:
-    lines = [f"Decode, {d['model']} ({d.get('weights', 'checkpoint')} weights), batch 1, {_head(d)}", "",
+    lines = [f"Decode, {d.get('model')} ({d.get('weights', 'checkpoint')} weights), batch 1, {_head(d)}", "",
              "| variant | path | kept | tokens/s | ms/token [p20, p80] | GB/token | GB/s | % BW | speed-up |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        lines.append(f"| {r['variant']} | {r['path']} | {r.get('kept_fraction', 1.0):.3f} | {r['tokens_per_s']:.1f} | "
-                     f"{r['ms_per_token']:.3f} [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}] | "
-                     f"{r['bytes_per_token'] / 1e9:.2f} | {r['gb_per_s']:.0f} | {100 * r['bandwidth_fraction']:.0f}% | "
-                     f"{r['speedup_vs_dense']:.2f}x |")
+        lines.append(f"| {r.get('variant')} | {r.get('path', '')} | {_f(r, 'kept_fraction', '.3f')} | "
+                     f"{_f(r, 'tokens_per_s', '.1f')} | {_f(r, 'ms_per_token', '.3f')} [{_f(r, 'ms_p20', '.3f')}, "
+                     f"{_f(r, 'ms_p80', '.3f')}] | {_f(r, 'bytes_per_token', '.2f', 1e-9)} | "
+                     f"{_f(r, 'gb_per_s', '.0f')} | {_f(r, 'bandwidth_fraction', '.0f', 100)}% | "
+                     f"{_f(r, 'speedup_vs_dense', '.2f')}x |")
     return "\n".join(lines)
 
 
