@@ -63,6 +63,8 @@ def _environment(app) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are noise in a static page
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the weight-loading bar and its notices
+    # transformers warns about its own deprecated alias when a model's attributes are walked (not our call)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
 def _page_context(app, pagename, templatename, context, doctree) -> None:
