@@ -62,6 +62,7 @@ def _environment(app) -> None:
     os.environ.pop("PLOTLY_RENDERER", None)  # plotly checks it on import, before `book` exists
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars are noise in a static page
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split" bars
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the weight-loading bar and its notices
     # transformers warns about its own deprecated alias when a model's attributes are walked (not our call)
     os.environ.setdefault("PYTHONWARNINGS", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
