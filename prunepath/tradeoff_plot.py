@@ -196,3 +196,27 @@ def tradeoff_table(rows: list[dict], task: str = "wikitext2", metric: str = "per
         out.append({"method": "dense (every expert)", **{f"{f:.0%} active": None for f in fractions},
                     "100% active": dense[0]})
     return out
+
+
+def value_at(rows: list[dict], method: str, *, tau: float | None = None,
+             fraction: float | None = None) -> tuple[float, float] | None:
+    """(active fraction, value) the recorded curve of `method` gives at this setting: the global-τ curve
+    at `tau`, another method's curve at the measured `fraction`, interpolated between the swept points;
+    dense's own value for "dense". None outside the swept range."""
+    if method == "dense":
+        dense = [r["value"] for r in rows if r["method"] == "dense"]
+        return (1.0, dense[0]) if dense else None
+    if method == TAU_METHOD and tau is not None:
+        return tau_point(rows, tau)
+    if fraction is None:
+        return None
+    pts = sorted((r["active_fraction"], r["value"]) for r in rows if r["method"] == method)
+    y = _interp(fraction, [p[0] for p in pts], [p[1] for p in pts]) if len(pts) >= 2 else None
+    return None if y is None else (fraction, y)
+
+
+def change_vs_dense(value: float, dense: float, metric: str) -> str:
+    """'+41.6 %' for a perplexity (relative), '−11.7 points' for an accuracy (absolute)."""
+    if metric in LOWER_IS_BETTER:
+        return f"{100 * (value / dense - 1):+.1f} %".replace("-", "−")
+    return f"{100 * (value - dense):+.1f} points".replace("-", "−")
