@@ -31,15 +31,9 @@ from panel.io.state import set_curdoc
 
 import prunepath.data  # noqa: F401
 import prunepath.evaluate  # noqa: F401
-from prunepath import tradeoff_plot
-from prunepath.explore import (
-    RESULTS_DIR,
-    RULE_NAMES,
-    Explorer,
-    ExplorerError,
-    Routed,
-    configure_threads,
-)
+from prunepath.evaluate import tradeoff_plot
+from prunepath.explore.explorer import RESULTS_DIR, RULE_NAMES, Explorer, Routed, configure_threads
+from prunepath.explore.loading import ExplorerError
 from prunepath.explore_results import live_decode_speed, load_sweep_rows, recorded_benchmarks
 
 # The imports marked F401 above are eager on purpose: plotly, datasets and the evaluator import pandas

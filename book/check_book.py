@@ -69,7 +69,8 @@ class _Page(HTMLParser):
         if tag in ("h1", "h2", "h3"):
             self._heading = []
         classes = set((a.get("class") or "").split())
-        if tag == "details" and classes & {"dropdown", "sd-dropdown"} or tag == "div" and {"admonition", "dropdown"} <= classes:
+        solution = tag == "details" and classes & {"dropdown", "sd-dropdown"}
+        if solution or tag == "div" and {"admonition", "dropdown"} <= classes:
             self.dropdowns += 1
         if tag == "div":
             self._depth += 1
@@ -208,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     for page in pages:
         extra = ""
         if "objectives" in page:
-            extra = (f"  objectives {'yes' if page['objectives'] else 'NO'}, summary {'yes' if page['summary'] else 'NO'},"
-                     f" exercises {'yes' if page['exercises'] else 'NO'} ({page['solutions']} hidden solutions)")
+            yes = {k: "yes" if page[k] else "NO" for k in ("objectives", "summary", "exercises")}
+            extra = (f"  objectives {yes['objectives']}, summary {yes['summary']}, exercises {yes['exercises']}"
+                     f" ({page['solutions']} hidden solutions)")
         if browser:
             extra += f"  figures {page['figures']}, outside requests {len(page['requests_outside'])}, " \
                      f"console errors {len(page['console_errors'])}"

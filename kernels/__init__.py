@@ -21,13 +21,6 @@ if __name__ == "kernels":
     # nothing usable and imports nothing of ours; the real name of this package is prunepath.kernels.
     __all__: list[str] = []
 else:
-    try:  # triton is an optional extra (`pip install prunepath[kernels]`)
-        import triton  # noqa: F401
-
-        HAS_TRITON = True
-    except ImportError:  # pragma: no cover - depends on the installation
-        HAS_TRITON = False
-
-    from .fastpath import FastPath, attach_fast_paths, detach_fast_paths  # noqa: E402
+    from .fastpath import HAS_TRITON, FastPath, attach_fast_paths, detach_fast_paths
 
     __all__ = ["HAS_TRITON", "FastPath", "attach_fast_paths", "detach_fast_paths"]

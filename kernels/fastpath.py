@@ -25,7 +25,17 @@ import warnings
 
 import torch
 
+from prunepath.ffn.module import PrunePathFFN
+from prunepath.routing.router import LinearRouter
+
 from .layout import ExpertLayout, detect_activation
+
+try:  # triton is an optional extra (`pip install prunepath[kernels]`)
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the installation
+    HAS_TRITON = False
 
 _WARNED: set[str] = set()
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -66,8 +76,6 @@ class FastPath:
     # ------------------------------------------------------------------ when the kernels apply
     def _why_not(self, x: torch.Tensor) -> tuple[str, str] | None:
         """(reason key, message) when the kernels cannot run, None when they can."""
-        from . import HAS_TRITON
-
         ffn = self.ffn
         if not HAS_TRITON:
             return "triton", "triton is not installed (pip install prunepath[kernels]); using the torch FFN"
@@ -80,7 +88,7 @@ class FastPath:
                                         "using the torch FFN")
         if ffn.kind not in ("gated", "mlp"):
             return f"kind:{ffn.kind}", f"prunepath.kernels: FFN kind {ffn.kind!r} has no kernel; using torch"
-        if type(ffn.router).__name__ != "LinearRouter":
+        if not isinstance(ffn.router, LinearRouter):
             return "router", (f"prunepath.kernels: {type(ffn.router).__name__} is not a linear router; "
                               "using the torch FFN")
         if self.act is None:
@@ -91,8 +99,6 @@ class FastPath:
         return None
 
     def accepts(self, x: torch.Tensor) -> bool:
-        from . import HAS_TRITON
-
         ffn = self.ffn
         n = x.numel() // ffn.d_model
         if n == 0 or n > self.max_rows:
@@ -189,7 +195,7 @@ class FastPath:
 
 def attach_fast_paths(model, share_down: bool = False, cfg=None) -> list[FastPath]:
     """Give every PrunePath FFN of `model` a FastPath; returns them (in layer order)."""
-    ffns = [m for m in model.modules() if type(m).__name__ == "PrunePathFFN"]
+    ffns = [m for m in model.modules() if isinstance(m, PrunePathFFN)]
     if not ffns:
         raise ValueError("no PrunePath FFNs in this model: convert it first with prunepath.moefy(model)")
     paths = []
@@ -201,5 +207,5 @@ def attach_fast_paths(model, share_down: bool = False, cfg=None) -> list[FastPat
 
 def detach_fast_paths(model) -> None:
     for m in model.modules():
-        if type(m).__name__ == "PrunePathFFN":
+        if isinstance(m, PrunePathFFN):
             m.fast_path = None

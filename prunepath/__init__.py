@@ -9,10 +9,13 @@
 Convert any supported model yourself with `prunepath.moefy(model, MoefyConfig(...))`.
 """
 
-from prunepath.checkpoint import CheckpointError, load, read_meta, save
-from prunepath.convert import MoefyConfig, RoutingStats, moefy
-from prunepath.ffn import PrunePathFFN, UnsupportedFFNError, find_ffns
+from prunepath.checkpoint import load, read_meta, save
+from prunepath.convert import MoefyConfig, moefy
+from prunepath.errors import CheckpointError
+from prunepath.ffn.discover import UnsupportedFFNError, find_ffns
+from prunepath.ffn.module import PrunePathFFN
 from prunepath.models import DEFAULT_MODEL, load_model
+from prunepath.routing.stats import RoutingStats
 
 __version__ = "0.1.0"
 

@@ -18,14 +18,14 @@ import sys
 # Subcommands other modules contribute through their add_cli(): imported only when chosen, so
 # `prunepath --help` and the core commands do not pay for training, evaluation or Triton imports.
 _PLUGINS = {
-    "train": ("prunepath.train_cli", "train routers (end-to-end objective or distillation)"),
-    "eval": ("prunepath.evaluate", "evaluate a model or checkpoint on a task"),
-    "sweep": ("prunepath.sweep", "sweep τ and the baselines at matched active fraction"),
-    "calibrate": ("prunepath.sweep", "find the τ that reaches a target active fraction"),
-    "generate": ("prunepath.decode", "generate text with the KV-cache decode loop"),
+    "train": ("prunepath.train.cli", "train routers (end-to-end objective or distillation)"),
+    "eval": ("prunepath.evaluate.tasks", "evaluate a model or checkpoint on a task"),
+    "sweep": ("prunepath.evaluate.sweep_cli", "sweep τ and the baselines at matched active fraction"),
+    "calibrate": ("prunepath.evaluate.sweep_cli", "find the τ that reaches a target active fraction"),
+    "generate": ("prunepath.decode.loop", "generate text with the KV-cache decode loop"),
     "bench": ("prunepath.bench", "benchmarks: split, ffn, decode, explorer"),
-    "selfdata": ("prunepath.selfdata", "the dense model's own answers to instructions, as training data"),
-    "extract-adapter": ("prunepath.extract", "a full fine-tune's weight changes as a small LoRA adapter (SVD)"),
+    "selfdata": ("prunepath.train.selfdata", "the dense model's own answers to instructions, as training data"),
+    "extract-adapter": ("prunepath.train.extract", "a full fine-tune's weight changes as a small LoRA adapter (SVD)"),
 }
 
 
@@ -54,6 +54,8 @@ def _config(args):
 
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    from prunepath.routing.gates import GATE_KINDS
+
     p.add_argument("--expert-size", type=int, default=32, help="neurons per expert G (default 32)")
     p.add_argument("--split", default="kmeans", choices=["kmeans", "coact", "random"])
     p.add_argument("--router", default="linear", choices=["linear", "mlp"])
@@ -64,7 +66,7 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
         help="zero as the paper (untrained routers then keep experts at random), or cluster centres",
     )
     p.add_argument("--rule", default="mass:0.9", help="routing rule spec, e.g. mass:0.9, mass-incl:0.9, topk:8")
-    p.add_argument("--gate", default="sigmoid", choices=["sigmoid", "softmax", "one"])
+    p.add_argument("--gate", default="sigmoid", choices=list(GATE_KINDS))
     p.add_argument("--seed", type=int, default=0)
 
 

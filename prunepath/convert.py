@@ -2,8 +2,8 @@
 
 Shape legend: L layers, N rows (= B*T tokens), D hidden, F ffn, E experts, G expert size.
 
-`moefy(model)` finds every FFN by structure, splits its neurons into experts (split.py), builds a router
-(router.py) and substitutes a `PrunePathFFN` module for the FFN. The model object stays the same
+`moefy(model)` finds every FFN by structure, splits its neurons into experts (`ffn.split`), builds a router
+(`routing.router`) and substitutes a `PrunePathFFN` module for the FFN. The model object stays the same
 transformers model — `generate()`, `save_pretrained`, peft all keep working — and its class becomes a
 subclass that adds the PrunePath controls: `set_tau`, `set_rule`, `set_gate`, `record_stats`,
 `routing_stats`. We change the instance's class (not its `forward`) so every method the base class has
@@ -12,7 +12,7 @@ is still the base class's own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from prunepath import routing
-from prunepath.ffn import FFNSpec, PrunePathFFN, build_ffn, find_ffns
+from prunepath.ffn.discover import FFNSpec, find_ffns
+from prunepath.ffn.module import PrunePathFFN, build_ffn
+from prunepath.ffn.split import Split, split_neurons
 from prunepath.models import model_fingerprint
-from prunepath.split import Split, split_neurons
+from prunepath.routing.stats import RoutingStats
 
 
 @dataclass(frozen=True)
@@ -42,45 +44,8 @@ class MoefyConfig:
             raise ValueError(f"split must be 'kmeans', 'coact' or 'random', got {self.split!r}")
         if self.router not in ("linear", "mlp"):
             raise ValueError(f"router must be 'linear' or 'mlp', got {self.router!r}")
-        if self.gate not in ("sigmoid", "softmax", "one"):
-            raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {self.gate!r}")
+        routing.check_gate(self.gate)
         routing.parse_rule(self.rule)  # validates the spec early, before any clustering
-
-
-@dataclass(frozen=True)
-class RoutingStats:
-    """What the routers did over the recorded forwards."""
-
-    counts: torch.Tensor  # [L, N] experts kept per token per layer
-    n_experts: tuple[int, ...]  # E per layer
-    flops_per_token: float  # mean FFN FLOPs per token, routers included, all layers
-    dense_flops_per_token: float  # the same for the dense FFNs
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def mean_experts(self) -> float:
-        return float(self.counts.float().mean())
-
-    @property
-    def active_fraction(self) -> float:
-        """Mean fraction of FFN neurons active per token, over layers and tokens."""
-        e = torch.tensor(self.n_experts, dtype=torch.float32)[:, None]  # [L, 1]
-        return float((self.counts.float() / e).mean())
-
-    def per_layer_fraction(self) -> list[float]:
-        e = torch.tensor(self.n_experts, dtype=torch.float32)
-        return (self.counts.float().mean(1) / e).tolist()
-
-    def summary(self) -> dict:
-        return {
-            "tokens": int(self.counts.shape[1]),
-            "mean_experts_kept": self.mean_experts,
-            "active_fraction": self.active_fraction,
-            "ffn_flops_per_token": self.flops_per_token,
-            "dense_ffn_flops_per_token": self.dense_flops_per_token,
-            "experts_kept_min": int(self.counts.min()) if self.counts.numel() else 0,
-            "experts_kept_max": int(self.counts.max()) if self.counts.numel() else 0,
-        }
 
 
 class PrunePathMixin:
@@ -145,8 +110,7 @@ class PrunePathMixin:
         return entry
 
     def set_gate(self, kind: str) -> None:
-        if kind not in ("sigmoid", "softmax", "one"):
-            raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {kind!r}")
+        routing.check_gate(kind)
         for f in self.prunepath_ffns():
             f.gate = kind
 
@@ -233,6 +197,8 @@ def moefy(
     calib [B, T]: calibration token ids (needed by the co-activation split).
     splits: precomputed permutations (one per layer), e.g. from a checkpoint; skips clustering.
     """
+    if any(isinstance(m, PrunePathFFN) for m in model.modules()):
+        raise ValueError("this model is already converted by PrunePath; load the base model to convert again")
     specs = find_ffns(model)
     if splits is not None and len(splits) != len(specs):
         raise ValueError(f"got {len(splits)} splits for a model with {len(specs)} FFN layers")

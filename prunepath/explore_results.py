@@ -1,7 +1,7 @@
 """What the explorer shows besides the live prompt: committed sweep curves, recorded GPU benchmarks,
 and live decode speed. Plain functions, no GUI import.
 
-Sweeps (`prunepath sweep`, sweep.py) write `results/<stem>.json` = {"meta": ..., "rows": [...]}, one
+Sweeps (`prunepath sweep`, `prunepath.evaluate.sweep`) write `results/<stem>.json` = {"meta": ..., "rows": [...]}, one
 number per row: method, knob, active_fraction, task, metric, value. Benchmarks write JSON under
 `results/bench/` with the device and the date; we show what they recorded and never retype a number.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from prunepath import routing
-from prunepath.explore import set_rule
+from prunepath.explore.explorer import set_rule
 
 # Methods whose knob is τ: their rows trace the curve the τ slider moves along.
 TAU_METHODS = ("prunepath", "prunepath-tau")
@@ -202,10 +202,10 @@ class LiveSpeed:
 
 class _GPUDecoders:
     """Our decode loops on CUDA for one explorer: the base model (dense) and a bf16 copy of the PrunePath
-    model, each in a prunepath.decode.Decoder (static cache, CUDA graph, Triton fast paths)."""
+    model, each in a prunepath.decode.loop.Decoder (static cache, CUDA graph, Triton fast paths)."""
 
     def __init__(self, explorer):
-        from prunepath.decode import DecodeConfig, Decoder
+        from prunepath.decode.loop import DecodeConfig, Decoder
         from prunepath.models import load_model, model_reference
 
         dense, _ = load_model(model_reference(explorer.model), dtype=torch.bfloat16, device="cuda")

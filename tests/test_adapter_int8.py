@@ -9,15 +9,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import prunepath
-from prunepath.checkpoint import (
-    ADAPTER_FILE,
-    INT8_ADAPTER_FILE,
-    adapter_tensors,
-    peft_readable,
-    quantize_rows,
-)
-from prunepath.extract import extract_adapter
-from prunepath.train import TrainConfig, Trainer, train
+from prunepath.adapter import ADAPTER_FILE, INT8_ADAPTER_FILE, adapter_tensors, peft_readable, quantize_rows
+from prunepath.train.config import TrainConfig
+from prunepath.train.extract import extract_adapter
+from prunepath.train.trainer import Trainer, train
 
 
 def _moefy(model):

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import prunepath
-from prunepath import baselines, routing
+from prunepath import routing
+from prunepath.evaluate import baselines
+from prunepath.routing import calibrate
 
 
 @pytest.fixture
@@ -14,7 +16,7 @@ def tiny(tiny_llama):
     """The tiny Llama with 8 experts of 16 per layer, plus calibration statistics on random tokens."""
     model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, gate="one"), progress=False)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    return model, ids, baselines.capture(model, ids)
+    return model, ids, calibrate.capture(model, ids)
 
 
 @pytest.mark.parametrize("method", ["wanda-sp", "flap"])
@@ -61,7 +63,7 @@ def test_per_layer_taus_hit_target_in_every_layer(tiny):
     taus, est = baselines.match_knob(model, calib, "prunepath-layer", 0.5)
     assert len(taus) == 2 and abs(est - 0.5) < 0.05
     for i, t in enumerate(taus):
-        got = baselines.expert_counts(model, calib, routing.CumulativeMass(t))[i].float().mean() / 8
+        got = calibrate.expert_counts(model, calib, routing.CumulativeMass(t))[i].float().mean() / 8
         assert abs(got - 0.5) < 0.05
 
 
@@ -86,7 +88,7 @@ def test_match_knob_hits_target(tiny, method):
             "threshold": lambda: routing.Threshold(knob),  # noqa: B023
             "oracle": lambda: routing.Oracle(tau=knob),  # noqa: B023
         }[method]()
-        got = baselines.fraction_for(model, calib, lambda _i, r=rule: r)
+        got = calibrate.fraction_for(model, calib, lambda _i, r=rule: r)
         assert got == pytest.approx(est)
         assert abs(got - target) < 0.05, (method, target, got)
 
@@ -96,15 +98,15 @@ def test_router_logits_are_computed_once_per_router_state(tiny):
     model, _, calib = tiny
     rule = routing.CumulativeMass(0.6)
     fresh = lambda: torch.stack(  # noqa: E731
-        [rule.select(baselines._logits(f, x)).sum(-1) for f, x in zip(model.prunepath_ffns(), calib.inputs)]
+        [rule.select(calibrate._logits(f, x)).sum(-1) for f, x in zip(model.prunepath_ffns(), calib.inputs)]
     )
-    assert torch.equal(baselines.expert_counts(model, calib, rule), fresh())
+    assert torch.equal(calibrate.expert_counts(model, calib, rule), fresh())
     first = calib.memo[0][1]
-    baselines.fraction_for(model, calib, lambda _i: rule)
+    calibrate.fraction_for(model, calib, lambda _i: rule)
     assert calib.memo[0][1] is first  # reused
     with torch.no_grad():
         next(model.prunepath_ffns()[0].router.parameters()).mul_(-1)
-    assert torch.equal(baselines.expert_counts(model, calib, rule), fresh())
+    assert torch.equal(calibrate.expert_counts(model, calib, rule), fresh())
     assert calib.memo[0][1] is not first
 
 
@@ -112,7 +114,7 @@ def test_dense_configuration_is_the_base_model(tiny_llama):
     base = copy.deepcopy(tiny_llama)
     model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, gate="one"), progress=False)
     ids = torch.randint(0, 128, (2, 16))
-    calib = baselines.capture(model, ids)
+    calib = calibrate.capture(model, ids)
     m = baselines.configure(model, calib, "dense", None)
     with torch.no_grad():
         assert torch.allclose(m(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)

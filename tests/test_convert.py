@@ -21,7 +21,7 @@ from transformers import (
 
 import prunepath
 from prunepath import MoefyConfig, UnsupportedFFNError, find_ffns, moefy
-from prunepath.ffn import PrunePathFFN
+from prunepath.ffn.module import PrunePathFFN
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 

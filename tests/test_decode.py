@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from prunepath.decode import DecodeConfig, Decoder
+from prunepath.decode.loop import DecodeConfig, Decoder
 
 GPU = torch.cuda.is_available() and bool(os.environ.get("PRUNEPATH_GPU_TESTS"))
 

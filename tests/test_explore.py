@@ -10,15 +10,8 @@ import threading
 import pytest
 import torch
 
-from prunepath.explore import (
-    ExploreConfig,
-    Explorer,
-    ExplorerError,
-    build_tiny_checkpoint,
-    load_for_explorer,
-    matched_knobs,
-    matched_layer_taus,
-)
+from prunepath.explore.explorer import ExploreConfig, Explorer, matched_knobs, matched_layer_taus
+from prunepath.explore.loading import ExplorerError, build_tiny_checkpoint, load_for_explorer
 from prunepath.explore_results import load_sweep_rows, recorded_benchmarks, sweep_figures
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -226,7 +219,7 @@ def test_default_checkpoint_routes(default_model):
     import copy
 
     import prunepath
-    from prunepath.checkpoint import CheckpointError
+    from prunepath.errors import CheckpointError
 
     model, tok = copy.deepcopy(default_model[0]), default_model[1]
     try:

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 import prunepath
 from prunepath.cli import main
-from prunepath.extract import (
+from prunepath.train.config import TrainConfig
+from prunepath.train.extract import extract_adapter, format_report
+from prunepath.train.lowrank import (
     allocate_ranks,
-    extract_adapter,
-    format_report,
     gradient_grams,
     input_grams,
     low_rank,
@@ -23,7 +23,7 @@ from prunepath.extract import (
     whitened_low_rank,
     whitening,
 )
-from prunepath.train import TrainConfig, train
+from prunepath.train.trainer import train
 
 
 def _moefy(model):

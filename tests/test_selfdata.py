@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from prunepath.selfdata import generate_selfdata, read_rows
-from prunepath.train import TrainConfig
-from prunepath.train_data import check_data, training_batches
+from prunepath.train.config import TrainConfig
+from prunepath.train.data import check_data, training_batches
+from prunepath.train.selfdata import generate_selfdata, read_rows
 
 ROWS = [{"instruction": "Name a colour.", "input": ""},
         {"instruction": "Add the numbers.", "input": "2 and 3"},
@@ -102,14 +102,15 @@ def test_skip_answers_the_rows_after_another_runs_prompts(tmp_path, capsys, monk
     import json
 
     import prunepath.models
-    import prunepath.selfdata
+    import prunepath.train.selfdata
     from prunepath.cli import main
 
     src = tmp_path / "src.jsonl"
     src.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(5)))
     asked = []
     monkeypatch.setattr(prunepath.models, "load_model", lambda *_a, **_k: (None, None))
-    monkeypatch.setattr(prunepath.selfdata, "generate_selfdata", lambda _m, _t, rows, *_a, **_k: asked.append(rows))
+    monkeypatch.setattr(prunepath.train.selfdata, "generate_selfdata",
+                        lambda _m, _t, rows, *_a, **_k: asked.append(rows))
     assert main(["selfdata", "--source", str(src), "--skip", "3", "--out", str(tmp_path / "a.jsonl")]) == 0
     assert main(["selfdata", "--source", str(src), "--skip", "1", "--limit", "2", "--samples", "2",
                  "--temperature", "1", "--out", str(tmp_path / "b.jsonl")]) == 0
@@ -134,7 +135,7 @@ def test_sampled_answers_repeat_with_the_seed_and_resume_to_the_same_file(defaul
 
 
 def test_continuations_start_with_the_real_prefix_and_train_packed(default_model, tmp_path):
-    from prunepath.selfdata import generate_continuations, text_prefixes
+    from prunepath.train.selfdata import generate_continuations, text_prefixes
 
     model, tok = default_model
     prefixes = text_prefixes(tok, "calibration", 5, prefix_tokens=8, seed=1)
@@ -165,7 +166,7 @@ def test_continuations_start_with_the_real_prefix_and_train_packed(default_model
 
 
 def test_a_mix_takes_the_stated_tokens_of_each_part():
-    from prunepath.train_data import mix_parts
+    from prunepath.train.data import mix_parts
 
     assert mix_parts("calibration+wikitext2", 1000) == [("calibration", 500), ("wikitext2", 500)]
     assert mix_parts("calibration@200+wikitext2+alpaca", 1000) == [("calibration", 200), ("wikitext2", 400),
@@ -183,7 +184,7 @@ def test_a_mix_takes_the_stated_tokens_of_each_part():
 def test_the_trainer_says_when_the_data_holds_fewer_tokens_than_asked(default_model, tmp_path):
     from prunepath.convert import MoefyConfig, moefy
     from prunepath.models import load_model
-    from prunepath.train import Trainer
+    from prunepath.train.trainer import Trainer
 
     tok = default_model[1]
     path = tmp_path / "short.jsonl"

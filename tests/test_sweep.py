@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import prunepath
-from prunepath import sweep
+from prunepath.evaluate import sweep
+from prunepath.routing import calibrate
 
 
 @pytest.fixture
@@ -20,24 +21,24 @@ def tiny16(tiny_llama):
 @pytest.mark.parametrize("target", [0.3, 0.5])
 def test_calibrate_hits_target(tiny16, target):
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    res = sweep.calibrate_tau(tiny16, ids, target, tol=0.01)
+    res = calibrate.calibrate_tau(tiny16, ids, target, tol=0.01)
     assert abs(res["active_fraction"] - target) <= 0.02, res
     tiny16.set_tau(res["tau"])  # the reported τ really gives that fraction
-    assert sweep.measured_fraction(tiny16, ids) == pytest.approx(res["active_fraction"])
+    assert calibrate.measured_fraction(tiny16, ids) == pytest.approx(res["active_fraction"])
     assert len(res["per_layer_tau"]) == 2
     assert all(abs(v - target) <= 0.03 for v in res["per_layer_fraction_captured"])
     tiny16.set_tau(res["per_layer_tau"])  # per-layer τ, run for real: near the target too
-    assert abs(sweep.measured_fraction(tiny16, ids) - target) <= 0.05
+    assert abs(calibrate.measured_fraction(tiny16, ids) - target) <= 0.05
 
 
 def test_calibrate_restores_rules_and_refuses_bad_targets(tiny16):
     ids = torch.randint(0, 128, (4, 16))
     tiny16.set_rule("topk:3")
-    sweep.calibrate_tau(tiny16, ids, 0.5, tol=0.05, iters=4)
+    calibrate.calibrate_tau(tiny16, ids, 0.5, tol=0.05, iters=4)
     assert tiny16.rule_spec == "topk:3"
     for bad in (0.0, 1.0, 1.5, 0.01):
         with pytest.raises(ValueError, match="target"):
-            sweep.calibrate_tau(tiny16, ids, bad)
+            calibrate.calibrate_tau(tiny16, ids, bad)
 
 
 def test_small_sweep_writes_tidy_rows(tmp_path):
@@ -135,14 +136,14 @@ def test_saved_calibration_routes_a_loaded_checkpoint_to_its_fraction(tiny_llama
     model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=8, gate="one"), progress=False)
     prunepath.save(model, tmp_path)
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    results = [sweep.calibrate_tau(model, ids, t, tol=0.01) for t in (0.3, 0.5)]
+    results = [calibrate.calibrate_tau(model, ids, t, tol=0.01) for t in (0.3, 0.5)]
     save_calibration(tmp_path, results[:1], {"adapter": False, "tokens": ids.numel()})
     save_calibration(tmp_path, results[1:], {"adapter": False, "tokens": ids.numel()})  # merged by target
     loaded, _ = prunepath.load(tmp_path, base=(base, None))
     assert sorted(loaded.prunepath_calibration["targets"]) == [0.3, 0.5]
     entry = loaded.set_active_fraction(0.5)
     assert loaded.rule_spec == "per-layer" and entry["per_layer_tau"] == results[1]["per_layer_tau"]
-    assert sweep.measured_fraction(loaded, ids) == pytest.approx(results[1]["per_layer_active_fraction"], abs=1e-6)
+    assert calibrate.measured_fraction(loaded, ids) == pytest.approx(results[1]["per_layer_active_fraction"], abs=1e-6)
     loaded.set_active_fraction(0.3, per_layer=False)
     assert all(f.rule.tau == results[0]["tau"] for f in loaded.prunepath_ffns())  # one global τ
     with pytest.raises(ValueError, match=r"no calibration for active fraction 0.4 \(stored: 0.3, 0.5\).*--save"):
@@ -160,7 +161,7 @@ def test_calibration_is_dropped_for_other_weights_and_checked_when_damaged(tiny_
     prunepath.save(model, tmp_path)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     # measured with an adapter folded in: a load without one (this checkpoint has none) must not use it
-    save_calibration(tmp_path, [sweep.calibrate_tau(model, ids, 0.5, tol=0.05)], {"adapter": True})
+    save_calibration(tmp_path, [calibrate.calibrate_tau(model, ids, 0.5, tol=0.05)], {"adapter": True})
     loaded, _ = prunepath.load(tmp_path, base=(bases[0], None))
     assert loaded.prunepath_calibration is None
     with pytest.raises(ValueError, match="no stored τ calibration.*prunepath calibrate"):
@@ -181,7 +182,7 @@ def test_the_default_checkpoint_ships_calibrated_fractions():
     text = "The committee met on Tuesday to discuss the budget. " * 6  # not the calibration text
     ids = tok(text, return_tensors="pt")["input_ids"]
     model.set_active_fraction(0.5)
-    assert sweep.measured_fraction(model, ids) == pytest.approx(0.5, abs=0.06)
+    assert calibrate.measured_fraction(model, ids) == pytest.approx(0.5, abs=0.06)
     plain, _ = prunepath.load("default", adapter=False)  # calibrated with the adapter: not for the bare routers
     assert plain.prunepath_calibration is None
 

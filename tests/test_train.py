@@ -15,15 +15,9 @@ import pytest
 import torch
 
 import prunepath
-from prunepath.train import (
-    STATE_FILE,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    TrainingStopped,
-    routing_losses,
-    train,
-)
+from prunepath.train.config import TrainConfig
+from prunepath.train.losses import routing_losses
+from prunepath.train.trainer import STATE_FILE, Trainer, TrainingDiverged, TrainingStopped, train
 
 
 def _moefy(model, gate="sigmoid", tau=0.9, init="centroid"):
@@ -273,7 +267,7 @@ def test_unknown_training_data_is_refused_before_loading_anything():
 
 
 def test_kd_loss_is_zero_for_equal_distributions_and_positive_otherwise():
-    from prunepath.losses import kd_loss
+    from prunepath.train.losses import kd_loss
 
     z = torch.randn(5, 11)
     assert kd_loss(z, torch.log_softmax(z, -1)).item() == pytest.approx(0.0, abs=1e-6)
@@ -327,7 +321,7 @@ def test_teacher_settings_are_checked():
 
 
 def test_mixed_training_data_takes_half_from_each_source(default_model):
-    from prunepath.train_data import training_batches
+    from prunepath.train.data import training_batches
 
     tokenizer = default_model[1]
     cfg = TrainConfig(objective="lm", data="calibration+alpaca", tokens=2048, seq_len=64)

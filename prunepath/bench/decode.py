@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from prunepath.bench.ffn import environment
-from prunepath.decode import DecodeConfig, Decoder
+from prunepath.decode.loop import DecodeConfig, Decoder
 
 SHAPES = {  # Llama-3.2-1B and Llama-3-8B
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -89,14 +89,14 @@ def router_inputs(model, tokens) -> list[torch.Tensor]:
 def calibrate_tau(model, tokens, target: float) -> float:
     """tau whose cumulative-mass rule keeps about `target` of the experts on `tokens` (bisection)."""
     from prunepath.kernels.route import RULE_MASS, select_reference
+    from prunepath.routing.calibrate import bisect
 
     logits = [f.router(x).float() for f, x in zip(model.prunepath_ffns(), router_inputs(model, tokens))]
-    lo, hi = 1e-4, 1.0
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        frac = sum(select_reference(z, RULE_MASS, mid).float().mean().item() for z in logits) / len(logits)
-        lo, hi = (mid, hi) if frac < target else (lo, mid)
-    return hi
+
+    def frac(tau: float) -> float:
+        return sum(select_reference(z, RULE_MASS, tau).float().mean().item() for z in logits) / len(logits)
+
+    return bisect(frac, 1e-4, 1.0, target, iters=25, tol=0.0)[0]
 
 
 def time_loop(dec: Decoder, ids, n: int) -> dict:
@@ -169,7 +169,7 @@ def bench_random(args, device, dtype) -> list[dict]:
 def bench_default(args, device, dtype) -> list[dict]:
     """Base model first (our loop, then transformers generate), freed; then the PrunePath model across
     tau. One model on the device at a time, so each peak memory belongs to the model measured."""
-    from prunepath.decode import encode_prompt, load_for_decode
+    from prunepath.decode.loop import encode_prompt, load_for_decode
 
     rows = []
     base, tok = load_for_decode(args.checkpoint, True, str(device), dtype)

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import signal
 import threading
@@ -62,42 +61,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prunepath.losses import LogitCapture, distill_loss, kd_loss, routing_losses
-from prunepath.train_data import check_data, training_batches
+from prunepath.adapter import save_adapter
+from prunepath.train.config import DENSE_TAU, FULL_WEIGHTS, TrainConfig
+from prunepath.train.data import training_batches
+from prunepath.train.losses import LogitCapture, distill_loss, kd_loss, routing_losses
+from prunepath.train.trainable import _all_experts_unit_gates, _base, _ffns, _set_tau, _trainable_state, setup_trainable
 
-OBJECTIVES = ("lm", "distill")
-TRAINABLE = ("router", "lora", "all", "linear")
-FULL_WEIGHTS = ("all", "linear")  # trainable sets saved with every weight (model.safetensors)
-LINEAR_LAYERS = {"ffn": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-TEACHERS = (None, "dense")
-DENSE_TAU = 1.05  # stage 1: τ > 1 keeps every expert
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.json"
-ADAPTER_DTYPES = ("fp32", "bf16", "int8")  # how save_adapter stores it; training itself stays in fp32
-
-
-def linear_layer_names(targets: str) -> list[str]:
-    """The linear layers a LoRA adapter targets: 'ffn', 'attn' or 'all' (both)."""
-    if targets not in ("ffn", "attn", "all"):
-        raise ValueError(f"targets must be 'ffn', 'attn' or 'all', got {targets!r}")
-    return [n for k in (("ffn", "attn") if targets == "all" else (targets,)) for n in LINEAR_LAYERS[k]]
-
-
-def save_adapter(peft_model, folder, dtype: str = "fp32") -> None:
-    """peft's save_pretrained, the tensors in bf16 or as 8-bit rows when asked (the loaders de-quantise them).
-
-    int8 (`prunepath.checkpoint.write_int8_adapter`) halves bf16's bytes, so twice the rank fits one file size;
-    peft alone cannot read that file, `prunepath.load` and `--continue-adapter` can.
-    """
-    from prunepath.checkpoint import INT8_ADAPTER_FILE, write_int8_adapter
-
-    (Path(folder) / INT8_ADAPTER_FILE).unlink(missing_ok=True)  # an earlier save's 8-bit file would shadow this one
-    state = None  # peft picks the adapter's tensors out of the state dict it is given
-    if dtype == "bf16":
-        state = {k: v.to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}
-    peft_model.save_pretrained(folder, state_dict=state)
-    if dtype == "int8":
-        write_int8_adapter(folder)
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,109 +107,6 @@ class _StopOnSignal:
         self._old = {}
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    objective: str = "distill"  # lm | distill
-    trainable: str = "router"  # router | lora | all
-    data: str = "calibration"  # calibration | wikitext2 (valid split) | alpaca | a classification task
-    tokens: int = 16384  # training tokens (lm: per epoch over the windows; distill: cached once)
-    seq_len: int = 128
-    batch_size: int = 8  # lm: sequences per step; distill: x 128 cached rows per step
-    stage1_steps: int = 0  # lm only: steps at τ = 1.05 (all experts, gates learned)
-    steps: int = 300  # stage-2 steps (distill: router updates on the cache)
-    tau: float = 0.7  # stage-2 τ (the released checkpoints: 0.70 and 0.95)
-    tau_range: tuple[float, float] | None = None  # sample τ ~ U(lo, hi) per batch in stage 2
-    gamma: float = 3e-4  # entropy weight
-    gamma_lb: float = 1e-3  # load-balance weight
-    lr: float = 1e-3  # router lr (distill uses it too)
-    backbone_lr: float = 1e-4  # lora / all
-    decay_steps: int = 0  # the last K steps scale every learning rate linearly down to 0 (0: constant rates)
-    weight_decay: float = 1e-2  # routers only; the backbone gets none (as the paper)
-    distill_loss: str = "kl"  # kl | bce
-    distill_power: float = 1.0  # kl target q ∝ norm^power: < 1 flattens p, so counts vary less between tokens
-    gate: str | None = None  # override the checkpoint's gate kind (sigmoid | softmax | one)
-    teacher: str | None = None  # lm only: "dense" adds KL(dense model ‖ sparse model) to the task loss
-    kd_weight: float = 1.0  # with a teacher: task = kd_weight · KL + (1 - kd_weight) · cross-entropy
-    lora_r: int = 8
-    lora_targets: str = "ffn"  # ffn | attn | all
-    lora_init: str | None = None  # a saved peft LoRA adapter (folder) to train further (its rank may grow)
-    adapter_dtype: str = "fp32"  # the saved adapter's dtype: bf16 halves the file, int8 quarters it (training: fp32)
-    seed: int = 0
-    save_every: int = 100
-    keep_every: int = 0  # also keep a copy of the checkpoint in <out>/step-NNNNNN every K steps (0: never)
-    device: str = "cpu"
-    amp: bool | None = None  # bf16 autocast; None = on for CUDA, off for CPU
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if self.objective == "distill" and self.trainable != "router":
-            raise ValueError("the distill objective trains routers only (backbone frozen); use --trainable router")
-        if not (self.distill_power > 0 and math.isfinite(self.distill_power)):
-            raise ValueError(f"distill_power must be a number > 0, got {self.distill_power}")
-        if self.distill_loss not in ("kl", "bce"):
-            raise ValueError(f"distill_loss must be 'kl' or 'bce', got {self.distill_loss!r}")
-        if not (self.tau > 0 and math.isfinite(self.tau)):
-            raise ValueError(f"tau must be a number > 0 (values > 1 keep every expert), got {self.tau}")
-        if self.tau_range is not None:
-            lo, hi = self.tau_range
-            if not 0 < lo < hi:
-                raise ValueError(f"tau_range must be (lo, hi) with 0 < lo < hi, got {self.tau_range}")
-        if not 0 <= self.decay_steps <= self.steps:
-            raise ValueError(f"decay_steps must lie in [0, steps={self.steps}], got {self.decay_steps}")
-        for name in ("tokens", "seq_len", "batch_size", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.keep_every < 0 or (self.keep_every and self.keep_every % self.save_every):
-            raise ValueError(
-                f"keep_every must be 0 (off) or a multiple of save_every ({self.save_every}), got {self.keep_every}"
-            )
-        if self.steps < 0 or self.stage1_steps < 0 or self.steps + self.stage1_steps == 0:
-            raise ValueError("need steps >= 0, stage1_steps >= 0 and at least one step in all")
-        if self.gate not in (None, "sigmoid", "softmax", "one"):
-            raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {self.gate!r}")
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"teacher must be 'dense' or None, got {self.teacher!r}")
-        if self.teacher is not None and self.objective != "lm":
-            raise ValueError("a teacher needs the lm objective (distill already learns from the dense model)")
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise ValueError(f"kd_weight must lie in [0, 1], got {self.kd_weight}")
-        check_data(self.data)
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
-        if self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
-        if self.lora_targets not in ("ffn", "attn", "all"):
-            raise ValueError(f"lora_targets must be 'ffn', 'attn' or 'all', got {self.lora_targets!r}")
-        if self.lora_init is not None:
-            if self.trainable != "lora":
-                raise ValueError("lora_init continues a LoRA adapter: it needs trainable='lora' (--trainable lora)")
-            if not (Path(self.lora_init) / "adapter_config.json").is_file():
-                raise ValueError(f"lora_init {self.lora_init!r} holds no adapter_config.json: give the adapter/ "
-                                 "folder of a checkpoint trained with --trainable lora")
-
-    @property
-    def total_steps(self) -> int:
-        return (self.stage1_steps if self.objective == "lm" else 0) + self.steps
-
-    @property
-    def decay_start(self) -> int:
-        """The first step whose learning rates are scaled down (total_steps when nothing decays)."""
-        return self.total_steps - self.decay_steps
-
-    def lr_scale(self, step: int) -> float:
-        """The factor on every learning rate at step (0-based): 1, then linearly down over the last decay_steps.
-
-        As the decay phase of a warmup-stable-decay schedule: a constant rate, so a run can be extended on
-        resume, and a short linear cool-down at the end, whose last step has a rate of 1/decay_steps.
-        """
-        if step < self.decay_start:
-            return 1.0
-        return (self.total_steps - step) / self.decay_steps
-
-
 @dataclass
 class RunState:
     step: int = 0
@@ -255,133 +123,11 @@ def _autocast(cfg: TrainConfig):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
-def setup_trainable(model, cfg: TrainConfig):
-    """Freeze/unfreeze and (for LoRA) wrap the model; returns (model, param groups)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg.trainable == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        names = linear_layer_names(cfg.lora_targets)
-        if cfg.lora_init:
-            model = _continue_lora(model, cfg, names)
-        else:
-            model = get_peft_model(
-                model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=names, lora_dropout=0.0)
-            )
-        backbone = [p for n, p in model.named_parameters() if "lora_" in n]
-    elif cfg.trainable == "all":
-        backbone = [p for n, p in model.named_parameters() if ".router." not in n]
-        for p in backbone:
-            p.requires_grad_(True)
-    elif cfg.trainable == "linear":
-        linear = tuple(f".{m}.weight" for m in linear_layer_names("all"))
-        backbone = [p for n, p in model.named_parameters() if n.endswith(linear)]
-        for p in backbone:
-            p.requires_grad_(True)
-    else:
-        backbone = []
-    routers = [p for f in _ffns(model) for p in f.router.parameters()]
-    for p in routers:
-        p.requires_grad_(True)
-    groups = [{"params": routers, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.backbone_lr, "weight_decay": 0.0})
-    return model, groups
-
-
-def _continue_lora(model, cfg: TrainConfig, names: list[str]):
-    """Wrap `model` in the saved adapter cfg.lora_init, trainable, on cfg's targets at rank cfg.lora_r.
-
-    A higher rank grows the adapter without changing what it computes: the saved A and B fill the first r₀ rows
-    of the new A and columns of the new B, the new B columns start at zero (peft's own init for the new A rows),
-    and lora_alpha grows with the rank so the scale α/r stays the saved one.
-    """
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    from prunepath.checkpoint import adapter_tensors, peft_readable
-
-    folder = Path(cfg.lora_init)
-    saved = json.loads((folder / "adapter_config.json").read_text())
-    got_r, got_names = saved.get("r"), sorted(saved.get("target_modules") or [])
-    if got_names != sorted(names) or not isinstance(got_r, int) or got_r > cfg.lora_r:
-        raise ValueError(
-            f"the adapter in {cfg.lora_init} has rank {got_r} on {got_names}; this run asks for rank {cfg.lora_r} "
-            f"on {sorted(names)}. Pass its own --lora-targets and a --lora-r of at least {got_r} to train it further"
-        )
-    if got_r == cfg.lora_r:
-        with peft_readable(folder) as readable:  # an 8-bit adapter trains on from its de-quantised values
-            return PeftModel.from_pretrained(model, str(readable), is_trainable=True)
-    if saved.get("use_dora") or saved.get("use_rslora") or saved.get("rank_pattern") or saved.get("alpha_pattern"):
-        raise ValueError(f"the adapter in {cfg.lora_init} is not plain LoRA (DoRA, rsLoRA or per-module ranks); "
-                         "its rank cannot grow: train it further at its own --lora-r")
-    alpha = saved.get("lora_alpha", 8) * cfg.lora_r / got_r  # peft's default α is 8
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0))
-    tensors = adapter_tensors(folder)
-    params = dict(model.named_parameters())
-    grown = 0
-    with torch.no_grad():
-        for key, value in tensors.items():  # base_model.model.<module>.lora_A.weight -> ....lora_A.default.weight
-            name = key.replace(".weight", ".default.weight")
-            p = params.get(name)
-            is_a = ".lora_A." in name
-            want = None if p is None else (got_r, p.shape[1]) if is_a else (p.shape[0], got_r)  # A [r, in], B [out, r]
-            if ".lora_" not in name or value.shape != want:
-                raise ValueError(f"adapter tensor {key} in {cfg.lora_init} does not fit this model; re-train it")
-            if is_a:
-                p[:got_r].copy_(value)
-            else:
-                p[:, :got_r].copy_(value)
-                p[:, got_r:].zero_()
-            grown += 1
-    if grown != 2 * sum(1 for n in params if n.endswith(".lora_A.default.weight")):
-        raise ValueError(f"the adapter in {cfg.lora_init} misses some of its target modules; re-train the adapter")
-    return model
-
-
-def _ffns(model):
-    from prunepath.ffn import PrunePathFFN
-
-    return [m for m in model.modules() if isinstance(m, PrunePathFFN)]
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _trainable_state(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-@contextmanager
-def _all_experts_unit_gates(ffns):
-    """Every expert on with unit gates (the base model exactly) inside the block; rules and gates restored after."""
-    from prunepath import routing
-
-    saved = [(f.rule, f.gate) for f in ffns]
-    try:
-        for f in ffns:
-            f.rule, f.gate = routing.Dense(), "one"
-        yield
-    finally:
-        for f, (r, g) in zip(ffns, saved):
-            f.rule, f.gate = r, g
-
-
-def _set_tau(model, tau: float):
-    for f in _ffns(model):
-        from prunepath import routing
-
-        inclusive = isinstance(f.rule, routing.CumulativeMass) and f.rule.inclusive
-        f.rule = routing.CumulativeMass(float(tau), inclusive=inclusive)
 
 
 class Trainer:

@@ -6,13 +6,8 @@ Shape legend: B sequences, T tokens per sequence.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from prunepath.train import TrainConfig
-
 
 LM_SOURCES = ("calibration", "wikitext2", "alpaca", "alpaca-chat")
 
@@ -78,7 +73,7 @@ def chat_text(tokenizer, row) -> str:
     An answer cut off by a generation cap (row["finished"] False) ends where the text ends, without the
     template's end-of-turn token, so training never teaches the model to stop mid-answer.
     """
-    from prunepath.ifeval import alpaca_prompt
+    from prunepath.evaluate.ifeval import alpaca_prompt
 
     user, answer = alpaca_prompt(row), row["output"].strip()
     if getattr(tokenizer, "chat_template", None):
@@ -92,10 +87,10 @@ def chat_text(tokenizer, row) -> str:
     return f"{user}\n{answer}"
 
 
-def _packed_text(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_text(tokenizer, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Text rows (`selfdata --mode continue`) in a seeded order, joined by EOS and cut into full windows,
     as the LM sources are: no padding is trained on or computed."""
-    from prunepath.selfdata import read_rows
+    from prunepath.train.selfdata import read_rows
 
     rows = read_rows(cfg.data[5:], fields=("text",))
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -114,8 +109,10 @@ def _packed_text(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tenso
     return ids, torch.ones_like(ids)
 
 
-def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batches(tokenizer, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [B, T], attention_mask [B, T]) for the configured data, cfg.tokens in all.
+
+    cfg: a `prunepath.train.config.TrainConfig` (its data, tokens, seq_len and seed are read).
 
     'a+b' takes cfg.tokens / 2 from each source, 'a@N+b' N tokens from a and the rest from b (in order, so
     the mix is reproducible); the trainer's per-epoch permutation interleaves them.
@@ -133,7 +130,7 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
         rows = data.load_instructions("alpaca", "train")
         texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}".replace("\n\n", "\n") for r in rows]
     elif cfg.data == "alpaca-chat" or cfg.data.startswith("chat:"):
-        from prunepath.selfdata import read_rows
+        from prunepath.train.selfdata import read_rows
 
         rows = data.load_instructions("alpaca", "train") if cfg.data == "alpaca-chat" else read_rows(cfg.data[5:])
         texts = [chat_text(tokenizer, r) for r in rows]

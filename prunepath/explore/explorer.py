@@ -2,7 +2,7 @@
 
 Shape legend: L layers, T tokens, E experts per layer, N = T rows (one prompt, batch 1).
 
-    from prunepath.explore import Explorer
+    from prunepath.explore.explorer import Explorer
     ex = Explorer.open("default")                     # loads once per process (cached)
     r = ex.route("The quick brown fox", "mass", 0.7)  # per-token, per-layer experts kept
     r.counts.shape, r.active_fraction, r.flops_per_token
@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 from prunepath import routing
-from prunepath.checkpoint import CheckpointError
+from prunepath.explore.loading import ExplorerError, load_for_explorer
 
 RULES = ("mass", "mass-layer", "topk", "threshold", "dense")
 RULE_NAMES = {"mass": "cumulative mass τ (PrunePath)", "mass-layer": "per-layer τ (PrunePath), matched",
@@ -52,7 +51,7 @@ EXAMPLES = {
     "Recipe": "To make a simple tomato sauce, first heat some olive oil in a pan, then",
 }
 # Where the page reads committed results from; the repository's own results/ by default.
-RESULTS_DIR = Path(os.environ.get("PRUNEPATH_RESULTS", Path(__file__).resolve().parents[1] / "results"))
+RESULTS_DIR = Path(os.environ.get("PRUNEPATH_RESULTS", Path(__file__).resolve().parents[2] / "results"))
 
 
 def configure_threads(n: int | None = None) -> int:
@@ -67,10 +66,6 @@ def configure_threads(n: int | None = None) -> int:
     n = n or max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(n)
     return n
-
-
-class ExplorerError(ValueError):
-    """Something the user can fix (a bad path, a prompt with no tokens); the page shows the message."""
 
 
 @dataclass(frozen=True)
@@ -361,7 +356,7 @@ class Explorer:
         if rule_obj.spec in self._quick:
             return self._quick[rule_obj.spec]
         from prunepath.data import load_lm_text
-        from prunepath.evaluate import perplexity
+        from prunepath.evaluate.perplexity import perplexity
 
         try:
             text = load_lm_text("wikitext2", "test")[:20_000]  # plenty for 512 tokens; skips tokenizing 1 MB
@@ -400,7 +395,7 @@ def matched_layer_taus(logits: torch.Tensor, fraction: float) -> tuple[float, ..
     (`baselines.per_layer_taus`), on the prompt's own logits. Like the threshold, the rule's own forward
     sees other hidden states; the page shows the fraction it actually reaches.
     """
-    from prunepath.baselines import bisect
+    from prunepath.routing.calibrate import bisect
 
     target = min(max(fraction, 1e-4), 1.0)
     taus = []
@@ -414,94 +409,3 @@ def matched_layer_taus(logits: torch.Tensor, fraction: float) -> tuple[float, ..
 # Loading checkpoints
 
 
-def _fallback_dir() -> Path:
-    from prunepath.models import cache_root
-
-    return cache_root().parent / "explorer" / "default-untrained"
-
-
-def load_for_explorer(ref: str):
-    """(model, tokenizer, source, note) for "default", "tiny" or a checkpoint folder.
-
-    "default": the trained default checkpoint; until it exists, the default model converted on the fly
-    (untrained, centroid-initialised routers, unit gates), saved once to the user cache so the next
-    start is fast. Errors the user can fix come back as ExplorerError with the reason.
-    """
-    import prunepath
-    from prunepath.models import ModelLoadError
-
-    try:
-        if ref == "tiny":
-            return (*prunepath.load(build_tiny_checkpoint(Path(tempfile.gettempdir()) / "prunepath-tiny")),
-                    "tiny random model (tests)", "A tiny random model for tests: the text is gibberish.")
-        if ref != "default":
-            folder = Path(ref).expanduser()
-            if not folder.is_dir():
-                raise ExplorerError(f"No checkpoint folder at {folder}. Give the folder written by "
-                                    "`prunepath moefy --out DIR` or `prunepath train`, or choose 'default'.")
-            model, tok = prunepath.load(folder)
-            return model, tok, str(folder), ""
-        try:
-            model, tok = prunepath.load("default")
-            return model, tok, "default (trained)", ""
-        except CheckpointError:
-            pass
-        note = ("The trained default checkpoint is not in this checkout yet, so this is SmolLM2-135M-Instruct "
-                "converted on the fly: k-means experts, untrained routers initialised at the expert centroids, "
-                "unit gates. Expect more experts per token and a larger quality drop than a trained checkpoint.")
-        cached = _fallback_dir()
-        if (cached / "prunepath.json").is_file():
-            try:
-                model, tok = prunepath.load(cached)
-                model.set_gate("one")
-                return model, tok, "default model, converted (untrained)", note
-            except CheckpointError:
-                pass  # stale cache (another base model version): rebuild below
-        model, tok = prunepath.load_model()
-        prunepath.moefy(model, prunepath.MoefyConfig(router_init="centroid"), progress=False)
-        model.set_gate("one")  # untrained sigmoid gates would scale every expert by an arbitrary factor
-        prunepath.save(model, cached)
-        return model, tok, "default model, converted (untrained)", note
-    except ExplorerError:
-        raise
-    except (CheckpointError, ModelLoadError, OSError) as e:
-        raise ExplorerError(f"Could not load checkpoint {ref!r}: {e}") from None
-
-
-def build_tiny_checkpoint(folder: Path, layers: int = 4, d_model: int = 64, d_ff: int = 256) -> Path:
-    """A small random Llama with a byte-level tokenizer, saved as a PrunePath checkpoint (for tests).
-
-    Offline and fast (~1 s at the defaults: 4 layers, 8 experts of 32): no download, no default model.
-    Reused if already built. Larger shapes (e.g. the default model's 30 x 576 x 1536) exercise the
-    GPU decode loop at realistic sizes with no weights to ship.
-    """
-    folder = Path(folder)
-    ckpt = folder / "checkpoint"
-    if (ckpt / "prunepath.json").is_file():
-        return ckpt
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    import prunepath
-
-    # Byte-level BPE with no merges: every byte is a token, 256 + 1 special.
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<|endoftext|>"] = len(vocab)
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    heads = max(4, d_model // 64)
-    kv_heads = next(k for k in (2, 3, 1) if heads % k == 0)  # grouped-query attention, as the default model
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-                      eos_token_id=len(vocab) - 1)
-    base = folder / "base"
-    LlamaForCausalLM(cfg).save_pretrained(base)
-    tok.save_pretrained(base)
-    model, _ = prunepath.load_model(base)
-    prunepath.moefy(model, prunepath.MoefyConfig(expert_size=32), progress=False)  # F/32 experts per layer
-    prunepath.save(model, ckpt)
-    return ckpt

@@ -31,9 +31,6 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-GateKind = Literal["sigmoid", "softmax", "one"]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # validation helpers: every error says what was wrong and what would be valid
 
@@ -373,24 +370,3 @@ def as_rule(rule_or_spec: Rule | str) -> Rule:
 # gates: how much each kept expert's output counts
 
 
-def gate_values(logits: Tensor, mask: Tensor, kind: GateKind = "sigmoid") -> Tensor:
-    """Per-expert gate values [N, E], zero where dropped.
-
-    "sigmoid" (the paper): sigmoid(z_e) — not renormalised, so it carries the task-loss gradient back to
-    the router regardless of how many experts were kept. "softmax": p_e. "one": unit gates (with all experts
-    kept this reproduces the dense FFN exactly — the exactness anchor).
-    The result has the dtype of `logits` and is differentiable with respect to them.
-    """
-    _check_logits(logits)
-    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(logits.shape):
-        raise ValueError(f"mask must be a bool tensor shaped like logits {tuple(logits.shape)}, "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
-    if kind == "sigmoid":
-        g = torch.sigmoid(logits)
-    elif kind == "softmax":
-        g = torch.softmax(logits.to(_compute_dtype(logits)), dim=-1).to(logits.dtype)
-    elif kind == "one":
-        g = torch.ones_like(logits)
-    else:
-        raise ValueError(f"gate kind must be 'sigmoid', 'softmax' or 'one', got {kind!r}")
-    return torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))  # [N, E]

@@ -6,8 +6,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from prunepath.train import STATE_FILE, TrainConfig, TrainingDiverged, TrainingStopped, train
-from prunepath.train import __doc__ as _TRAIN_DOC
+from prunepath.train.config import TrainConfig
+from prunepath.train.trainer import STATE_FILE, TrainingDiverged, TrainingStopped, train
+from prunepath.train.trainer import __doc__ as _TRAIN_DOC
 
 
 def add_cli(subparsers) -> None:
