@@ -59,16 +59,17 @@ MAX_CHIPS = 160
 # The explorer's rule names -> the sweep's method names (prunepath.tradeoff_plot.METHODS).
 SWEEP_METHOD = {"mass": "prunepath", "mass-layer": "prunepath-layer", "topk": "topk", "threshold": "threshold",
                 "dense": "dense"}
-# Example prompts: plain text whose greedy continuation by the dense default model reads as text (a
-# question-answer template made it repeat "The answer is:"); each starts a sentence the model can finish.
+# Example prompts: plain text whose greedy continuation by the dense default model reads well (checked on the
+# default checkpoint, 24 tokens: e.g. "Photosynthesis ..." -> " convert carbon dioxide into oxygen. This process
+# is a fundamental part of life on Earth ..."). The old question-answer prompt repeated "The answer is:".
 EXAMPLES = {
-    "Sky": "The sky looks blue during the day because",
     "Photosynthesis": "Photosynthesis is the process by which green plants",
+    "Water cycle": "The water cycle describes how water moves between the oceans, the air and the land. First,",
+    "Healthy habits": "Here are three tips for staying healthy:\n1.",
     "Paris": "Paris is the capital of France. It is known for",
-    "Recipe": "To make a simple tomato sauce, first heat some olive oil in a pan, then",
-    "Python": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "A story": "Once upon a time, in a small village by the sea, there lived",
 }
-DEFAULT_EXAMPLE = "Sky"
+DEFAULT_EXAMPLE = "Photosynthesis"
 
 
 def _friendly(e: BaseException) -> str:
