@@ -10,6 +10,7 @@ Loaded by Jupyter Book as a local Sphinx extension (`_config.yml`: sphinx.local_
   `window.PlotlyConfig = {MathJaxConfig: 'local'}` so that plotly leaves the book's MathJax alone;
 - sets the theme's default colour mode (without one, the theme logs a console error on every page);
 - keeps only the part of MathJax the pages load (MATHJAX_KEEP);
+- records each notebook's execution time in `_build/execution.json`;
 - drops sphinx-thebe's scripts: the book has no live kernels (thebe is off), and the theme added the
   thebe configuration script twice, which declared `const THEBE_JS_URL` twice (a JavaScript error on
   every page) and named a CDN URL.
@@ -17,6 +18,7 @@ Loaded by Jupyter Book as a local Sphinx extension (`_config.yml`: sphinx.local_
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -108,6 +110,24 @@ def _prune_mathjax(app, exception) -> None:
             path.rmdir()
 
 
+def _record_execution(app, exception) -> None:
+    """Write each notebook's execution time to _build/execution.json (read by book/time_build.py)."""
+    if exception is not None:
+        return
+    from myst_nb.sphinx_ import NbMetadataCollector
+
+    times = {}
+    for docname in sorted(app.env.found_docs):
+        try:
+            data = NbMetadataCollector.get_exec_data(app.env, docname)
+        except KeyError:  # not a notebook
+            continue
+        if data:
+            times[docname] = {"runtime_s": data.get("runtime"), "method": data.get("method"),
+                              "succeeded": data.get("succeeded")}
+    (Path(app.outdir).parent / "execution.json").write_text(json.dumps(times, indent=1))
+
+
 def setup(app):
     _plotly_js()  # fail at start-up, not after executing every notebook
     app.connect("builder-inited", _environment)
@@ -115,5 +135,6 @@ def setup(app):
     app.add_js_file("plotly.min.js", priority=101)
     app.connect("html-page-context", _page_context)
     app.connect("build-finished", _copy_plotly)
+    app.connect("build-finished", _record_execution)
     app.connect("build-finished", _prune_mathjax, priority=900)  # after sphinx-mathjax-offline's copy
     return {"parallel_read_safe": True, "parallel_write_safe": True}
