@@ -374,11 +374,8 @@ class ExplorerView(pn.viewable.Viewer):
         self.tradeoff.object = tradeoff_plot.tradeoff_figure(
             rows, task, metric, tau=tau if mine else None, active_fraction=fraction if mine else None,
             subtitle="this checkpoint" if mine else "the default checkpoint (no sweep of this one is committed)")
-        r = next((x for x in rows if x["method"] == "dense"), rows[0])
-        self.tradeoff_note.object = (f"{r.get('n', '?'):,} {'tokens' if metric == 'perplexity' else 'examples'}; "
-                                     f"{r.get('protocol', '')}; {r.get('device', '')}, {str(r.get('date', ''))[:10]}. "
-                                     "The star: this τ on the global-τ curve; the dotted line: this prompt's "
-                                     "active fraction.")
+        self.tradeoff_note.object = (tradeoff_plot.measured_on(rows) + ". The star: this τ on the global-τ curve; "
+                                     "the dotted line: this prompt's active fraction.")
 
     # -- slow path: continuations, quick estimate, curves, decode speed ----------------------------------
 

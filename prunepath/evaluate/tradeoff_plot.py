@@ -97,6 +97,17 @@ def pick_sweep(rows: list[dict], task: str, metric: str) -> list[dict]:
     return max(by_source.values(), key=score)
 
 
+def measured_on(rows: list[dict]) -> str:
+    """'301,653 tokens, <protocol>; NVIDIA H200 bf16, 2026-11-30': how a sweep was measured, for a subtitle."""
+    r = next((x for x in rows if x["method"] == "dense"), rows[0] if rows else None)
+    if r is None:
+        return ""
+    where = str(r.get("source", "")).partition(", ")[2] or str(r.get("device", ""))  # "NVIDIA H200 bf16"
+    unit = "tokens" if r["metric"] in LOWER_IS_BETTER else "examples"
+    n = f"{r['n']:,} {unit}, " if isinstance(r.get("n"), int) else ""
+    return f"{n}{r.get('protocol', '')}; {where}, {str(r.get('date', ''))[:10]}"
+
+
 def standard_error(value: float, n: int | None, metric: str) -> float | None:
     """One binomial standard error of an accuracy over n examples; None for other metrics."""
     if not n or metric in LOWER_IS_BETTER or not 0 <= value <= 1:
@@ -149,10 +160,13 @@ def tradeoff_figure(rows: list[dict], task: str = "wikitext2", metric: str = "pe
         if all(e is not None for e in errors):
             trace["error_y"] = {"type": "data", "array": errors, "visible": True, "thickness": 1.2, "width": 3}
         data.append(trace)
+    log = metric in LOWER_IS_BETTER
     if dense:
-        shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": dense[0],
-                       "y1": dense[0], "line": {"color": "#000", "dash": "dash", "width": 1}})
-        notes.append({"xref": "paper", "x": 0.01, "yref": "y", "y": dense[0], "yanchor": "bottom",
+        # shapes and annotations on a log axis take log10 coordinates
+        level = math.log10(dense[0]) if log and dense[0] > 0 else dense[0]
+        shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": level,
+                       "y1": level, "line": {"color": "#000", "dash": "dash", "width": 1}})
+        notes.append({"xref": "paper", "x": 0.01, "yref": "y", "y": level, "yanchor": "bottom",
                       "xanchor": "left", "text": f"dense {dense[0]:.3g}", "showarrow": False,
                       "font": {"size": 11}})
     if active_fraction is not None:
@@ -164,7 +178,6 @@ def tradeoff_figure(rows: list[dict], task: str = "wikitext2", metric: str = "pe
             data.append({"type": "scatter", "mode": "markers", "name": f"τ = {tau:.2f} (this setting)",
                          "x": [at[0]], "y": [at[1]], "marker": {"symbol": "star", "size": 18, "color": "#d62728",
                                                                 "line": {"color": "#000", "width": 1}}})
-    log = metric in LOWER_IS_BETTER
     title = title_for(task, metric) + (f"<br><sup>{subtitle}</sup>" if subtitle else "")
     return {"data": data, "layout": {
         "title": {"text": title, "font": {"size": 15}},
