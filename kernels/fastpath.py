@@ -15,17 +15,19 @@ An unsupported device or dtype falls back with one warning per reason; a layout 
 the input raises (see `ExpertLayout.check_input`).
 
 The rule's parameter (tau, k, t) lives in a device tensor that is refreshed outside CUDA-graph capture,
-so `model.set_tau(...)` followed by `sync()` changes a captured decode graph without re-capturing it.
+so `set_tau(model, ...)` followed by `sync()` changes a captured decode graph without re-capturing it.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-from prunepath.ffn.module import PrunePathFFN
+from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.router import LinearRouter
 
 from .layout import ExpertLayout, detect_activation
@@ -59,7 +61,7 @@ def _capturing() -> bool:
 
 
 class FastPath:
-    """Decode kernels for one `PrunePathFFN`; build with `attach_fast_paths(model)`."""
+    """Decode kernels for one `PrunePathFFN`; installed with `use_fast_paths(model)`."""
 
     max_rows = 8
 
@@ -185,7 +187,7 @@ class FastPath:
         shape = x.shape
         x2d = x.reshape(-1, layout.d_model).contiguous()  # [N, D]
         res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg)
-        if self.ffn.record:
+        if self.ffn.recording:
             if _capturing():
                 _warn_once("record", "prunepath.kernels: routing stats are not recorded inside a CUDA graph")
             else:
@@ -193,19 +195,27 @@ class FastPath:
         return res.y.reshape(shape)
 
 
-def attach_fast_paths(model, share_down: bool = False, cfg=None) -> list[FastPath]:
-    """Give every PrunePath FFN of `model` a FastPath; returns them (in layer order)."""
-    ffns = [m for m in model.modules() if isinstance(m, PrunePathFFN)]
+def use_fast_paths(model, on: bool = True, share_down: bool = False, cfg=None) -> list[FastPath]:
+    """The one way the decode kernels are put on (or taken off) the PrunePath FFNs of `model` (a model or
+    one FFN). on=True gives every FFN a new FastPath and returns them in layer order; on=False removes them
+    (the torch path) and returns []. Raises ValueError for a model without PrunePath FFNs."""
+    ffns = prunepath_ffns(model)
     if not ffns:
         raise ValueError("no PrunePath FFNs in this model: convert it first with prunepath.moefy(model)")
-    paths = []
     for f in ffns:
-        f.fast_path = FastPath(f, share_down=share_down, cfg=cfg)
-        paths.append(f.fast_path)
-    return paths
+        f.fast_path = FastPath(f, share_down=share_down, cfg=cfg) if on else None
+    return [f.fast_path for f in ffns] if on else []
 
 
-def detach_fast_paths(model) -> None:
-    for m in model.modules():
-        if isinstance(m, PrunePathFFN):
-            m.fast_path = None
+@contextmanager
+def torch_path(model) -> Iterator[None]:
+    """Run the block on the torch FFN path; the fast paths that were installed come back afterwards."""
+    ffns = prunepath_ffns(model)
+    saved = [f.fast_path for f in ffns]
+    for f in ffns:
+        f.fast_path = None
+    try:
+        yield
+    finally:
+        for f, fp in zip(ffns, saved):
+            f.fast_path = fp

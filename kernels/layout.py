@@ -143,7 +143,7 @@ class ExpertLayout:
         act = detect_activation(getattr(ffn, "act", None))
         if act is None:
             raise ValueError(f"activation {getattr(ffn, 'act', None)!r} is none of the kernel's {ACTIVATIONS}; "
-                             "use the torch path (ffn.fast_path = None)")
+                             "use the torch path (prunepath.kernels.use_fast_paths(model, False))")
         router_w = getattr(ffn.router, "weight", None)
         if router_w is None or router_w.dim() != 2:
             raise ValueError("the kernels need a LinearRouter (a .weight of shape [E, D]); "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,11 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_model
 
-from prunepath import routing
 from prunepath.adapter import _merge_adapter
 from prunepath.convert import MoefyConfig, moefy
 from prunepath.errors import CheckpointError
+from prunepath.ffn.module import prunepath_ffns
 from prunepath.models import load_model, model_fingerprint, model_reference
+from prunepath.routing.control import set_gate, set_rule
+from prunepath.routing.rules import parse_rule
 
 FORMAT = "prunepath/1"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default"
@@ -38,7 +39,7 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default"
 
 def save(model, directory: str | os.PathLike, train_info: dict | None = None, full_weights: bool = False) -> Path:
     """Write `model`'s PrunePath state to `directory` (created); returns the folder."""
-    ffns = model.prunepath_ffns() if hasattr(model, "prunepath_ffns") else []
+    ffns = prunepath_ffns(model)
     if not ffns:
         raise ValueError("this model is not converted: call prunepath.moefy(model) first")
     out = Path(directory)
@@ -52,7 +53,7 @@ def save(model, directory: str | os.PathLike, train_info: dict | None = None, fu
         "format": FORMAT,
         "base": model_reference(model),
         "fingerprint": getattr(model, "prunepath_base_fingerprint", None) or model_fingerprint(model),
-        "moefy": asdict(model.prunepath_config),
+        "moefy": model.prunepath_config.to_dict(),
         "layers": [{"rule": f.rule.spec, "gate": f.gate, "experts": f.n_experts} for f in ffns],
         "train": train_info or getattr(model, "prunepath_train_info", None) or {},
         "full_weights": bool(full_weights),
@@ -124,7 +125,10 @@ def load(
             f"checkpoint {folder} was made on base model {meta['base']!r} (fingerprint {meta['fingerprint']}), "
             f"but the model given has fingerprint {fp} ({model_reference(model)!r}); load it with its own base model"
         )
-    config = MoefyConfig(**meta["moefy"])
+    try:
+        config = MoefyConfig.from_dict(meta["moefy"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/prunepath.json: its conversion settings are not readable ({e})") from None
     n = len(meta["layers"])
     perms = []
     for i in range(n):
@@ -135,14 +139,18 @@ def load(
         moefy(model, config, splits=perms, progress=False)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {folder} does not fit model {model_reference(model)!r}: {e}") from None
-    for f, layer in zip(model.prunepath_ffns(), meta["layers"]):
+    for i, (f, layer) in enumerate(zip(prunepath_ffns(model), meta["layers"])):
         prefix = f"layers.{f.layer_idx}.router."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             f.router.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"router of layer {f.layer_idx} does not match the checkpoint: {e}") from None
-        f.rule, f.gate = routing.parse_rule(layer["rule"]), layer["gate"]
+        try:
+            set_rule(model, parse_rule(layer["rule"]), layer=i)
+            set_gate(model, layer["gate"], layer=i)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder}/prunepath.json: layer {i}'s routing is not readable ({e})") from None
     if meta.get("full_weights") and full_weights:
         try:
             load_safetensors_model(model, str(folder / "model.safetensors"))

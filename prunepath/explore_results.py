@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from prunepath import routing
-from prunepath.explore.explorer import set_rule
+from prunepath.explore.explorer import apply_rule
+from prunepath.routing.control import set_gate
 
 # Methods whose knob is τ: their rows trace the curve the τ slider moves along.
 TAU_METHODS = ("prunepath", "prunepath-tau")
@@ -237,8 +238,8 @@ def live_decode_speed(explorer, rule, n_tokens: int = 64) -> LiveSpeed:
     t0 = time.perf_counter()
     with gpu.lock:
         dense = gpu.dense.time_decode(ids, n_tokens)["tokens_per_s"]
-        set_rule(gpu.sparse.model, rule)
-        gpu.sparse.model.set_gate("one" if isinstance(rule, routing.Dense) else gpu.gate)
+        apply_rule(gpu.sparse.model, rule)
+        set_gate(gpu.sparse.model, "one" if isinstance(rule, routing.Dense) else gpu.gate)
         sparse = gpu.sparse.time_decode(ids, n_tokens)["tokens_per_s"]
     if not (math.isfinite(dense) and math.isfinite(sparse)):
         raise RuntimeError("the decode loop returned no figure")

@@ -8,6 +8,7 @@ import torch
 import prunepath
 from prunepath import routing
 from prunepath.evaluate import baselines
+from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing import calibrate
 
 
@@ -25,18 +26,18 @@ def test_neuron_pruning_keeps_requested_fraction(tiny, method, fraction):
     model, _, calib = tiny
     pruned, kept = baselines.neuron_pruned(model, calib, method, fraction)
     assert kept == pytest.approx(fraction)
-    for f in pruned.prunepath_ffns():
+    for f in prunepath_ffns(pruned):
         live = (f.down_proj.weight != 0).any(0).sum().item()  # columns still in use
         assert live == round(fraction * f.d_ff)
         assert f.rule == routing.Dense() and f.gate == "one"
     # the original is untouched
-    assert all((f.down_proj.weight != 0).any(0).all() for f in model.prunepath_ffns())
+    assert all((f.down_proj.weight != 0).any(0).all() for f in prunepath_ffns(model))
 
 
 def test_wanda_keeps_high_scoring_neurons(tiny):
     model, _, calib = tiny
     pruned, _ = baselines.neuron_pruned(model, calib, "wanda-sp", 0.5)
-    f, g = model.prunepath_ffns()[0], pruned.prunepath_ffns()[0]
+    f, g = prunepath_ffns(model)[0], prunepath_ffns(pruned)[0]
     score = baselines.neuron_scores(model, calib, "wanda-sp")[0]
     kept = (g.down_proj.weight != 0).any(0)
     assert score[kept].min() >= score[~kept].max()
@@ -48,7 +49,7 @@ def test_flap_bias_compensation_preserves_mean_output(tiny):
     model, _, calib = tiny
     flap, _ = baselines.neuron_pruned(model, calib, "flap", 0.5)
     x = calib.inputs[0].float()  # [N, D] the inputs the means were taken on
-    f, g = model.prunepath_ffns()[0], flap.prunepath_ffns()[0]
+    f, g = prunepath_ffns(model)[0], prunepath_ffns(flap)[0]
     f.rule = routing.Dense()  # the unpruned reference: every neuron, unit gates
     with torch.no_grad():
         full, comp = f(x).mean(0), g(x).mean(0)
@@ -98,14 +99,14 @@ def test_router_logits_are_computed_once_per_router_state(tiny):
     model, _, calib = tiny
     rule = routing.CumulativeMass(0.6)
     fresh = lambda: torch.stack(  # noqa: E731
-        [rule.select(calibrate._logits(f, x)).sum(-1) for f, x in zip(model.prunepath_ffns(), calib.inputs)]
+        [rule.select(calibrate._logits(f, x)).sum(-1) for f, x in zip(prunepath_ffns(model), calib.inputs)]
     )
     assert torch.equal(calibrate.expert_counts(model, calib, rule), fresh())
     first = calib.memo[0][1]
     calibrate.fraction_for(model, calib, lambda _i: rule)
     assert calib.memo[0][1] is first  # reused
     with torch.no_grad():
-        next(model.prunepath_ffns()[0].router.parameters()).mul_(-1)
+        next(prunepath_ffns(model)[0].router.parameters()).mul_(-1)
     assert torch.equal(calibrate.expert_counts(model, calib, rule), fresh())
     assert calib.memo[0][1] is not first
 

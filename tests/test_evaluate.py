@@ -10,9 +10,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from prunepath import routing
 from prunepath.evaluate import ifeval, nlu, tasks
 from prunepath.evaluate.perplexity import perplexity
 from prunepath.evaluate.result import count_quantiles, recording
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_tau
 
 CORPUS = [
     "the film is a delight from start to finish and the cast is great",
@@ -118,7 +121,7 @@ def test_shared_prefix_and_token_batches_change_nothing(model, tok):
     from prunepath.convert import MoefyConfig, moefy
     from prunepath.evaluate import scoring
 
-    sparse = moefy(copy.deepcopy(model), MoefyConfig(expert_size=16, rule="mass:0.6"), progress=False)
+    sparse = moefy(copy.deepcopy(model), MoefyConfig(expert_size=16, rule=routing.CumulativeMass(0.6)), progress=False)
     demos = "Review: the film is a delight\nSentiment: positive\n\nReview: a dull movie\nSentiment: negative\n\n"
     prompts = [demos + f"Review: {t}\nSentiment:" for t in ("great", "dull and tedious", "the cast", "a film")]
     ids = scoring.encode_all(tok, tuple(prompts))
@@ -138,7 +141,7 @@ def test_shared_prefix_and_token_batches_change_nothing(model, tok):
             for key in ("mean_experts_kept", "active_fraction", "experts_kept_std"):
                 assert other[key] == pytest.approx(info[key], rel=1e-6)
             assert other["experts_kept_p10_p50_p90"] == pytest.approx(info["experts_kept_p10_p50_p90"])
-    assert not sparse.prunepath_ffns()[0].history  # nothing left over once recording ends
+    assert not prunepath_ffns(sparse)[0].recording  # nothing left attached once recording ends
 
 
 def test_token_budget_batches():
@@ -330,7 +333,7 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
 
     from prunepath.convert import MoefyConfig, moefy
 
-    sparse = moefy(copy.deepcopy(model), MoefyConfig(rule="topk:2"), progress=False)  # 4 experts of 32
+    sparse = moefy(copy.deepcopy(model), MoefyConfig(rule=routing.TopK(2)), progress=False)  # 4 experts of 32
     res = perplexity(sparse, tok, TEXT, context=64, stride=32, max_tokens=120)
     r = res.routing
     assert r["rule"] == "topk:2" and r["knob"] == 2
@@ -339,7 +342,7 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
     assert len(r["per_layer_fraction"]) == 2 and r["padding_excluded"]
     assert r["experts_kept_p10_p50_p90"] == [2.0] * 3 == r["experts_kept_layer_token_p10_p50_p90"]
     # right-padded batches of unequal prompts: statistics cover the real tokens only
-    sparse.set_tau(0.5)
+    set_tau(sparse, 0.5)
     res = nlu.classify(sparse, tok, _jsonl(tmp_path, n=12), protocol="prompt", k=1, batch_size=4)
     t = nlu.template_for("x", ("neg", "pos"), False)
     demos = nlu.pick_demos(nlu.task_splits(_jsonl(tmp_path, n=12))[1], 1, 2, 0)
@@ -349,7 +352,7 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
     # one forward per prompt for single-token label words, else one per (prompt, label word)
     real = sum(lens) if max(words) == 1 else sum(n + w for n in lens for w in words)
     assert res.routing["tokens"] == real and res.routing["rule"] == "mass:0.5"
-    assert not sparse.prunepath_ffns()[0].record  # recording is switched off again afterwards
+    assert not prunepath_ffns(sparse)[0].recording  # recording is switched off again afterwards
     # generation: left-padded prefill + one row per decode step; padding rows are excluded too
     prompts = ["Write a poem about the sea.", "Hi"]
     with recording(sparse) as rec:

@@ -13,6 +13,7 @@ import torch
 from prunepath.explore.explorer import ExploreConfig, Explorer, matched_knobs, matched_layer_taus
 from prunepath.explore.loading import ExplorerError, build_tiny_checkpoint, load_for_explorer
 from prunepath.explore_results import load_sweep_rows, recorded_benchmarks, sweep_figures
+from prunepath.routing.control import set_gate
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -226,7 +227,7 @@ def test_default_checkpoint_routes(default_model):
         model, tok = prunepath.load("default", base=(model, tok))
     except CheckpointError:
         prunepath.moefy(model, prunepath.MoefyConfig(split="random"), progress=False)  # fast, still 48 experts
-        model.set_gate("one")
+        set_gate(model, "one")
     ex = Explorer(model, tok, "default", config=ExploreConfig(max_tokens=64, gen_tokens=4))
     long = PROMPT * 8  # ~80 tokens: truncated to 64
     r5, r9 = ex.route(long, "mass", 0.5), ex.route(long, "mass", 0.9)

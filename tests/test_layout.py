@@ -2,9 +2,9 @@
 
 The import graph is read from the source (every `import` statement, at module level, inside functions and
 under `if TYPE_CHECKING:`), so a cycle hidden in a function body fails here too. `from a.b import c` is an
-edge to the module `a.b.c` when there is one, else to `a.b`; importing a submodule runs its parents'
-`__init__` first, which is not counted as an edge (every submodule would otherwise form a cycle with a
-package face that re-exports it).
+edge to the module `a.b.c` when there is one, else to `a.b`. Importing `a.b.c` also runs the `__init__` of
+the package `a.b` first: that is an edge too, unless `a.b` is a package of the importing module itself
+(then it is already being imported before the module runs).
 """
 
 from __future__ import annotations
@@ -42,7 +42,16 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 base = ".".join(anchor + ([node.module] if node.module else []))
             for a in node.names:
                 found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
+    own = _packages(name)
+    for target in list(found):
+        found.update(p for p in _packages(target) if p not in own)
     return {m for m in found if m in modules and m != name}
+
+
+def _packages(name: str) -> set[str]:
+    """The packages above a dotted module name: a.b.c -> {a, a.b}."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -77,6 +86,12 @@ def test_the_import_graph_is_read():
     graph = import_graph()
     assert "prunepath.routing.rules" in graph["prunepath.routing"]
     assert "prunepath.kernels.fastpath" in graph["prunepath.kernels"]
+
+
+def test_a_package_face_is_an_edge_of_whoever_imports_below_it():
+    graph = import_graph()
+    assert "prunepath.routing" in graph["prunepath.ffn.module"]  # it imports prunepath.routing.rules
+    assert "prunepath.routing" not in graph["prunepath.routing.gates"]  # its own package
 
 
 def test_find_cycle_finds_a_cycle():

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from prunepath.train.config import TrainConfig
-from prunepath.train.data import check_data, training_batches
+from prunepath.train.config import RoutingLoss, Schedule, TrainConfig
+from prunepath.train.data import DataConfig, check_data, training_batches
 from prunepath.train.selfdata import generate_selfdata, read_rows
 
 ROWS = [{"instruction": "Name a colour.", "input": ""},
@@ -63,8 +63,7 @@ def test_chat_training_data_uses_the_template_and_cut_off_answers_do_not_end(def
             {"instruction": "Count.", "input": "to three", "output": "One, two", "finished": False},
             {"instruction": "Say no.", "input": "", "output": "No.", "finished": True}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(objective="lm", data=f"chat:{path}", tokens=10_000, seq_len=96)
-    ids, mask = training_batches(tok, cfg)
+    ids, mask = training_batches(tok, DataConfig(source=f"chat:{path}", tokens=10_000, seq_len=96))
     texts = {t.split("<|im_start|>user\n")[1][:5]: t for t in (tok.decode(i[m.bool()]) for i, m in zip(ids, mask))}
     assert sorted(texts) == ["Count", "Say n", "Say y"]
     user, answer = "<|im_start|>user\nSay yes.<|im_end|>\n", "<|im_start|>assistant\nYes.<|im_end|>"
@@ -72,8 +71,7 @@ def test_chat_training_data_uses_the_template_and_cut_off_answers_do_not_end(def
     # the cut-off answer is kept but has no end-of-turn token: nothing teaches stopping mid-answer
     assert texts["Count"].endswith("<|im_start|>assistant\nOne, two")
     assert ids[0, 0].item() == tok.convert_tokens_to_ids("<|im_start|>")  # the template's start, nothing added
-    mixed, _ = training_batches(tok, TrainConfig(objective="lm", data=f"calibration+chat:{path}", tokens=512,
-                                                 seq_len=96))
+    mixed, _ = training_batches(tok, DataConfig(source=f"calibration+chat:{path}", tokens=512, seq_len=96))
     assert torch.equal(mixed[-len(ids):], ids)  # the mix puts the chat rows after the LM windows
 
 
@@ -152,11 +150,11 @@ def test_continuations_start_with_the_real_prefix_and_train_packed(default_model
     assert all(len(tok(r["text"], add_special_tokens=False)["input_ids"]) <= 8 + 6 + 2 for r in rows)
     assert [r["prefix"] for r in rows] == [tok.decode(p) for p in prefixes]
     # text:FILE packs the rows (EOS between them) into full windows: no padding at all
-    ids, mask = training_batches(tok, TrainConfig(objective="lm", data=f"text:{out}", tokens=24, seq_len=12))
+    ids, mask = training_batches(tok, DataConfig(source=f"text:{out}", tokens=24, seq_len=12))
     assert ids.shape == (2, 12) and bool(mask.all())
     assert (ids == tok.eos_token_id).any()
     with pytest.raises(ValueError, match="fewer than one"):
-        training_batches(tok, TrainConfig(objective="lm", data=f"text:{out}", tokens=10_000, seq_len=4096))
+        training_batches(tok, DataConfig(source=f"text:{out}", tokens=10_000, seq_len=4096))
     no_text = tmp_path / "no_text.jsonl"
     no_text.write_text('{"prefix": "a"}\n')
     with pytest.raises(ValueError, match="no text field 'text'"):
@@ -191,6 +189,9 @@ def test_the_trainer_says_when_the_data_holds_fewer_tokens_than_asked(default_mo
     path.write_text(json.dumps({"text": "One short line of text, far fewer tokens than asked."}) + "\n")
     model, _ = load_model()
     moefy(model, MoefyConfig(router_init="zero"), progress=False)
-    cfg = TrainConfig(objective="lm", data=f"text:{path}", tokens=4096, seq_len=8, lr=0.0, gate="one")
+    cfg = TrainConfig(objective="lm",
+                      data=DataConfig(source=f"text:{path}", tokens=4096, seq_len=8),
+                      schedule=Schedule(lr=0.0),
+                      routing=RoutingLoss(gate="one"))
     with pytest.warns(UserWarning, match="holds 8 tokens of the 4,096 asked for"):
         Trainer(model, tok, cfg, tmp_path / "run", progress=False)  # 12 tokens pack into one 8-token window

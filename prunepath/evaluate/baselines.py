@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from prunepath import routing
+from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.calibrate import (
     Calibration,
     bisect,
@@ -40,6 +41,7 @@ from prunepath.routing.calibrate import (
     per_layer_taus,
     router_probs,
 )
+from prunepath.routing.control import set_gate, set_rule, set_tau
 
 DYNAMIC = ("prunepath", "prunepath-layer", "topk", "threshold", "oracle")
 STATIC = ("static-expert", "wanda-sp", "flap")
@@ -53,7 +55,7 @@ METHODS = DYNAMIC + STATIC + ("dense",)
 def neuron_scores(model, calib: Calibration, method: str) -> list[torch.Tensor]:
     """Per-layer neuron importance L x [F] (higher = keep)."""
     out = []
-    for f, hn, hv in zip(model.prunepath_ffns(), calib.h_norm, calib.h_var):
+    for f, hn, hv in zip(prunepath_ffns(model), calib.h_norm, calib.h_var):
         w = down_projection(f).weight.detach().float().cpu()  # [D, F]
         if method == "wanda-sp":
             out.append(w.abs().mean(0) * hn)
@@ -73,12 +75,12 @@ def neuron_pruned(model, calib: Calibration, method: str, fraction: float):
     if not 0 < fraction <= 1:
         raise ValueError(f"kept fraction must lie in (0, 1], got {fraction}")
     pruned = copy.deepcopy(model)
-    pruned.set_rule(routing.Dense())
-    pruned.set_gate("one")
+    set_rule(pruned, routing.Dense())
+    set_gate(pruned, "one")
     scores = neuron_scores(model, calib, method)
     kept = []
     with torch.no_grad():
-        for f, s, mu in zip(pruned.prunepath_ffns(), scores, calib.h_mean):
+        for f, s, mu in zip(prunepath_ffns(pruned), scores, calib.h_mean):
             n_keep = max(1, round(fraction * s.numel()))
             drop = s.argsort(descending=True)[n_keep:].to(down_projection(f).weight.device)  # [F - n_keep]
             lin = down_projection(f)
@@ -103,7 +105,7 @@ def neuron_pruned(model, calib: Calibration, method: str, fraction: float):
 def static_experts(model, calib: Calibration, n_keep: int, by: str = "router") -> list[routing.Static]:
     """Per-layer Static rules keeping the n_keep experts of highest mean gate mass (or true norm)."""
     rules = []
-    for f, x, nrm in zip(model.prunepath_ffns(), calib.inputs, calib.norms):
+    for f, x, nrm in zip(prunepath_ffns(model), calib.inputs, calib.norms):
         if not 1 <= n_keep <= f.n_experts:
             raise ValueError(f"static expert count must lie in 1..{f.n_experts}, got {n_keep}")
         if by == "router":
@@ -122,7 +124,7 @@ def match_knob(model, calib: Calibration, method: str, target: float) -> tuple[o
     """The knob of `method` whose calibration active fraction is closest to `target` -> (knob, fraction)."""
     if not 0 < target <= 1:
         raise ValueError(f"target active fraction must lie in (0, 1], got {target}")
-    n_exp = model.prunepath_ffns()[0].n_experts
+    n_exp = prunepath_ffns(model)[0].n_experts
     if method in ("topk", "static-expert"):
         k = min(n_exp, max(1, round(target * n_exp)))
         return k, k / n_exp
@@ -149,21 +151,21 @@ def match_knob(model, calib: Calibration, method: str, target: float) -> tuple[o
 def configure(model, calib: Calibration, method: str, knob):
     """The model to evaluate for (method, knob): the same object re-ruled, or a pruned copy."""
     if method == "dense":
-        model.set_rule(routing.Dense())
+        set_rule(model, routing.Dense())
         return model
     if method == "prunepath":
-        model.set_tau(float(knob))
+        set_tau(model, float(knob))
     elif method == "prunepath-layer":
-        model.set_tau([float(t) for t in knob])
+        set_tau(model, [float(t) for t in knob])
     elif method == "topk":
-        model.set_rule(routing.TopK(int(knob)))
+        set_rule(model, routing.TopK(int(knob)))
     elif method == "threshold":
-        model.set_rule(routing.Threshold(float(knob)))
+        set_rule(model, routing.Threshold(float(knob)))
     elif method == "oracle":
-        model.set_rule(routing.Oracle(tau=float(knob)))
+        set_rule(model, routing.Oracle(tau=float(knob)))
     elif method == "static-expert":
         for i, r in enumerate(static_experts(model, calib, int(knob))):
-            model.set_rule(r, layer=i)
+            set_rule(model, r, layer=i)
     elif method in ("wanda-sp", "flap"):
         return neuron_pruned(model, calib, method, float(knob))[0]
     else:

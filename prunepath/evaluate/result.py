@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import rule_spec, rules
+from prunepath.routing.stats import Recorder, record
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -41,11 +45,15 @@ def _knob(rule) -> float | int | None:
 
 
 class RoutingRecorder:
-    """Records routing over a block of forwards; masks of real (non-padding) tokens are optional."""
+    """Routing over a block of forwards (a `prunepath.record` recorder); masks of real tokens are optional.
 
-    def __init__(self, model):
+    For a model without PrunePath FFNs it records nothing and reports the dense model.
+    """
+
+    def __init__(self, model, rec: Recorder | None = None):
         self.model = model
-        self.active = hasattr(model, "routing_stats") and hasattr(model, "record_stats")
+        self.rec = rec
+        self.active = rec is not None
         self.masks: list[torch.Tensor] = []
         self.info: dict | None = None  # set when the `recording` block ends
 
@@ -55,36 +63,31 @@ class RoutingRecorder:
 
     def take_last(self) -> list[torch.Tensor] | None:
         """Remove the last recorded forward's counts from every layer and return them (L x [N])."""
-        ffns = self.model.prunepath_ffns() if self.active else []
-        if not ffns or not all(f.history for f in ffns):
-            return None
-        return [f.history.pop() for f in ffns]
+        return self.rec.take_last() if self.active else None
 
     def add_repeated(self, counts: list[torch.Tensor] | None, times: int) -> None:
         """Count one forward's real tokens (`counts`, L x [N], from `take_last`) `times` times over, as if
         that many forwards had run them (a shared prompt prefix run once for many rows)."""
         if not self.active or counts is None or times < 1:
             return
-        for f, c in zip(self.model.prunepath_ffns(), counts):
-            f.history.append(c.repeat(times))
+        self.rec.add_repeated(counts, times)
         self.masks.append(torch.ones(counts[0].numel() * times, dtype=torch.bool))
 
     def summary(self) -> dict:
         if not self.active:
             return {"rule": "dense", "active_fraction": 1.0}
-        ffns = self.model.prunepath_ffns()
-        recorded = sum(h.numel() for h in ffns[0].history)
+        recorded = self.rec.tokens
         mask = torch.cat(self.masks) if self.masks else None
         # Masks line up only if every recorded forward supplied one; otherwise every routed row counts.
-        stats = self.model.routing_stats(mask if mask is not None and mask.numel() == recorded else None)
+        stats = self.rec.stats(mask if mask is not None and mask.numel() == recorded else None)
         per_token = stats.counts.float().mean(0)  # [N] experts kept per token, averaged over layers
         cells = stats.counts.flatten()  # [L*N] every (layer, token) decision; count_quantiles takes any size
         qs = torch.tensor([0.1, 0.5, 0.9])
         q = torch.quantile(per_token, qs).tolist() if len(per_token) else [0] * 3
         q_cells = count_quantiles(cells, qs) if len(cells) else [0] * 3
-        knobs = {_knob(f.rule) for f in ffns}
+        knobs = {_knob(r) for r in rules(self.model)}
         return {
-            "rule": self.model.rule_spec,
+            "rule": rule_spec(self.model),
             "knob": knobs.pop() if len(knobs) == 1 else "per-layer",
             **stats.summary(),
             "experts_kept_p10_p50_p90": q,  # of the per-token mean over layers
@@ -107,22 +110,17 @@ def count_quantiles(counts: torch.Tensor, qs: torch.Tensor) -> list[float]:
 
 @contextmanager
 def recording(model):
-    """`with recording(model) as rec: <forwards>` then `rec.info`: fresh stats for the block, then off."""
-    rec = RoutingRecorder(model)
-    if rec.active:
-        model.record_stats(True)
-    ok = False
-    try:
+    """`with recording(model) as rec: <forwards>` then `rec.info`: the block's routing summary (None if it
+    ran no forward); a model without PrunePath FFNs is reported as dense."""
+    if not prunepath_ffns(model):
+        rec = RoutingRecorder(model)
         yield rec
-        ok = True
-    finally:
-        # routing_stats() must be read before record_stats(False), which clears the history.
-        if rec.active and ok:
-            rec.info = rec.summary() if model.prunepath_ffns()[0].history else None
-        elif not rec.active:
-            rec.info = rec.summary()
-        if rec.active:
-            model.record_stats(False)
+        rec.info = rec.summary()
+        return
+    with record(model) as recorder:
+        rec = RoutingRecorder(model, recorder)
+        yield rec
+        rec.info = rec.summary() if recorder.tokens else None
 
 
 def run_meta(model, t0: float) -> dict:

@@ -35,6 +35,7 @@ import csv
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ import torch
 from prunepath import routing
 from prunepath.evaluate import baselines
 from prunepath.evaluate.sweep_report import _fmt, write_figure, write_table
+from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing import calibrate
+from prunepath.routing.control import set_gate
 
 COLUMNS = (
     "method",
@@ -141,38 +144,51 @@ class Sweep:
             w.writerows(self.rows)
 
 
-def run_sweep(
-    model,
-    tok,
-    out,
-    fractions=(0.25, 0.5, 0.75),
-    taus=(),
-    methods=baselines.METHODS,
-    tasks=("wikitext2",),
-    limit=None,
-    wt_tokens=4096,
-    calib_tokens=2048,
-    task_opts=None,
-    progress=True,
-    meta=None,
-    tag: str = "",
-) -> Sweep:
-    """Evaluate every (method, fraction) and every τ on every task; returns the Sweep with its rows."""
-    from prunepath.data import calibration_batches
-    from prunepath.evaluate.tasks import check_task, evaluate_task
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep evaluates: methods at matched active fractions, τ values, tasks, and how much text."""
 
-    for t in tasks:
-        check_task(t)
-    for m in methods:
-        if m not in baselines.METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(baselines.METHODS)}")
-    for f in fractions:
-        if not 0 < f < 1:
-            raise ValueError(f"matched fractions must lie in (0, 1), got {f}")
-    for t in taus:
-        routing.CumulativeMass(t)  # validates τ
-    task_opts = task_opts or {}
-    gate = model.prunepath_ffns()[0].gate
+    fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # matched mean active FFN fractions, each in (0, 1)
+    taus: tuple[float, ...] = ()  # PrunePath at these τ as well ("prunepath-tau" rows)
+    methods: tuple[str, ...] = baselines.METHODS  # PrunePath and the baselines (prunepath.evaluate.baselines)
+    tasks: tuple[str, ...] = ("wikitext2",)
+    limit: int | None = None  # examples per task (None: all); WikiText-2 takes wt_tokens instead
+    wt_tokens: int = 4096  # WikiText-2 tokens scored
+    calib_tokens: int = 2048  # calibration tokens the knobs are matched on
+    task_opts: dict = field(default_factory=dict)  # per task: keyword options of its evaluator
+    tag: str = ""  # appended to every method name (several checkpoints in one file)
+
+    def __post_init__(self):
+        from prunepath.evaluate.tasks import check_task
+
+        for name in ("fractions", "taus", "methods", "tasks"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for t in self.tasks:
+            check_task(t)
+        for m in self.methods:
+            if m not in baselines.METHODS:
+                raise ValueError(f"unknown method {m!r}; choose from {', '.join(baselines.METHODS)}")
+        for f in self.fractions:
+            if not 0 < f < 1:
+                raise ValueError(f"matched fractions must lie in (0, 1), got {f}")
+        for t in self.taus:
+            routing.CumulativeMass(t)  # validates τ
+
+
+def run_sweep(model, tok, out, config: SweepConfig = SweepConfig(), progress: bool = True,
+              meta: dict | None = None) -> Sweep:
+    """Evaluate every (method, fraction) and every τ of `config` on every task; returns the Sweep with its rows.
+
+    out: the results path without suffix (.json, .csv, .html and .md are written beside it); a run that
+    stopped resumes from the rows already in out.json. meta: recorded with the rows (device, checkpoint...).
+    """
+    from prunepath.data import calibration_batches
+    from prunepath.evaluate.tasks import evaluate_task
+
+    fractions, taus, methods, tasks = config.fractions, config.taus, config.methods, config.tasks
+    limit, wt_tokens, calib_tokens, tag = config.limit, config.wt_tokens, config.calib_tokens, config.tag
+    task_opts = config.task_opts
+    gate = prunepath_ffns(model)[0].gate
     sw = Sweep(out, meta or {})
     ids = calibration_batches(tok, calib_tokens, 256, seed=1)  # seed 1: not the training windows (seed 0)
     calib = calibrate.capture(model, ids)
@@ -189,13 +205,13 @@ def run_sweep(
         elif method == "dense":
             knob, est = None, 1.0
             m = baselines.configure(model, calib, "dense", None)
-            m.set_gate("one")  # the base model exactly
+            set_gate(m, "one")  # the base model exactly
         else:
             knob, est = baselines.match_knob(model, calib, method, target)
             m = baselines.configure(model, calib, method, knob)
             if method == "prunepath":  # the adaptive count is the point of the method: keep its distribution
                 counts = calibrate.expert_counts(model, calib, routing.CumulativeMass(knob))
-                dist = calibrate.count_distribution(counts, model.prunepath_ffns()[0].n_experts)
+                dist = calibrate.count_distribution(counts, prunepath_ffns(model)[0].n_experts)
                 sw.meta.setdefault("expert_counts", {})[f"{target}{tag}"] = {"tau": knob, **dist}
         static = getattr(m, "prunepath_static_fraction", None)
         for task in todo:
@@ -215,7 +231,7 @@ def run_sweep(
                     flush=True,
                 )
         if m is model:
-            model.set_gate(gate)
+            set_gate(model, gate)
         del m
     sw.add([])  # writes the meta (expert-count distributions) even when every row was already done
     write_figure(sw.rows, Path(out).with_suffix(".html"), sw.meta)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from prunepath.evaluate import baselines
-from prunepath.evaluate.sweep import _load, _meta, run_sweep
+from prunepath.evaluate.sweep import SweepConfig, _load, _meta, run_sweep
 from prunepath.routing.calibrate import calibrate_tau, check_target
 
 # Measured on default v4 (26 SST-2 rows, 2026-11-29): a 2-core CPU and an H200 disagree by 2.7 points on average
@@ -30,21 +30,10 @@ def run_sweep_cli(args) -> int:
         print(BF16_PROMPT_WARNING, file=sys.stderr)
     model, tok = _load(args)
     opts["wikitext2"] = {"context": args.context, "stride": args.context}
-    sw = run_sweep(
-        model,
-        tok,
-        args.out,
-        args.fractions,
-        args.taus,
-        args.methods,
-        args.tasks,
-        args.limit,
-        args.wt_tokens,
-        args.calib_tokens,
-        opts,
-        meta=_meta(args, model),
-        tag=args.tag,
-    )
+    config = SweepConfig(fractions=args.fractions, taus=args.taus, methods=args.methods, tasks=args.tasks,
+                         limit=args.limit, wt_tokens=args.wt_tokens, calib_tokens=args.calib_tokens, task_opts=opts,
+                         tag=args.tag)
+    sw = run_sweep(model, tok, args.out, config, meta=_meta(args, model))
     print(f"{len(sw.rows)} rows -> {Path(args.out).with_suffix('.json')}, .csv, .html")
     return 0
 
@@ -80,7 +69,7 @@ def run_calibrate(args) -> int:
         }
         folder = save_calibration(args.checkpoint, results, info)
         if not args.json:
-            print(f"saved to {folder / 'prunepath.json'}: model.set_active_fraction(f) now routes by it")
+            print(f"saved to {folder / 'prunepath.json'}: set_active_fraction(model, f) now routes by it")
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0
@@ -112,14 +101,14 @@ def add_cli(subparsers) -> None:
         "calibrate",
         help="find τ (global and per layer) for a target active fraction",
         description="Bisection for the τ reaching a target mean active FFN fraction; --save stores it in the "
-        "checkpoint, for model.set_active_fraction() and `prunepath eval --fraction`.",
+        "checkpoint, for set_active_fraction(model) and `prunepath eval --fraction`.",
     )
     c.add_argument("--checkpoint", default="default")
     c.add_argument("--target", type=float, nargs="+", required=True, help="mean active FFN fraction(s), e.g. 0.5")
     c.add_argument("--tol", type=float, default=0.005)
     c.add_argument("--json", action="store_true")
     c.add_argument("--save", action="store_true",
-                   help="record the τ values in the checkpoint (prunepath.json): model.set_active_fraction uses them")
+                   help="record the τ values in the checkpoint (prunepath.json), for prunepath.set_active_fraction")
     _common(c)
     c.set_defaults(func=run_calibrate)
 

@@ -8,8 +8,9 @@ Tasks (`evaluate_task`, `prunepath eval --task ...`):
 - `ifeval`, `alpaca`: instruction following, IFEval scored offline and ROUGE-L (see `prunepath.evaluate.ifeval`).
 
 Every result is an `EvalResult`: metrics, n, protocol, dataset/split, settings, and `routing` — for a
-model with `routing_stats()` the rule, its knob, experts kept per token (mean and spread), active FFN
-fraction and FFN FLOPs per token over the evaluated tokens (padding excluded where the code pads).
+PrunePath model, its routing recorded with `prunepath.record`: the rule, its knob, experts kept per token (mean
+and spread), active FFN fraction and FFN FLOPs per token over the evaluated tokens (padding excluded where the
+code pads).
 
 Shapes: B batch, T tokens, V vocabulary, C classes, D hidden, N = B*T rows.
 """
@@ -22,6 +23,7 @@ import math
 
 from prunepath.evaluate.perplexity import perplexity
 from prunepath.evaluate.result import EvalResult
+from prunepath.routing.control import set_active_fraction, set_rule, set_tau
 
 LM_TASKS = ("wikitext2",)
 NLU_TASKS = ("sst2", "rte", "boolq")
@@ -93,11 +95,11 @@ def load_for_eval(args):
 
     model, tok = prunepath.load(args.checkpoint or "default", base=args.model, adapter=getattr(args, "adapter", True))
     if args.rule is not None:
-        model.set_rule(args.rule)
+        set_rule(model, args.rule)
     if args.tau is not None:
-        model.set_tau(args.tau)
+        set_tau(model, args.tau)
     if getattr(args, "fraction", None) is not None:
-        model.set_active_fraction(args.fraction)
+        set_active_fraction(model, args.fraction)
     return model, tok
 
 

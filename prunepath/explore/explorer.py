@@ -17,7 +17,7 @@ continuation, so a slider move waits at most one decode step. Results are cached
 Rules the page offers, compared at a matched active fraction (the paper's protocol):
   "mass"       cumulative mass τ (PrunePath)
   "mass-layer" cumulative mass with one τ per layer, each layer at τ's active fraction on this prompt
-               (what `model.set_active_fraction` does with a checkpoint's stored calibration)
+               (what `prunepath.set_active_fraction(model, f)` does with a checkpoint's stored calibration)
   "topk"       MoEfication top-k, k = the mean experts kept at this τ on this prompt
   "threshold"  independent sigmoid threshold t, the quantile of sigmoid(logits) at τ's active fraction
   "dense"      every expert, with the checkpoint's gates
@@ -38,6 +38,9 @@ import torch
 
 from prunepath import routing
 from prunepath.explore.loading import ExplorerError, load_for_explorer
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_gate, set_rule, set_tau
+from prunepath.routing.stats import record
 
 RULES = ("mass", "mass-layer", "topk", "threshold", "dense")
 RULE_NAMES = {"mass": "cumulative mass τ (PrunePath)", "mass-layer": "per-layer τ (PrunePath), matched",
@@ -78,7 +81,7 @@ class ExploreConfig:
 
 @dataclass(frozen=True)
 class LayerTaus:
-    """Cumulative mass with one τ per layer: the rule `model.set_active_fraction` puts on a model."""
+    """Cumulative mass with one τ per layer: the rule `prunepath.set_active_fraction(model, f)` puts on a model."""
 
     taus: tuple[float, ...]
 
@@ -87,12 +90,12 @@ class LayerTaus:
         return "mass:" + ",".join(f"{t:g}" for t in self.taus)
 
 
-def set_rule(model, rule) -> None:
+def apply_rule(model, rule) -> None:
     """Put a routing rule, or a LayerTaus, on every layer of `model`."""
     if isinstance(rule, LayerTaus):
-        model.set_tau(list(rule.taus))
+        set_tau(model, list(rule.taus))
     else:
-        model.set_rule(rule)
+        set_rule(model, rule)
 
 
 @dataclass(frozen=True)
@@ -168,10 +171,10 @@ class Explorer:
     """One loaded PrunePath model plus caches; thread-safe."""
 
     def __init__(self, model, tokenizer, source: str, note: str = "", config: ExploreConfig = ExploreConfig()):
-        if not hasattr(model, "prunepath_ffns"):
+        if not prunepath_ffns(model):
             raise ExplorerError("the explorer needs a PrunePath model: convert it with prunepath.moefy(model)")
         self.model, self.tokenizer, self.source, self.note, self.config = model.eval(), tokenizer, source, note, config
-        self.ffns = model.prunepath_ffns()
+        self.ffns = prunepath_ffns(model)
         self.n_layers, self.n_experts = len(self.ffns), self.ffns[0].n_experts
         self.device = next(model.parameters()).device
         # The transformer body without the LM head: routing does not need the logits, and the head
@@ -267,8 +270,8 @@ class Explorer:
 
     def _apply(self, rule: routing.Rule | LayerTaus) -> None:
         """Put `rule` on every layer; dense also means unit gates, as the sweeps' dense baseline."""
-        set_rule(self.model, rule)
-        self.model.set_gate("one" if isinstance(rule, routing.Dense) else self.gate)
+        apply_rule(self.model, rule)
+        set_gate(self.model, "one" if isinstance(rule, routing.Dense) else self.gate)
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, rule: routing.Rule, capture: bool):
@@ -276,17 +279,16 @@ class Explorer:
         captured: list[torch.Tensor] = []
         with self._lock:
             self._apply(rule)
-            self.model.record_stats(True)
             # Capture router logits with forward hooks (the documented training hook; no forward patching).
             hooks = [f.router.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
                      for f in self.ffns] if capture else []
             try:
-                self._body(input_ids=ids[None].to(self.device), use_cache=False)
-                stats = self.model.routing_stats()
+                with record(self.model) as rec:
+                    self._body(input_ids=ids[None].to(self.device), use_cache=False)
+                stats = rec.stats()
             finally:
                 for h in hooks:
                     h.remove()
-                self.model.record_stats(False)
         logits = torch.stack([c.reshape(-1, self.n_experts).float().cpu() for c in captured]) if capture else None
         return stats.counts, logits, stats  # counts [L, T]; logits [L, T, E]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from prunepath.errors import CheckpointError
+from prunepath.routing.control import set_gate
 
 
 class ExplorerError(ValueError):
@@ -53,13 +54,13 @@ def load_for_explorer(ref: str):
         if (cached / "prunepath.json").is_file():
             try:
                 model, tok = prunepath.load(cached)
-                model.set_gate("one")
+                set_gate(model, "one")
                 return model, tok, "default model, converted (untrained)", note
             except CheckpointError:
                 pass  # stale cache (another base model version): rebuild below
         model, tok = prunepath.load_model()
         prunepath.moefy(model, prunepath.MoefyConfig(router_init="centroid"), progress=False)
-        model.set_gate("one")  # untrained sigmoid gates would scale every expert by an arbitrary factor
+        set_gate(model, "one")  # untrained sigmoid gates would scale every expert by an arbitrary factor
         prunepath.save(model, cached)
         return model, tok, "default model, converted (untrained)", note
     except ExplorerError:

@@ -22,9 +22,10 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from prunepath import routing
 from prunepath.ffn.discover import _ACT_NAMES, FFNSpec, UnsupportedFFNError, _in_out
+from prunepath.routing.gates import check_gate, gate_values
 from prunepath.routing.router import make_router
+from prunepath.routing.rules import Rule
 
 
 class PrunePathFFN(nn.Module):
@@ -38,12 +39,12 @@ class PrunePathFFN(nn.Module):
         perm: torch.Tensor,  # [F] new position i holds original neuron perm[i]
         expert_size: int,
         router: nn.Module,
-        rule: routing.Rule,
+        rule: Rule,
         gate: str = "sigmoid",
         out_module: nn.Module | None = None,
     ):
         super().__init__()
-        routing.check_gate(gate)
+        check_gate(gate)
         self.kind, self.layer_idx = spec.kind, spec.layer_idx
         self.d_model, self.d_ff, self.expert_size = spec.d_model, spec.d_ff, expert_size
         self.n_experts = spec.d_ff // expert_size
@@ -69,11 +70,9 @@ class PrunePathFFN(nn.Module):
             self._out = [out_module]  # a plain list: the sibling still owns (and registers) it
         self.act = _activation(module, config)
         self.router = router
-        self.rule, self.gate = rule, gate
-        self.record = False
-        self.last_counts: torch.Tensor | None = None  # [N] experts kept per token, last forward
-        self.history: list[torch.Tensor] = []  # every recorded forward since the last reset
-        self.fast_path = None  # set by prunepath.kernels for GPU decode
+        self.rule, self.gate = rule, gate  # set through prunepath.routing.control (set_rule, set_tau, set_gate)
+        self._recorders: tuple = ()  # attached by prunepath.routing.stats.record(model) while it records
+        self.fast_path = None  # installed and removed by prunepath.kernels.use_fast_paths(model, ...)
 
     # -- routing -----------------------------------------------------------------------------------
 
@@ -104,7 +103,7 @@ class PrunePathFFN(nn.Module):
         logits = self.router(x2d)  # [N, E]
         scores = self.expert_norms(x2d, h) if self.rule.needs_scores else None
         mask = self.rule.select(logits, scores)  # [N, E]
-        gates = routing.gate_values(logits, mask, self.gate)  # [N, E]
+        gates = gate_values(logits, mask, self.gate)  # [N, E]
         return mask, gates, logits
 
     # -- forward -------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ class PrunePathFFN(nn.Module):
         x2d = x.reshape(-1, self.d_model)  # [N, D]
         h = self._hidden(x2d)  # [N, F]
         mask, gates, _ = self.route(x2d, h)
-        if self.record:
+        if self._recorders:
             self._record(mask.sum(-1))
         g = gates.to(h.dtype).repeat_interleave(self.expert_size, dim=1)  # [N, F]
         h = h * g
@@ -126,9 +125,16 @@ class PrunePathFFN(nn.Module):
             return self.dropout(self.fc_out(h)).reshape(shape)
         return h.reshape(*shape[:-1], self.d_ff)  # BERT: the sibling output module projects back
 
+    @property
+    def recording(self) -> bool:
+        """Whether a `prunepath.record(model)` block is gathering this layer's expert counts."""
+        return bool(self._recorders)
+
     def _record(self, counts: torch.Tensor) -> None:
-        self.last_counts = counts.detach().to("cpu", torch.long)
-        self.history.append(self.last_counts)
+        """Hand one forward's experts kept per token [N] to the recorders (the torch path and the kernels)."""
+        counts = counts.detach().to("cpu", torch.long)
+        for rec in self._recorders:
+            rec.add(self.layer_idx, counts)
 
     def flops_per_token(self, experts_kept: float) -> float:
         """FFN multiply-add FLOPs for one token keeping `experts_kept` experts, router included."""
@@ -140,6 +146,11 @@ class PrunePathFFN(nn.Module):
             f"kind={self.kind}, d_model={self.d_model}, d_ff={self.d_ff}, experts={self.n_experts}x{self.expert_size}, "
             f"rule={self.rule.spec}, gate={self.gate}"
         )
+
+
+def prunepath_ffns(model: nn.Module) -> list[PrunePathFFN]:
+    """The PrunePath FFNs of `model`, in layer order (empty for a model that is not converted)."""
+    return [m for m in model.modules() if isinstance(m, PrunePathFFN)]
 
 
 def module_device(m: nn.Module) -> torch.device:

@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 from prunepath import routing
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import dense_routing, routing_kept, set_tau
+from prunepath.routing.stats import record
 
 
 @dataclass(frozen=True)
@@ -33,24 +36,20 @@ class Calibration:
 @torch.no_grad()
 def capture(model, ids: torch.Tensor, batch_size: int = 4) -> Calibration:
     """Dense forward over calibration ids [B, T] with unit gates; gather FFN inputs and neuron statistics."""
-    ffns = model.prunepath_ffns()
-    saved = [(f.rule, f.gate) for f in ffns]
+    ffns = prunepath_ffns(model)
     xs = [[] for _ in ffns]
     hooks = [
         f.register_forward_pre_hook(lambda _m, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1])))
         for i, f in enumerate(ffns)
     ]
     try:
-        for f in ffns:
-            f.rule, f.gate = routing.Dense(), "one"
-        device = next(model.parameters()).device
-        for s in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+        with dense_routing(model):
+            device = next(model.parameters()).device
+            for s in range(0, ids.shape[0], batch_size):
+                model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-        for f, (r, g) in zip(ffns, saved):
-            f.rule, f.gate = r, g
     inputs, norms, h_norm, h_mean, h_var = [], [], [], [], []
     for f, chunks in zip(ffns, xs):
         x = torch.cat(chunks)  # [N, D]
@@ -97,7 +96,7 @@ def _calib_logits(calib: Calibration, i: int, f) -> torch.Tensor:
 def fraction_for(model, calib: Calibration, rule_of) -> float:
     """Mean active fraction over layers and calibration tokens; rule_of(layer) -> Rule."""
     fr = []
-    for i, (f, nrm) in enumerate(zip(model.prunepath_ffns(), calib.norms)):
+    for i, (f, nrm) in enumerate(zip(prunepath_ffns(model), calib.norms)):
         rule = rule_of(i)
         mask = rule.select(_calib_logits(calib, i, f), nrm if rule.needs_scores else None)  # [N, E]
         fr.append(mask.float().mean())
@@ -107,7 +106,7 @@ def fraction_for(model, calib: Calibration, rule_of) -> float:
 def expert_counts(model, calib: Calibration, rule) -> torch.Tensor:
     """Experts kept per (layer, calibration token) under `rule`, from the captured inputs.  # [L, N]"""
     out = []
-    for i, (f, nrm) in enumerate(zip(model.prunepath_ffns(), calib.norms)):
+    for i, (f, nrm) in enumerate(zip(prunepath_ffns(model), calib.norms)):
         out.append(rule.select(_calib_logits(calib, i, f), nrm if rule.needs_scores else None).sum(-1))
     return torch.stack(out)
 
@@ -151,7 +150,7 @@ def global_tau(model, calib: Calibration, target: float) -> tuple[float, float]:
 def per_layer_taus(model, calib: Calibration, target: float) -> list[tuple[float, float]]:
     """Per-layer τ reaching `target` in each layer on its own inputs -> L x (τ, fraction)."""
     out = []
-    for i, f in enumerate(model.prunepath_ffns()):
+    for i, f in enumerate(prunepath_ffns(model)):
         z = _calib_logits(calib, i, f)
         out.append(bisect(lambda t, z=z: float(routing.CumulativeMass(t).select(z).float().mean()), 1e-4, 1.0, target))
     return out
@@ -161,13 +160,10 @@ def per_layer_taus(model, calib: Calibration, target: float) -> list[tuple[float
 def measured_fraction(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean active FFN fraction over layers and tokens of calibration ids [B, T] under the current rules."""
     device = next(model.parameters()).device
-    model.record_stats(True)
-    try:
+    with record(model) as rec:
         for s in range(0, ids.shape[0], batch_size):
             model(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
-        return model.routing_stats().active_fraction
-    finally:
-        model.record_stats(False)
+    return rec.stats().active_fraction
 
 
 def check_target(target: float) -> float:
@@ -180,17 +176,16 @@ def check_target(target: float) -> float:
 def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, iters: int = 12) -> dict:
     """Global τ (bisection on real forwards) and per-layer τ (on captured inputs) for `target`."""
     check_target(target)
-    n_exp = model.prunepath_ffns()[0].n_experts
+    n_exp = prunepath_ffns(model)[0].n_experts
     if target < 1 / n_exp:
         raise ValueError(
             f"target {target} is below one expert per token (1/{n_exp} = {1 / n_exp:.3f}); "
             "the top-1 expert is always kept"
         )
-    saved = [f.rule for f in model.prunepath_ffns()]
-    try:
+    with routing_kept(model):
 
         def frac(t):
-            model.set_tau(t)
+            set_tau(model, t)
             return measured_fraction(model, ids)
 
         # Start from the τ that reaches the target on the dense model's FFN inputs (one forward, then free);
@@ -207,11 +202,8 @@ def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, i
             if abs(got0 - target) < abs(got - target):
                 tau, got = tau0, got0
         layers = per_layer_taus(model, calib, target)
-        model.set_tau([t for t, _ in layers])
+        set_tau(model, [t for t, _ in layers])
         per_layer_measured = measured_fraction(model, ids)
-    finally:
-        for f, r in zip(model.prunepath_ffns(), saved):
-            f.rule = r
     return {
         "target": target,
         "tau": tau,

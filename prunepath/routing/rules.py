@@ -297,6 +297,7 @@ class Dense:
 
 
 Rule = CumulativeMass | TopK | Threshold | Static | Oracle | Dense
+RULE_TYPES = (CumulativeMass, TopK, Threshold, Static, Oracle, Dense)
 
 
 def _check_k(k: int) -> int:
@@ -357,16 +358,19 @@ _PARSERS = {
 }
 
 
-def as_rule(rule_or_spec: Rule | str) -> Rule:
-    """Accept either a rule object or its spec string (for set_rule-style APIs)."""
-    if isinstance(rule_or_spec, str):
-        return parse_rule(rule_or_spec)
-    if hasattr(rule_or_spec, "select") and hasattr(rule_or_spec, "spec"):
-        return rule_or_spec
-    raise ValueError(f"expected a routing rule or a spec string like 'mass:0.9', got {rule_or_spec!r}")
+def check_rule(rule: Rule) -> Rule:
+    """`rule` if it is a routing rule object; a clear error for a spec string or anything else.
 
-
-# ----------------------------------------------------------------------------------------------------------
-# gates: how much each kept expert's output counts
-
-
+    Spec strings ("mass:0.9", "topk:8") belong to the command line and to checkpoint files (`parse_rule`);
+    the Python API takes the rule objects.
+    """
+    if isinstance(rule, str):
+        try:
+            example = f"{parse_rule(rule)!r}"
+        except ValueError:
+            example = "CumulativeMass(0.9)"
+        raise TypeError(f"routing rule {rule!r} is a command-line spec; the Python API takes a Rule object, "
+                        f"e.g. prunepath.routing.{example} (parse a spec with prunepath.routing.parse_rule)")
+    if not isinstance(rule, RULE_TYPES):
+        raise TypeError(f"expected a routing rule ({', '.join(c.__name__ for c in RULE_TYPES)}), got {rule!r}")
+    return rule

@@ -6,6 +6,7 @@ import torch
 
 from prunepath.checkpoint import load
 from prunepath.data import calibration_batches
+from prunepath.routing.control import routing_kept, set_tau
 
 # Global τ at which `--whiten` collects the fine-tuned model's inputs: the range it was trained on (τ ~ U[0.4, 1.05]),
 # dense included.
@@ -135,30 +136,28 @@ def layer_grams(
         handles += [named[m].register_forward_hook(output_hook(m)) for m in sorted(modules)]
         handles.append(model.get_input_embeddings().register_forward_hook(
             lambda _m, _a, out: out.detach().requires_grad_()))
-    saved = [f.rule for f in model.prunepath_ffns()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.set_grad_enabled(gradients):
-            for tau in taus:
-                model.set_tau(float(tau))
-                for s in range(0, ids.shape[0], batch_size):
-                    batch = ids[s : s + batch_size].to(device)
-                    logits = model(input_ids=batch, use_cache=False).logits
-                    last[:] = [None, None]
-                    tokens += batch.numel()
-                    if gradients:
-                        torch.nn.functional.cross_entropy(
-                            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
-                            reduction="sum").backward()
-                        targets += batch[:, 1:].numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for f, r in zip(model.prunepath_ffns(), saved):
-            f.rule = r
+    with routing_kept(model):
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            with torch.set_grad_enabled(gradients):
+                for tau in taus:
+                    set_tau(model, float(tau))
+                    for s in range(0, ids.shape[0], batch_size):
+                        batch = ids[s : s + batch_size].to(device)
+                        logits = model(input_ids=batch, use_cache=False).logits
+                        last[:] = [None, None]
+                        tokens += batch.numel()
+                        if gradients:
+                            torch.nn.functional.cross_entropy(
+                                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                                reduction="sum").backward()
+                            targets += batch[:, 1:].numel()
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in flags:
+                p.requires_grad_(flag)
     grads = {m: (g / targets).float().cpu() for m, g in outs.items()} if gradients else None
     return {m: (g / tokens).float().cpu() for m, g in ins.items()}, grads
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from prunepath.adapter import linear_layer_names
+from prunepath.ffn.module import prunepath_ffns
 from prunepath.train.config import TrainConfig
 
 
@@ -19,12 +19,12 @@ def setup_trainable(model, cfg: TrainConfig):
     if cfg.trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        names = linear_layer_names(cfg.lora_targets)
-        if cfg.lora_init:
+        names = linear_layer_names(cfg.lora.targets)
+        if cfg.lora.init:
             model = _continue_lora(model, cfg, names)
         else:
             model = get_peft_model(
-                model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=names, lora_dropout=0.0)
+                model, LoraConfig(r=cfg.lora.r, lora_alpha=2 * cfg.lora.r, target_modules=names, lora_dropout=0.0)
             )
         backbone = [p for n, p in model.named_parameters() if "lora_" in n]
     elif cfg.trainable == "all":
@@ -38,17 +38,17 @@ def setup_trainable(model, cfg: TrainConfig):
             p.requires_grad_(True)
     else:
         backbone = []
-    routers = [p for f in _ffns(model) for p in f.router.parameters()]
+    routers = [p for f in prunepath_ffns(model) for p in f.router.parameters()]
     for p in routers:
         p.requires_grad_(True)
-    groups = [{"params": routers, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    groups = [{"params": routers, "lr": cfg.schedule.lr, "weight_decay": cfg.schedule.weight_decay}]
     if backbone:
-        groups.append({"params": backbone, "lr": cfg.backbone_lr, "weight_decay": 0.0})
+        groups.append({"params": backbone, "lr": cfg.schedule.backbone_lr, "weight_decay": 0.0})
     return model, groups
 
 
 def _continue_lora(model, cfg: TrainConfig, names: list[str]):
-    """Wrap `model` in the saved adapter cfg.lora_init, trainable, on cfg's targets at rank cfg.lora_r.
+    """Wrap `model` in the saved adapter cfg.lora.init, trainable, on cfg's targets at rank cfg.lora.r.
 
     A higher rank grows the adapter without changing what it computes: the saved A and B fill the first r₀ rows
     of the new A and columns of the new B, the new B columns start at zero (peft's own init for the new A rows),
@@ -58,23 +58,23 @@ def _continue_lora(model, cfg: TrainConfig, names: list[str]):
 
     from prunepath.adapter import adapter_tensors, peft_readable
 
-    folder = Path(cfg.lora_init)
+    folder = Path(cfg.lora.init)
     saved = json.loads((folder / "adapter_config.json").read_text())
     got_r, got_names = saved.get("r"), sorted(saved.get("target_modules") or [])
-    if got_names != sorted(names) or not isinstance(got_r, int) or got_r > cfg.lora_r:
+    if got_names != sorted(names) or not isinstance(got_r, int) or got_r > cfg.lora.r:
         raise ValueError(
-            f"the adapter in {cfg.lora_init} has rank {got_r} on {got_names}; this run asks for rank {cfg.lora_r} "
+            f"the adapter in {cfg.lora.init} has rank {got_r} on {got_names}; this run asks for rank {cfg.lora.r} "
             f"on {sorted(names)}. Pass its own --lora-targets and a --lora-r of at least {got_r} to train it further"
         )
-    if got_r == cfg.lora_r:
+    if got_r == cfg.lora.r:
         with peft_readable(folder) as readable:  # an 8-bit adapter trains on from its de-quantised values
             return PeftModel.from_pretrained(model, str(readable), is_trainable=True)
     if saved.get("use_dora") or saved.get("use_rslora") or saved.get("rank_pattern") or saved.get("alpha_pattern"):
-        raise ValueError(f"the adapter in {cfg.lora_init} is not plain LoRA (DoRA, rsLoRA or per-module ranks); "
+        raise ValueError(f"the adapter in {cfg.lora.init} is not plain LoRA (DoRA, rsLoRA or per-module ranks); "
                          "its rank cannot grow: train it further at its own --lora-r")
-    alpha = saved.get("lora_alpha", 8) * cfg.lora_r / got_r  # peft's default α is 8
+    alpha = saved.get("lora_alpha", 8) * cfg.lora.r / got_r  # peft's default α is 8
     alpha = int(alpha) if float(alpha).is_integer() else alpha
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0))
+    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0))
     tensors = adapter_tensors(folder)
     params = dict(model.named_parameters())
     grown = 0
@@ -85,7 +85,7 @@ def _continue_lora(model, cfg: TrainConfig, names: list[str]):
             is_a = ".lora_A." in name
             want = None if p is None else (got_r, p.shape[1]) if is_a else (p.shape[0], got_r)  # A [r, in], B [out, r]
             if ".lora_" not in name or value.shape != want:
-                raise ValueError(f"adapter tensor {key} in {cfg.lora_init} does not fit this model; re-train it")
+                raise ValueError(f"adapter tensor {key} in {cfg.lora.init} does not fit this model; re-train it")
             if is_a:
                 p[:got_r].copy_(value)
             else:
@@ -93,14 +93,8 @@ def _continue_lora(model, cfg: TrainConfig, names: list[str]):
                 p[:, got_r:].zero_()
             grown += 1
     if grown != 2 * sum(1 for n in params if n.endswith(".lora_A.default.weight")):
-        raise ValueError(f"the adapter in {cfg.lora_init} misses some of its target modules; re-train the adapter")
+        raise ValueError(f"the adapter in {cfg.lora.init} misses some of its target modules; re-train the adapter")
     return model
-
-
-def _ffns(model):
-    from prunepath.ffn.module import PrunePathFFN
-
-    return [m for m in model.modules() if isinstance(m, PrunePathFFN)]
 
 
 def _base(model):
@@ -109,26 +103,3 @@ def _base(model):
 
 def _trainable_state(model) -> dict:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@contextmanager
-def _all_experts_unit_gates(ffns):
-    """Every expert on with unit gates (the base model exactly) inside the block; rules and gates restored after."""
-    from prunepath import routing
-
-    saved = [(f.rule, f.gate) for f in ffns]
-    try:
-        for f in ffns:
-            f.rule, f.gate = routing.Dense(), "one"
-        yield
-    finally:
-        for f, (r, g) in zip(ffns, saved):
-            f.rule, f.gate = r, g
-
-
-def _set_tau(model, tau: float):
-    for f in _ffns(model):
-        from prunepath import routing
-
-        inclusive = isinstance(f.rule, routing.CumulativeMass) and f.rule.inclusive
-        f.rule = routing.CumulativeMass(float(tau), inclusive=inclusive)

@@ -54,7 +54,7 @@ import threading
 import time
 import warnings
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,10 +62,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prunepath.adapter import save_adapter
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import dense_routing, routing_kept, rules, set_gate, set_rule, set_rules, set_tau
+from prunepath.routing.rules import Dense
 from prunepath.train.config import DENSE_TAU, FULL_WEIGHTS, TrainConfig
 from prunepath.train.data import training_batches
 from prunepath.train.losses import LogitCapture, distill_loss, kd_loss, routing_losses
-from prunepath.train.trainable import _all_experts_unit_gates, _base, _ffns, _set_tau, _trainable_state, setup_trainable
+from prunepath.train.trainable import _base, _trainable_state, setup_trainable
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.json"
@@ -137,11 +140,11 @@ class Trainer:
         import prunepath
 
         self.cfg, self.out, self.progress, self.tok = cfg, Path(out), progress, tokenizer
-        if not hasattr(model, "prunepath_ffns"):
+        if not prunepath_ffns(model):
             raise ValueError("train needs a PrunePath model: prunepath.moefy(model) or prunepath.load(ckpt) first")
-        if cfg.gate is not None:
-            model.set_gate(cfg.gate)
-        if cfg.objective == "lm" and cfg.lr > 0 and model.prunepath_ffns()[0].gate == "one":
+        if cfg.routing.gate is not None:
+            set_gate(model, cfg.routing.gate)
+        if cfg.objective == "lm" and cfg.schedule.lr > 0 and prunepath_ffns(model)[0].gate == "one":
             warnings.warn(
                 "unit gates: the task loss gives the routers no gradient, so only the entropy and load-balance "
                 "terms will move them (they sharpen, and every τ keeps fewer experts). Pass --lr 0 to freeze "
@@ -155,35 +158,35 @@ class Trainer:
             raise ValueError(
                 f"the starting checkpoint already carries a LoRA adapter ({self.adapter_in}), folded into its "
                 "weights; a second one cannot be saved beside it. Train that adapter further (prunepath train "
-                "--continue-adapter; load(ckpt, adapter=False) with TrainConfig(lora_init=<ckpt>/adapter)), start "
-                "from the routers alone (--no-adapter), or train --trainable all"
+                "--continue-adapter; load(ckpt, adapter=False) with TrainConfig(lora=LoraSettings(init=ADAPTER))), "
+                "start from the routers alone (--no-adapter), or train --trainable all"
             )
         # What the starting checkpoint had been trained with; save() keeps the chain in train_info['previous'].
         prev = dict(getattr(model, "prunepath_train_info", None) or {})
         self.previous = prev.pop("previous", []) + [prev] if prev else []
         self.base_fp = getattr(model, "prunepath_base_fingerprint", None)
-        self.rule_after = model.rule_spec
+        self.rules_after = rules(model)  # the serving rules, restored in every saved checkpoint
         torch.manual_seed(cfg.seed)
         model = model.to(cfg.device)
         # The dense teacher: the starting model with every expert on and unit gates (the base model, or the
         # adapted one when the checkpoint carried an adapter) — the model itself while its backbone is frozen
         # (router) or its new LoRA adapters are switched off; a frozen copy when every weight trains.
         self.frozen_teacher = None
-        if cfg.teacher == "dense" and cfg.trainable in FULL_WEIGHTS:
+        if cfg.teacher.kind == "dense" and cfg.trainable in FULL_WEIGHTS:
             self.frozen_teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            self.frozen_teacher.set_rule("dense")
-            self.frozen_teacher.set_gate("one")
+            set_rule(self.frozen_teacher, Dense())
+            set_gate(self.frozen_teacher, "one")
         self.model, groups = setup_trainable(model, cfg)
         self.opt = torch.optim.AdamW(groups)
         self.state = RunState()
         self._save_model = prunepath.save
         # batches: (input_ids [B, T], attention_mask [B, T]) to train on instead of cfg.data (tests, notebooks)
-        self.ids, self.mask = batches if batches is not None else training_batches(tokenizer, cfg)
+        self.ids, self.mask = batches if batches is not None else training_batches(tokenizer, cfg.data, cfg.seed)
         self.cache = None
         held = int(self.mask.sum())
-        if batches is None and held < 0.9 * cfg.tokens:  # a short file or source: say so rather than train on less
-            warnings.warn(f"training data {cfg.data!r} holds {held:,} tokens of the {cfg.tokens:,} asked for; "
-                          "the run repeats them more often", stacklevel=2)
+        if batches is None and held < 0.9 * cfg.data.tokens:  # a short file or source: say so rather than train on less
+            warnings.warn(f"training data {cfg.data.source!r} holds {held:,} tokens of the {cfg.data.tokens:,} "
+                          "asked for; the run repeats them more often", stacklevel=2)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -195,7 +198,7 @@ class Trainer:
             {
                 "step": self.state.step,
                 "log": self.state.log,
-                "config": asdict(self.cfg),
+                "config": self.cfg.flat(),
                 "fingerprint": self.base_fp,
                 "trainable": _trainable_state(self.model),
                 "optimizer": self.opt.state_dict(),
@@ -208,26 +211,24 @@ class Trainer:
         info = {
             "objective": self.cfg.objective,
             "trainable": self.cfg.trainable,
-            "data": self.cfg.data,
+            "data": self.cfg.data.source,
             "steps": self.state.step,
-            "config": asdict(self.cfg),
+            "config": self.cfg.flat(),
             "final_loss": self.state.log[-1]["loss"] if self.state.log else None,
         }
         if self.previous:
             info["previous"] = self.previous
         if self.cfg.trainable == "lora":
-            save_adapter(self.model, self.out / "adapter", self.cfg.adapter_dtype)
+            save_adapter(self.model, self.out / "adapter", self.cfg.lora.adapter_dtype)
         elif self.cfg.trainable == "router" and self.adapter_in:  # the routers serve the adapted weights
             shutil.copytree(self.adapter_in, self.out / "adapter", dirs_exist_ok=True)
-        rules = [f.rule for f in _ffns(base)]
-        base.set_rule(self.rule_after)  # the checkpoint records the serving rule, not a training τ
-        self._save_model(base, self.out, train_info=info, full_weights=self.cfg.trainable in FULL_WEIGHTS)
-        for f, r in zip(_ffns(base), rules):
-            f.rule = r
+        with routing_kept(base):
+            set_rules(base, self.rules_after)  # the checkpoint records the serving rules, not a training τ
+            self._save_model(base, self.out, train_info=info, full_weights=self.cfg.trainable in FULL_WEIGHTS)
         (self.out / LOG_FILE).write_text(
-            json.dumps({"config": asdict(self.cfg), "log": self.state.log}, indent=1) + "\n"
+            json.dumps({"config": self.cfg.flat(), "log": self.state.log}, indent=1) + "\n"
         )
-        if self.cfg.keep_every and self.state.step % self.cfg.keep_every == 0:
+        if self.cfg.schedule.keep_every and self.state.step % self.cfg.schedule.keep_every == 0:
             self._keep_copy()
 
     def _keep_copy(self) -> None:
@@ -253,7 +254,7 @@ class Trainer:
                 f"{path} was trained on another base model (fingerprint {st['fingerprint']}, "
                 f"this model {self.base_fp}); resume with the same base"
             )
-        now = asdict(self.cfg)
+        now = self.cfg.flat()
         # --steps and --decay-steps may change on resume (extend or shorten a run) while no step of either
         # schedule's decay has been taken: the rate was constant, so the steps already taken are the same either
         # way. Every other setting must match.
@@ -268,9 +269,10 @@ class Trainer:
         if st["step"] > self.cfg.total_steps:
             raise ValueError(f"cannot resume: the saved run is at step {st['step']}, past the {self.cfg.total_steps} "
                              "steps now asked for; raise --steps")
-        saved = replace(self.cfg, **{k: st["config"].get(k, 0) for k in free})  # the saved run's schedule
-        rescheduled = (saved.steps, saved.decay_steps) != (self.cfg.steps, self.cfg.decay_steps)
-        if rescheduled and (saved.decay_steps or self.cfg.decay_steps) and st["step"] > min(
+        saved = self.cfg.replace_flat(**{k: st["config"].get(k, 0) for k in free})  # the saved run's schedule
+        rescheduled = (saved.schedule.steps, saved.schedule.decay_steps) != (
+            self.cfg.schedule.steps, self.cfg.schedule.decay_steps)
+        if rescheduled and (saved.schedule.decay_steps or self.cfg.schedule.decay_steps) and st["step"] > min(
             saved.decay_start, self.cfg.decay_start
         ):
             raise ValueError(
@@ -292,12 +294,12 @@ class Trainer:
 
     def _stage_tau(self, step: int) -> tuple[int, float]:
         cfg = self.cfg
-        if cfg.objective == "lm" and step < cfg.stage1_steps:
+        if cfg.objective == "lm" and step < cfg.schedule.stage1_steps:
             return 1, DENSE_TAU
-        if cfg.tau_range is not None:
-            lo, hi = cfg.tau_range
+        if cfg.routing.tau_range is not None:
+            lo, hi = cfg.routing.tau_range
             return 2, float(lo + (hi - lo) * torch.rand(()).item())
-        return 2, cfg.tau
+        return 2, cfg.routing.tau
 
     @contextmanager
     def _dense_teacher(self):
@@ -306,7 +308,7 @@ class Trainer:
             yield self.frozen_teacher
             return
         adapters = self.model.disable_adapter() if self.cfg.trainable == "lora" else nullcontext()
-        with _all_experts_unit_gates(_ffns(self.model)), adapters:
+        with dense_routing(self.model), adapters:
             yield self.model
 
     @torch.no_grad()
@@ -321,14 +323,14 @@ class Trainer:
         cfg = self.cfg
         n = self.ids.shape[0]
         # Batch order: a fixed permutation per epoch (seeded), so the stream of batches is reproducible.
-        epoch, pos = divmod(step * cfg.batch_size, n)
+        epoch, pos = divmod(step * cfg.data.batch_size, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        rows = order[torch.arange(pos, pos + cfg.batch_size) % n]
+        rows = order[torch.arange(pos, pos + cfg.data.batch_size) % n]
         ids, mask = self.ids[rows].to(cfg.device), self.mask[rows].to(cfg.device)  # [B, T]
         labels = ids.masked_fill(mask == 0, -100)
-        teacher = self._teacher_logprobs(ids, mask) if cfg.teacher else None  # [N, V]
-        _set_tau(self.model, tau)
-        cap = LogitCapture(_ffns(self.model))
+        teacher = self._teacher_logprobs(ids, mask) if cfg.teacher.kind else None  # [N, V]
+        set_tau(self.model, tau)
+        cap = LogitCapture(prunepath_ffns(self.model))
         try:
             with _autocast(cfg):
                 out = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
@@ -339,20 +341,22 @@ class Trainer:
         if teacher is not None:
             keep = mask.reshape(-1).bool()
             kd = kd_loss(out.logits.reshape(-1, out.logits.shape[-1])[keep], teacher)
-            parts.update(kd=kd, ce=parts["task"], task=cfg.kd_weight * kd + (1 - cfg.kd_weight) * parts["task"])
+            w = cfg.teacher.kd_weight
+            parts.update(kd=kd, ce=parts["task"], task=w * kd + (1 - w) * parts["task"])
         return parts
 
     @torch.no_grad()
     def _build_cache(self) -> None:
         """One dense forward: every layer's FFN input x [N, D] (bf16) and true expert norms [N, E]."""
         cfg, model = self.cfg, self.model
-        ffns = _ffns(model)
+        ffns = prunepath_ffns(model)
         xs, norms = [[] for _ in ffns], [[] for _ in ffns]
         # dense, unit gates: the inputs the base model itself produces
-        with _all_experts_unit_gates(ffns), closing(LogitCapture(ffns, inputs=True)) as cap:
-            batches = range(0, self.ids.shape[0], cfg.batch_size)
+        with dense_routing(model), closing(LogitCapture(ffns, inputs=True)) as cap:
+            batches = range(0, self.ids.shape[0], cfg.data.batch_size)
             for s in tqdm(batches, desc="distill: dense forward", disable=not self.progress):
-                ids, mask = self.ids[s : s + cfg.batch_size].to(cfg.device), self.mask[s : s + cfg.batch_size]
+                rows = slice(s, s + cfg.data.batch_size)
+                ids, mask = self.ids[rows].to(cfg.device), self.mask[rows]
                 with _autocast(cfg):
                     model(input_ids=ids, attention_mask=mask.to(cfg.device), use_cache=False)
                 keep = mask.reshape(-1).bool()
@@ -368,14 +372,14 @@ class Trainer:
         xs, norms = self.cache
         n = xs[0].shape[0]
         rows = torch.randint(
-            0, n, (cfg.batch_size * 128,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)
+            0, n, (cfg.data.batch_size * 128,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)
         )
         losses, logits = [], []
-        for f, x, t in zip(_ffns(self.model), xs, norms):
+        for f, x, t in zip(prunepath_ffns(self.model), xs, norms):
             w = next(f.router.parameters())
             with _autocast(cfg):  # bf16 matmuls: ~3x faster on CPUs with AVX512-BF16, the loss stays fp32
                 z = f.router(x[rows].to(w.device, w.dtype))  # [n, E]
-            losses.append(distill_loss(z, t[rows].to(w.device), cfg.distill_loss, cfg.distill_power))
+            losses.append(distill_loss(z, t[rows].to(w.device), cfg.distill.loss, cfg.distill.power))
             logits.append(z)
         ent, lb = routing_losses(logits, None)
         return {"task": torch.stack(losses).mean(), "entropy": ent, "load_balance": lb}
@@ -418,7 +422,7 @@ class Trainer:
                     "entropy": torch.tensor(0.0),
                     "load_balance": torch.tensor(0.0),
                 }
-            loss = parts["task"] + cfg.gamma * parts["entropy"] + cfg.gamma_lb * parts["load_balance"]
+            loss = parts["task"] + cfg.routing.gamma * parts["entropy"] + cfg.routing.gamma_lb * parts["load_balance"]
             if not torch.isfinite(loss):
                 where = (
                     f"the last good checkpoint (step {last_good}) is kept in {self.out}"
@@ -430,7 +434,7 @@ class Trainer:
                     f"training stopped; {where}. Lower --lr or check the data"
                 )
             scale = cfg.lr_scale(step)
-            for group, lr in zip(self.opt.param_groups, (cfg.lr, cfg.backbone_lr)):
+            for group, lr in zip(self.opt.param_groups, (cfg.schedule.lr, cfg.schedule.backbone_lr)):
                 group["lr"] = lr * scale
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -449,7 +453,7 @@ class Trainer:
             )
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", task=f"{parts['task'].item():.4f}", tau=f"{tau:.2f}")
-            if self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps:
+            if self.state.step % cfg.schedule.save_every == 0 or self.state.step == cfg.total_steps:
                 self.save()
                 last_good = self.state.step
             if stop.signum is not None:
