@@ -42,6 +42,7 @@ def main() -> int:
         "command": "rm -rf book/_build && make book",
         "cores": os.cpu_count(),
         "load_average_at_start": [round(x, 2) for x in load],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "wall_s": round(wall, 1),
         "target_s": TARGET_S,
         "within_target": wall <= TARGET_S,
