@@ -31,10 +31,11 @@ from panel.io.state import set_curdoc
 
 import prunepath.data  # noqa: F401
 import prunepath.evaluate  # noqa: F401
+from prunepath import results
 from prunepath.evaluate import tradeoff_plot
-from prunepath.explore.explorer import RESULTS_DIR, RULE_NAMES, Explorer, Routed, configure_threads
+from prunepath.explore.explorer import RULE_NAMES, Explorer, Routed, configure_threads
 from prunepath.explore.loading import ExplorerError
-from prunepath.explore_results import live_decode_speed, load_sweep_rows, recorded_benchmarks
+from prunepath.explore_results import live_decode_speed
 
 # The imports marked F401 above are eager on purpose: plotly, datasets and the evaluator import pandas
 # lazily, and two worker threads doing that at once left it half-initialised (seen in the browser test).
@@ -438,7 +439,7 @@ class ExplorerView(pn.viewable.Viewer):
                          f"**{d.tokens_per_s:.1f}** tokens/s, `{c.spec}` **{c.tokens_per_s:.1f}** tokens/s. The "
                          "torch path computes every expert and masks, so no speed-up is expected on a CPU; the "
                          "Triton kernels are what read only the kept experts on a GPU.")
-        benches = recorded_benchmarks(RESULTS_DIR / "bench")
+        benches = results.decode_benchmarks()
         if benches:
             for b in benches[:4]:
                 cells = " | ".join(f"{k}: **{v:,.0f}**" for k, v in b.figures)
@@ -452,7 +453,10 @@ class ExplorerView(pn.viewable.Viewer):
 def _sweep_rows_for(ex: Explorer) -> tuple[list[dict], bool]:
     """(sweep rows, whether they measured the loaded checkpoint): its own committed sweep when there is
     one, else the default checkpoint's (the figure then says so, and the quality card stays empty)."""
-    rows = load_sweep_rows(RESULTS_DIR)
+    try:
+        rows = results.sweep_rows()
+    except results.ResultsNotFoundError:
+        return [], False  # no results folder (an installed wheel): the page says there is no sweep
     mine = tradeoff_plot.rows_for_checkpoint(rows, getattr(ex.model, "prunepath_train_info", None) or None)
     if getattr(ex.model, "prunepath_train_info", None) and mine:
         return mine, True

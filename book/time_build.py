@@ -1,4 +1,5 @@
-"""Time a cold build of the book and record it: `python book/time_build.py` writes results/book_build.json.
+"""Time a cold build of the book and record it: `python book/time_build.py` writes
+results/bench/book-build_cpu.json (through prunepath.results, the one writer of results).
 
 A cold build is `make book` after removing book/_build (every notebook executes; the default model's float
 cache, built once per machine by the first load, is kept). The file records the wall-clock time, each
@@ -20,7 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "book" / "_build"
-OUT = ROOT / "results" / "book_build.json"
 TARGET_S = 8 * 60
 
 
@@ -37,7 +37,7 @@ def main() -> int:
     pages = [p for p in html.rglob("*.html") if not p.relative_to(html).as_posix().startswith("_")]
     execution = json.loads((BUILD / "execution.json").read_text()) if (BUILD / "execution.json").is_file() else {}
     record = {
-        "kind": "book_build",
+        "kind": "book-build",
         "date": datetime.date.today().isoformat(),
         "command": "rm -rf book/_build && make book",
         "cores": os.cpu_count(),
@@ -51,7 +51,10 @@ def main() -> int:
         "largest_page_mb": round(max(p.stat().st_size for p in pages) / 2**20, 3),
         "pages": len(pages),
     }
-    OUT.write_text(json.dumps(record, indent=1) + "\n")
+    from prunepath import results
+
+    record["device"] = "cpu"
+    results.write_bench(results.bench_path("book-build", "cpu"), record)
     print(json.dumps(record, indent=1))
     return 0
 
