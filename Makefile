@@ -17,7 +17,6 @@ SHARED_DATA := $(wildcard $(abspath $(CURDIR)/../shared/data))
 ifneq ($(SHARED_DATA),)
 export PRUNEPATH_DATA ?= $(SHARED_DATA)
 endif
-export PLOTLY_RENDERER ?= plotly_mimetype+notebook
 PORT ?= 5006
 
 .PHONY: install test test-fast test-gpu lint explorer book route clean
