@@ -15,20 +15,19 @@ Models (all bf16 on CUDA; fp32 on CPU, where it only checks that everything runs
 Timing: `Decoder.time_decode` (CUDA events around 128 graph replays after 8 warm-up steps, median
 of 3). Peak memory is `torch.cuda.max_memory_allocated` over the run (weights included).
 
-    python -m prunepath.bench.decode --model llama-8b --out results/bench/decode_llama8b.json
+    python -m prunepath.bench.decode --model llama-8b         # -> results/bench/decode_llama-8b_<device>.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
-from prunepath.bench.ffn import environment
+from prunepath import results
+from prunepath.bench.gpu_timing import environment
 from prunepath.decode.loop import DecodeConfig, Decoder
 from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.control import set_rule
@@ -206,7 +205,8 @@ def bench_default(args, device, dtype) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="prunepath bench decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-8b", choices=["default", *SHAPES])
+    p.add_argument("--model", default="llama-8b", choices=["default", *SHAPES, "default-shape"],
+                   help="default-shape: the default base model's shape with random weights (GPU rows)")
     p.add_argument("--checkpoint", default="default", help="PrunePath checkpoint for --model default")
     p.add_argument("--taus", default="0.5,0.7,0.9,dense", help="for --model default ('dense' = base model)")
     p.add_argument("--fractions", default="0.25,0.5", help="kept fractions for the random-weight models")
@@ -217,10 +217,27 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate (default model)")
-    p.add_argument("--out", default=None, help="JSON path (default results/bench/decode_MODEL.json)")
+    p.add_argument("--out", default=None, help="JSON path (default results/bench/decode_MODEL_DEVICE.json)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per row (GPU rows; >= 5)")
+    p.add_argument("--no-baselines", action="store_true", help="GPU: skip the previous loop and transformers rows")
     args = p.parse_args(argv)
     args.taus = [t.strip() for t in args.taus.split(",") if t.strip()]
-    args.fractions = [float(f) for f in args.fractions.split(",")]
+    from prunepath.bench.gpu_timing import BenchInputError, parse_fractions, require_triton_gpu
+
+    try:
+        args.fractions = parse_fractions(args.fractions)
+        if args.device.startswith("cuda"):  # the GPU rows: compiled loop, kernels, baselines
+            require_triton_gpu()
+            if args.runs < 5:
+                raise BenchInputError(f"--runs {args.runs}: at least 5 runs are needed for a median with p20 / p80")
+            from prunepath.bench.decode_gpu import main_gpu
+
+            return main_gpu(args)
+        if args.model == "default-shape":
+            raise BenchInputError("--model default-shape has GPU rows only; on a CPU use --model default")
+    except BenchInputError as err:
+        print(f"prunepath bench decode: {err}")
+        return 2
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = bench_default(args, device, dtype) if args.model == "default" else bench_random(args, device, dtype)
@@ -228,9 +245,8 @@ def main(argv=None) -> int:
               "prompt_len": args.prompt_len, "rows": rows}
     if args.model == "default":
         result["checkpoint"] = args.checkpoint  # which PrunePath checkpoint ("default" is whichever is packaged)
-    out = Path(args.out or f"results/bench/decode_{args.model}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = results.write_bench(args.out or results.bench_path(
+        "decode", result["device"] if str(args.device).startswith("cuda") else "cpu", args.model), result)
     print(f"wrote {out}")
     return 0
 

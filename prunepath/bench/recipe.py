@@ -59,15 +59,6 @@ def _unfold(model, temperatures: list[float]) -> None:
         fold_temperature(f.router, 1.0 / t)
 
 
-def write_record(path: Path, data: dict) -> Path:
-    """Atomic JSON write (a re-measured figure replaces its file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def models_table(records: list[dict]) -> str:
     """Markdown: one line per model, WikiText-2 perplexity per rule at each active fraction (the quick recipe)."""
     fracs = sorted({r["fraction"] for d in records for r in d["rows"] if r["rule"] != "dense"})
@@ -98,8 +89,10 @@ def _num(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "table":  # prunepath bench recipe table [FOLDER]: the markdown models table
-        folder = Path(argv[1] if len(argv) > 1 else "results/recipes")
-        records = [json.loads(p.read_text()) for p in sorted(folder.glob("quick_*.json"))]
+        from prunepath.results import read_json, results_dir
+
+        folder = Path(argv[1]) if len(argv) > 1 else results_dir() / "recipes"
+        records = [read_json(p) for p in sorted(folder.glob("quick_*.json"))]
         if not records:
             raise SystemExit(f"no quick_*.json in {folder}: run `prunepath bench recipe --name NAME` first")
         out = folder / "models_table.md"
@@ -118,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share-baseline", type=float, nargs="*", default=None, metavar="FRACTION",
                    help="also score per-layer τ on the routers before their temperatures (at these fractions; "
                         "none given: every --fractions)")
-    p.add_argument("--results", default="results/recipes", help="folder of the results file")
+    p.add_argument("--results", default=None, help="folder of the results file (default results/recipes)")
     p.add_argument("--reuse", action="store_true",
                    help="with --checkpoint-dir: score a checkpoint the recipe already wrote there (its timings kept)")
     p.add_argument("--load", default="", help="note on the machine's load while it ran (goes into the file)")
@@ -129,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     import prunepath
     from prunepath.data import calibration_batches, load_lm_text
     from prunepath.ffn.module import prunepath_ffns
+    from prunepath.results import results_dir, write_json
     from prunepath.routing.control import set_active_fraction, set_rule
     from prunepath.routing.rules import TopK
     from prunepath.train.quick import QuickConfig, run_quick
@@ -178,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": json.loads((ckpt / "quick_log.json").read_text())["calibration"],
         "rows": [],
     }
-    path = Path(args.results) / f"quick_{args.name}.json"
+    path = Path(args.results or results_dir(create=True) / "recipes") / f"quick_{args.name}.json"
 
     def save(rows):  # after every row: an interrupted run keeps what it measured
-        return write_record(path, {**data, "rows": rows})
+        return write_json(path, {**data, "rows": rows})
 
     rows = [{"rule": "dense", "fraction": 1.0, **_ppl_dense(model, tok, text, args.wt_tokens)}]
     for frac in args.fractions:

@@ -1,4 +1,4 @@
-"""Training PrunePath routers (PAPER.md §4): end-to-end through the gates, or distilled from the FFN itself.
+"""Training PrunePath routers (Gu, Fu, Yuan 2026): end-to-end through the gates, or distilled from the FFN itself.
 
 Shape legend: L layers, B batch, T tokens, N = B*T rows, D hidden, E experts.
 
@@ -22,7 +22,7 @@ the paper's sigmoid gate starts at sigmoid(0) = 0.5 (halving every FFN) and, wit
 sigmoid(z) in ~(0.3, 0.7); the linear router has no bias, so pushing every kept gate towards 1 is
 something only the full fine-tune of the paper can absorb. Unit gates make the kept experts exact.
 
-Two options of the `lm` objective, both measured on an H200 (results/h200/README.md):
+Two options of the `lm` objective, both measured on an H200 (results/training/tau_*.json):
 
 * `--teacher dense`: the task loss becomes KL(dense model ‖ sparse model) (or a mix with cross-entropy,
   `--kd-weight`); the teacher is the same model with every expert on, unit gates and no adapter.
