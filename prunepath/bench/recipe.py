@@ -88,6 +88,9 @@ def _num(v) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "table":  # prunepath bench recipe table [FOLDER]: the markdown models table
         from prunepath.results import read_json, results_dir
 
