@@ -150,7 +150,7 @@ def test_models_table_marks_where_per_layer_tau_is_at_most_topk():
            "train_seconds": {"total": 600.0}, "train_cpu_seconds": {"total": 500.0}}
     table = models_table([rec])
     line = table.splitlines()[2]
-    assert "90.00 / 95.00 |" in line and "40.00 / 38.00 ✓" in line and "10 / 24 / 40" in line and "135M" in line
+    assert "90.00 / 95.00 |" in line and "40.00 / 38.00 ✓" in line and "10.0 / 24.0 / 40.0" in line and "135M" in line
 
 
 def test_cli_recipe_quick_runs_the_recipe_on_the_model(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def _unfold(model, temperatures: list[float]) -> None:
 def models_table(records: list[dict]) -> str:
     """Markdown: one line per model, WikiText-2 perplexity per rule at each active fraction (the quick recipe)."""
     fracs = sorted({r["fraction"] for d in records for r in d["rows"] if r["rule"] != "dense"})
-    head = ("| family | model (source) | parameters | all-experts conversion: max |Δ logit| | dense | "
+    head = ("| family | model (source) | parameters | all-experts conversion: max abs Δ logit | dense | "
             + " | ".join(f"top-k / per-layer τ @ {f:.0%}" for f in fracs)
             + " | experts per token at 50 % (p10 / p50 / p90) | recipe time (wall / CPU s) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -75,7 +75,7 @@ def models_table(records: list[dict]) -> str:
             mark = " ✓" if tk is not None and pl is not None and pl <= tk else ""
             cells.append(f"{_num(tk)} / {_num(pl)}{mark}")
         q = by.get(("per-layer τ", 0.5), {}).get("experts_p10_p50_p90") or []
-        counts = " / ".join(f"{v:g}" for v in q) if q else "–"
+        counts = " / ".join(f"{v:.1f}" for v in q) if q else "–"
         t = d.get("train_seconds", {}).get("total"), d.get("train_cpu_seconds", {}).get("total")
         lines.append(f"| {d['family']} | {d['model']} ({d['source']}) | {d['parameters'] / 1e6:.0f}M | "
                      f"{d['conversion_max_abs_logit_diff']:.1e} | {_num(dense)} | " + " | ".join(cells)
