@@ -84,7 +84,7 @@ def models_table(records: list[dict]) -> str:
 
 
 def _num(v) -> str:
-    return "–" if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}"
+    return "–" if v is None else f"{v:.2f}" if v < 100 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
