@@ -17,7 +17,8 @@ gpt-fast does:
 The same `Decoder` runs the dense model and the PrunePath model, so the two are compared on one loop.
 For a PrunePath model on CUDA it attaches the Triton fast paths (`prunepath.kernels`); tau lives in a
 device tensor, so `decoder.set_tau(0.7)` changes a captured graph without re-capture. Prefill (T > 8
-rows) runs eagerly and takes the torch FFN path. On a CPU the same step runs eagerly (no graph).
+rows) runs eagerly and takes the torch FFN path. On a CPU the same step runs eagerly (no graph) and
+PrunePath FFNs read only their kept experts (`prunepath.cpu_experts`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class DecodeConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     cuda_graph: bool = True  # capture the step (CUDA only)
-    fast_path: bool = True  # attach the Triton kernels to PrunePath FFNs (CUDA only)
+    fast_path: bool = True  # PrunePath FFNs read only kept experts: Triton kernels (CUDA), CPUExpertPath (CPU)
     seed: int = 0
 
 
@@ -62,6 +63,10 @@ class Decoder:
             from prunepath.kernels import attach_fast_paths
 
             self.fast_paths = attach_fast_paths(model, share_down=True)
+        elif self.is_prunepath and config.fast_path and self.device.type == "cpu":
+            from prunepath.cpu_experts import attach_cpu_paths  # reads only the kept experts' weights
+
+            attach_cpu_paths(model)
         self.cache = None
         self.batch = None
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # one per mode: greedy / sampled
