@@ -166,3 +166,28 @@ def test_decoder_on_cpu_uses_the_path_and_gives_the_torch_path_tokens():
 def test_a_model_without_the_expert_layout_is_refused_with_the_fix():
     with pytest.raises(ExpertLayoutError, match="prunepath.load"):
         attach_cpu_paths(_llama())
+
+
+def test_every_expert_rule_skips_the_router_and_still_records():
+    model = _convert(_llama(), rule="mass:0.5")
+    ffn = model.prunepath_ffns()[0]
+    model.set_rule("dense")
+    model.set_gate("one")
+    x = torch.randn(2, 1, 64)
+    calls = []
+    ffn.router.register_forward_hook(lambda m, a, o: calls.append(1))
+    model.record_stats(True)
+    with torch.no_grad():
+        ref, out, took = _both(ffn, x)
+    assert took and torch.equal(out, ref)
+    assert len(calls) == 1  # the torch path's call only
+    assert ffn.last_counts.tolist() == [8, 8]
+
+
+def test_many_kept_experts_take_the_masked_dense_gemvs():
+    model = _convert(_llama(), rule="topk:7")
+    with torch.no_grad():
+        for ffn in model.prunepath_ffns():
+            x = torch.randn(1, 1, 64)
+            ref, out, took = _both(ffn, x)
+            assert took and torch.equal(out, ref)  # 7 of 8 > crossover: the torch path's own arithmetic
