@@ -26,15 +26,8 @@ from panel.io.state import set_curdoc
 
 import prunepath.data  # noqa: F401
 import prunepath.evaluate  # noqa: F401
-from prunepath.explore import (
-    EXAMPLES,
-    RESULTS_DIR,
-    RULE_NAMES,
-    Explorer,
-    ExplorerError,
-    Routed,
-    configure_threads,
-)
+from prunepath.explore.explorer import EXAMPLES, RESULTS_DIR, RULE_NAMES, Explorer, Routed, configure_threads
+from prunepath.explore.loading import ExplorerError
 from prunepath.explore_results import live_decode_speed, load_sweep_rows, recorded_benchmarks, sweep_figures
 
 # The imports marked F401 above are eager on purpose: plotly, datasets and the evaluator import pandas

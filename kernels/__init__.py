@@ -6,7 +6,8 @@ One module per kernel, each with its pure-torch reference beside it:
 - `route`      : router GEMV + on-device expert selection (cumulative mass, top-k, threshold).
 - `expert_ffn` : gate/up over the active experts (selection and activation fused), down with fp32
                  split-K accumulation, and the final reduction.
-- `fastpath`   : `FastPath`, the object a `PrunePathFFN` calls through `ffn.fast_path`.
+- `fastpath`   : `FastPath`, what a `PrunePathFFN` calls on; `use_fast_paths(model)` installs (or removes)
+                 them, `torch_path(model)` suspends them for a block.
 
 Triton is optional: without it (or without CUDA) `FastPath.accepts` is False and the FFN runs its
 torch path. Tests run the kernels on the CPU with TRITON_INTERPRET=1.
@@ -21,13 +22,6 @@ if __name__ == "kernels":
     # nothing usable and imports nothing of ours; the real name of this package is prunepath.kernels.
     __all__: list[str] = []
 else:
-    try:  # triton is an optional extra (`pip install prunepath[kernels]`)
-        import triton  # noqa: F401
+    from .fastpath import HAS_TRITON, FastPath, torch_path, use_fast_paths
 
-        HAS_TRITON = True
-    except ImportError:  # pragma: no cover - depends on the installation
-        HAS_TRITON = False
-
-    from .fastpath import FastPath, attach_fast_paths, detach_fast_paths  # noqa: E402
-
-    __all__ = ["HAS_TRITON", "FastPath", "attach_fast_paths", "detach_fast_paths"]
+    __all__ = ["HAS_TRITON", "FastPath", "torch_path", "use_fast_paths"]

@@ -15,17 +15,29 @@ An unsupported device or dtype falls back with one warning per reason; a layout 
 the input raises (see `ExpertLayout.check_input`).
 
 The rule's parameter (tau, k, t) lives in a device tensor that is refreshed outside CUDA-graph capture,
-so `model.set_tau(...)` followed by `sync()` changes a captured decode graph without re-capturing it.
+so `set_tau(model, ...)` followed by `sync()` changes a captured decode graph without re-capturing it.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.router import LinearRouter
+
 from .layout import ExpertLayout, detect_activation
+
+try:  # triton is an optional extra (`pip install prunepath[kernels]`)
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the installation
+    HAS_TRITON = False
 
 _WARNED: set[str] = set()
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -49,7 +61,7 @@ def _capturing() -> bool:
 
 
 class FastPath:
-    """Decode kernels for one `PrunePathFFN`; build with `attach_fast_paths(model)`."""
+    """Decode kernels for one `PrunePathFFN`; installed with `use_fast_paths(model)`."""
 
     max_rows = 8
 
@@ -66,8 +78,6 @@ class FastPath:
     # ------------------------------------------------------------------ when the kernels apply
     def _why_not(self, x: torch.Tensor) -> tuple[str, str] | None:
         """(reason key, message) when the kernels cannot run, None when they can."""
-        from . import HAS_TRITON
-
         ffn = self.ffn
         if not HAS_TRITON:
             return "triton", "triton is not installed (pip install prunepath[kernels]); using the torch FFN"
@@ -80,7 +90,7 @@ class FastPath:
                                         "using the torch FFN")
         if ffn.kind not in ("gated", "mlp"):
             return f"kind:{ffn.kind}", f"prunepath.kernels: FFN kind {ffn.kind!r} has no kernel; using torch"
-        if type(ffn.router).__name__ != "LinearRouter":
+        if not isinstance(ffn.router, LinearRouter):
             return "router", (f"prunepath.kernels: {type(ffn.router).__name__} is not a linear router; "
                               "using the torch FFN")
         if self.act is None:
@@ -91,8 +101,6 @@ class FastPath:
         return None
 
     def accepts(self, x: torch.Tensor) -> bool:
-        from . import HAS_TRITON
-
         ffn = self.ffn
         n = x.numel() // ffn.d_model
         if n == 0 or n > self.max_rows:
@@ -179,7 +187,7 @@ class FastPath:
         shape = x.shape
         x2d = x.reshape(-1, layout.d_model).contiguous()  # [N, D]
         res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg)
-        if self.ffn.record:
+        if self.ffn.recording:
             if _capturing():
                 _warn_once("record", "prunepath.kernels: routing stats are not recorded inside a CUDA graph")
             else:
@@ -187,19 +195,27 @@ class FastPath:
         return res.y.reshape(shape)
 
 
-def attach_fast_paths(model, share_down: bool = False, cfg=None) -> list[FastPath]:
-    """Give every PrunePath FFN of `model` a FastPath; returns them (in layer order)."""
-    ffns = [m for m in model.modules() if type(m).__name__ == "PrunePathFFN"]
+def use_fast_paths(model, on: bool = True, share_down: bool = False, cfg=None) -> list[FastPath]:
+    """The one way the decode kernels are put on (or taken off) the PrunePath FFNs of `model` (a model or
+    one FFN). on=True gives every FFN a new FastPath and returns them in layer order; on=False removes them
+    (the torch path) and returns []. Raises ValueError for a model without PrunePath FFNs."""
+    ffns = prunepath_ffns(model)
     if not ffns:
         raise ValueError("no PrunePath FFNs in this model: convert it first with prunepath.moefy(model)")
-    paths = []
     for f in ffns:
-        f.fast_path = FastPath(f, share_down=share_down, cfg=cfg)
-        paths.append(f.fast_path)
-    return paths
+        f.fast_path = FastPath(f, share_down=share_down, cfg=cfg) if on else None
+    return [f.fast_path for f in ffns] if on else []
 
 
-def detach_fast_paths(model) -> None:
-    for m in model.modules():
-        if type(m).__name__ == "PrunePathFFN":
-            m.fast_path = None
+@contextmanager
+def torch_path(model) -> Iterator[None]:
+    """Run the block on the torch FFN path; the fast paths that were installed come back afterwards."""
+    ffns = prunepath_ffns(model)
+    saved = [f.fast_path for f in ffns]
+    for f in ffns:
+        f.fast_path = None
+    try:
+        yield
+    finally:
+        for f, fp in zip(ffns, saved):
+            f.fast_path = fp

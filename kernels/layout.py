@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from prunepath.routing.gates import GATE_KINDS, check_gate
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-GATES = ("sigmoid", "softmax", "one")
+GATES = GATE_KINDS
 
 
 def _reference_act(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,7 @@ class ExpertLayout:
     @staticmethod
     @torch.no_grad()
     def from_ffn(ffn, share_down: bool = False) -> ExpertLayout:
-        """Layout from a `prunepath.ffn.PrunePathFFN` (weights already expert-permuted).
+        """Layout from a `prunepath.ffn.module.PrunePathFFN` (weights already expert-permuted).
 
         share_down=True swaps `down_proj.weight`'s storage for a transposed view of the kernel's
         [E, G, D] slab, so the layout costs no extra memory (see module docstring).
@@ -141,7 +143,7 @@ class ExpertLayout:
         act = detect_activation(getattr(ffn, "act", None))
         if act is None:
             raise ValueError(f"activation {getattr(ffn, 'act', None)!r} is none of the kernel's {ACTIVATIONS}; "
-                             "use the torch path (ffn.fast_path = None)")
+                             "use the torch path (prunepath.kernels.use_fast_paths(model, False))")
         router_w = getattr(ffn.router, "weight", None)
         if router_w is None or router_w.dim() != 2:
             raise ValueError("the kernels need a LinearRouter (a .weight of shape [E, D]); "
@@ -178,8 +180,7 @@ class ExpertLayout:
             raise ValueError(f"layout kind {self.kind!r}: expected 'gated' or 'mlp'")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"layout activation {self.act!r}: expected one of {ACTIVATIONS}")
-        if self.gate not in GATES:
-            raise ValueError(f"layout gate {self.gate!r}: expected one of {GATES}")
+        check_gate(self.gate)
         if (self.kind == "gated") != (self.w_up is not None):
             raise ValueError("a gated layout needs w_up and a two-layer (mlp) layout must not have one")
         named = {"w_in": self.w_in, "w_out": self.w_out, "w_up": self.w_up}

@@ -28,26 +28,25 @@ import torch
 import triton
 import triton.language as tl
 
+from prunepath.routing.gates import GATE_KINDS
+from prunepath.routing.rules import CumulativeMass, Dense, Threshold, TopK
+
 from .layout import ExpertLayout, next_pow2
 
 # rule codes shared by kernels and references
 RULE_MASS, RULE_MASS_INCL, RULE_TOPK, RULE_ALL, RULE_SIGMOID, RULE_RELATIVE = 0, 1, 2, 3, 4, 5
-GATE_CODES = {"sigmoid": 0, "softmax": 1, "one": 2}
+GATE_CODES = {kind: i for i, kind in enumerate(GATE_KINDS)}  # sigmoid 0, softmax 1, one 2
 
 
 def rule_code(rule) -> tuple[int, float] | None:
-    """(code, parameter) for the rules the kernels implement, None for the others (torch path).
-
-    Duck-typed on `prunepath.routing` rule classes so this module imports without them.
-    """
-    name = type(rule).__name__
-    if name == "CumulativeMass":
-        return (RULE_MASS_INCL if getattr(rule, "inclusive", False) else RULE_MASS), float(rule.tau)
-    if name == "TopK":
+    """(code, parameter) for the rules the kernels implement, None for the others (torch path)."""
+    if isinstance(rule, CumulativeMass):
+        return (RULE_MASS_INCL if rule.inclusive else RULE_MASS), float(rule.tau)
+    if isinstance(rule, TopK):
         return RULE_TOPK, float(rule.k)
-    if name == "Dense":
+    if isinstance(rule, Dense):
         return RULE_ALL, 0.0
-    if name == "Threshold":
+    if isinstance(rule, Threshold):
         return (RULE_SIGMOID if rule.score == "sigmoid" else RULE_RELATIVE), float(rule.t)
     return None
 

@@ -18,31 +18,28 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from safetensors.torch import load_model as load_safetensors_model
 
-from prunepath import routing
+from prunepath.adapter import _merge_adapter
 from prunepath.convert import MoefyConfig, moefy
+from prunepath.errors import CheckpointError
+from prunepath.ffn.module import prunepath_ffns
 from prunepath.models import load_model, model_fingerprint, model_reference
+from prunepath.routing.control import set_gate, set_rule
+from prunepath.routing.rules import parse_rule
 
 FORMAT = "prunepath/1"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "default"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or made for another model."""
-
-
 def save(model, directory: str | os.PathLike, train_info: dict | None = None, full_weights: bool = False) -> Path:
     """Write `model`'s PrunePath state to `directory` (created); returns the folder."""
-    ffns = model.prunepath_ffns() if hasattr(model, "prunepath_ffns") else []
+    ffns = prunepath_ffns(model)
     if not ffns:
         raise ValueError("this model is not converted: call prunepath.moefy(model) first")
     out = Path(directory)
@@ -56,7 +53,7 @@ def save(model, directory: str | os.PathLike, train_info: dict | None = None, fu
         "format": FORMAT,
         "base": model_reference(model),
         "fingerprint": getattr(model, "prunepath_base_fingerprint", None) or model_fingerprint(model),
-        "moefy": asdict(model.prunepath_config),
+        "moefy": model.prunepath_config.to_dict(),
         "layers": [{"rule": f.rule.spec, "gate": f.gate, "experts": f.n_experts} for f in ffns],
         "train": train_info or getattr(model, "prunepath_train_info", None) or {},
         "full_weights": bool(full_weights),
@@ -128,7 +125,10 @@ def load(
             f"checkpoint {folder} was made on base model {meta['base']!r} (fingerprint {meta['fingerprint']}), "
             f"but the model given has fingerprint {fp} ({model_reference(model)!r}); load it with its own base model"
         )
-    config = MoefyConfig(**meta["moefy"])
+    try:
+        config = MoefyConfig.from_dict(meta["moefy"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/prunepath.json: its conversion settings are not readable ({e})") from None
     n = len(meta["layers"])
     perms = []
     for i in range(n):
@@ -139,14 +139,18 @@ def load(
         moefy(model, config, splits=perms, progress=False)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {folder} does not fit model {model_reference(model)!r}: {e}") from None
-    for f, layer in zip(model.prunepath_ffns(), meta["layers"]):
+    for i, (f, layer) in enumerate(zip(prunepath_ffns(model), meta["layers"])):
         prefix = f"layers.{f.layer_idx}.router."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             f.router.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"router of layer {f.layer_idx} does not match the checkpoint: {e}") from None
-        f.rule, f.gate = routing.parse_rule(layer["rule"]), layer["gate"]
+        try:
+            set_rule(model, parse_rule(layer["rule"]), layer=i)
+            set_gate(model, layer["gate"], layer=i)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder}/prunepath.json: layer {i}'s routing is not readable ({e})") from None
     if meta.get("full_weights") and full_weights:
         try:
             load_safetensors_model(model, str(folder / "model.safetensors"))
@@ -212,143 +216,3 @@ def save_calibration(directory: str | os.PathLike, results: list[dict], info: di
     return folder
 
 
-ADAPTER_FILE = "adapter_model.safetensors"  # peft's
-INT8_ADAPTER_FILE = "adapter_model.int8.safetensors"  # ours: a name peft does not read, so it cannot misread it
-_INT8 = "int8-rowwise"
-
-
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit quantisation per row: t [rows, cols] ≈ q · scale[:, None] -> (q int8, scale float16).
-
-    Each row's largest magnitude maps to ±127, so the error of an entry is at most half a step, 1/254 of its
-    row's largest magnitude. A zero row gets scale 0.
-    """
-    t = t.detach().float()
-    amax = t.abs().amax(dim=1)
-    scale = (amax / 127).to(torch.float16).float()  # rounded first, so that q is computed with the stored scale
-    q = torch.where(scale[:, None] > 0, t / scale.clamp_min(1e-30)[:, None], torch.zeros_like(t))
-    return q.round().clamp(-127, 127).to(torch.int8), scale.to(torch.float16)
-
-
-def write_int8_adapter(folder: str | os.PathLike) -> Path:
-    """Re-store the peft adapter in `folder` as 8-bit rows (half the bytes of bf16); peft's file is removed."""
-    folder = Path(folder)
-    tensors = load_file(folder / ADAPTER_FILE)
-    out = {}
-    for key, t in tensors.items():
-        if t.dim() != 2:
-            raise ValueError(f"{key} is not a matrix ({tuple(t.shape)}): only LoRA A/B weights can be stored in 8 bits")
-        out[key], out[key + ".scale"] = quantize_rows(t)
-    save_file(out, folder / (INT8_ADAPTER_FILE + ".tmp"), metadata={"format": "pt", "prunepath_quant": _INT8})
-    os.replace(folder / (INT8_ADAPTER_FILE + ".tmp"), folder / INT8_ADAPTER_FILE)
-    (folder / ADAPTER_FILE).unlink()
-    return folder / INT8_ADAPTER_FILE
-
-
-def adapter_file(folder: str | os.PathLike) -> Path:
-    """The adapter's weights file in `folder`: peft's, or the 8-bit one.
-
-    Raises CheckpointError if both are there: which one was meant cannot be told (a `git checkout` of an older
-    default, say, brings its float file back beside the newer 8-bit one).
-    """
-    folder = Path(folder)
-    int8, plain = folder / INT8_ADAPTER_FILE, folder / ADAPTER_FILE
-    if not int8.is_file():
-        return plain
-    if plain.is_file():
-        raise CheckpointError(f"{folder} holds two adapters, {ADAPTER_FILE} and {INT8_ADAPTER_FILE}; remove the one "
-                              "you do not mean (adapter_config.json must be the one saved with it)")
-    return int8
-
-
-def adapter_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in float (peft's key names), de-quantised if they were stored in 8 bits.
-
-    Raises FileNotFoundError if there is none, CheckpointError if it is corrupt.
-    """
-    path = adapter_file(folder)
-    try:
-        with safe_open(path, framework="pt") as f:
-            quant = (f.metadata() or {}).get("prunepath_quant")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"the adapter in {path.parent} is corrupt ({e}); re-save the checkpoint") from None
-    if path.name != INT8_ADAPTER_FILE:
-        return tensors
-    if quant != _INT8:
-        raise CheckpointError(f"{path} is stored as {quant!r}, which this version cannot read (it reads {_INT8!r})")
-    out = {}
-    for key, q in tensors.items():
-        if key.endswith(".scale"):
-            continue
-        scale = tensors.get(key + ".scale")
-        if q.dtype != torch.int8 or scale is None or scale.shape != (q.shape[0],):
-            raise CheckpointError(f"{path}: {key} has no matching 8-bit rows and scales; re-save the checkpoint")
-        out[key] = q.float() * scale.float()[:, None]
-    return out
-
-
-@contextmanager
-def peft_readable(folder: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None):
-    """A folder peft can load the adapter from: `folder` itself, or a float copy of an 8-bit adapter.
-
-    tensors: the adapter's `adapter_tensors`, if the caller has already read them.
-    """
-    folder = Path(folder)
-    if not (folder / INT8_ADAPTER_FILE).is_file():
-        yield folder
-        return
-    tensors = adapter_tensors(folder) if tensors is None else tensors
-    with tempfile.TemporaryDirectory(prefix="prunepath-adapter-") as tmp:
-        (Path(tmp) / "adapter_config.json").write_text((folder / "adapter_config.json").read_text())
-        save_file(tensors, Path(tmp) / ADAPTER_FILE)
-        yield Path(tmp)
-
-
-def _merge_adapter(model, folder: Path):
-    """Fold a LoRA adapter saved by peft into the weights: W += (lora_alpha / r) · B A per target module.
-
-    Plain LoRA is merged here (no peft import: ~3 s saved on every load); any other adapter kind
-    (DoRA, rsLoRA, per-module ranks, extra trained modules, Conv1D layouts) goes through peft.
-    """
-    try:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        tensors = adapter_tensors(folder)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{folder} is incomplete ({e.filename} is missing); re-save the checkpoint") from None
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"the adapter in {folder} is corrupt ({e}); re-save the checkpoint") from None
-    plain = (
-        cfg.get("peft_type") == "LORA"
-        and not cfg.get("use_dora")
-        and not cfg.get("use_rslora")
-        and not cfg.get("rank_pattern")
-        and not cfg.get("alpha_pattern")
-        and not cfg.get("modules_to_save")
-        and not cfg.get("fan_in_fan_out")
-        and not cfg.get("lora_bias")
-        and cfg.get("bias", "none") == "none"
-    )
-    if not plain:
-        from peft import PeftModel
-
-        with peft_readable(folder, tensors) as readable:
-            return PeftModel.from_pretrained(model, readable).merge_and_unload()
-    scale = cfg["lora_alpha"] / cfg["r"]
-    modules = dict(model.named_modules())
-    prefix, suffix = "base_model.model.", ".lora_A.weight"
-    with torch.no_grad():
-        for key, a in tensors.items():  # a: [r, in], b: [out, r]
-            if not key.endswith(suffix):
-                continue
-            name = key[len(prefix) : -len(suffix)] if key.startswith(prefix) else key[: -len(suffix)]
-            b = tensors.get(key.replace(".lora_A.", ".lora_B."))
-            lin = modules.get(name)
-            if b is None or lin is None or lin.weight.shape != (b.shape[0], a.shape[1]):
-                raise CheckpointError(f"adapter tensor {key} in {folder} does not fit this model; re-train the adapter")
-            w = lin.weight
-            delta = scale * (b.float() @ a.float())  # on the CPU, where safetensors loaded it
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-    return model

@@ -18,14 +18,14 @@ import sys
 # Subcommands other modules contribute through their add_cli(): imported only when chosen, so
 # `prunepath --help` and the core commands do not pay for training, evaluation or Triton imports.
 _PLUGINS = {
-    "train": ("prunepath.train_cli", "train routers (end-to-end objective or distillation)"),
-    "eval": ("prunepath.evaluate", "evaluate a model or checkpoint on a task"),
-    "sweep": ("prunepath.sweep", "sweep τ and the baselines at matched active fraction"),
-    "calibrate": ("prunepath.sweep", "find the τ that reaches a target active fraction"),
-    "generate": ("prunepath.decode", "generate text with the KV-cache decode loop"),
+    "train": ("prunepath.train.cli", "train routers (end-to-end objective or distillation)"),
+    "eval": ("prunepath.evaluate.tasks", "evaluate a model or checkpoint on a task"),
+    "sweep": ("prunepath.evaluate.sweep_cli", "sweep τ and the baselines at matched active fraction"),
+    "calibrate": ("prunepath.evaluate.sweep_cli", "find the τ that reaches a target active fraction"),
+    "generate": ("prunepath.decode.loop", "generate text with the KV-cache decode loop"),
     "bench": ("prunepath.bench", "benchmarks: split, ffn, decode, explorer"),
-    "selfdata": ("prunepath.selfdata", "the dense model's own answers to instructions, as training data"),
-    "extract-adapter": ("prunepath.extract", "a full fine-tune's weight changes as a small LoRA adapter (SVD)"),
+    "selfdata": ("prunepath.train.selfdata", "the dense model's own answers to instructions, as training data"),
+    "extract-adapter": ("prunepath.train.extract", "a full fine-tune's weight changes as a small LoRA adapter (SVD)"),
 }
 
 
@@ -41,19 +41,22 @@ def _load(args) -> tuple:
 
 def _config(args):
     from prunepath.convert import MoefyConfig
+    from prunepath.routing.rules import parse_rule
 
     return MoefyConfig(
         expert_size=args.expert_size,
         split=args.split,
         router=args.router,
         router_init=args.router_init,
-        rule=args.rule,
+        rule=parse_rule(args.rule),
         gate=args.gate,
         seed=args.seed,
     )
 
 
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    from prunepath.routing.gates import GATE_KINDS
+
     p.add_argument("--expert-size", type=int, default=32, help="neurons per expert G (default 32)")
     p.add_argument("--split", default="kmeans", choices=["kmeans", "coact", "random"])
     p.add_argument("--router", default="linear", choices=["linear", "mlp"])
@@ -64,7 +67,7 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
         help="zero as the paper (untrained routers then keep experts at random), or cluster centres",
     )
     p.add_argument("--rule", default="mass:0.9", help="routing rule spec, e.g. mass:0.9, mass-incl:0.9, topk:8")
-    p.add_argument("--gate", default="sigmoid", choices=["sigmoid", "softmax", "one"])
+    p.add_argument("--gate", default="sigmoid", choices=list(GATE_KINDS))
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -76,15 +79,17 @@ def cmd_moefy(args) -> int:
     calib = calibration_batches(tok, args.calib_tokens, 256) if args.split == "coact" else None
     prunepath.moefy(model, _config(args), calib=calib)
     out = prunepath.save(model, args.out)
-    ffns = model.prunepath_ffns()
+    ffns = prunepath.prunepath_ffns(model)
     print(f"converted {args.model}: {len(ffns)} layers x {ffns[0].n_experts} experts x {ffns[0].expert_size} neurons")
     print(f"saved to {out}")
     return 0
 
 
 def cmd_info(args) -> int:
+    import prunepath
+
     model, _ = _load(args)
-    ffns = model.prunepath_ffns()
+    ffns = prunepath.prunepath_ffns(model)
     n_params = sum(p.numel() for p in model.parameters())
     ffn_params = sum(p.numel() for f in ffns for n, p in f.named_parameters() if not n.startswith("router"))
     router_params = sum(p.numel() for f in ffns for p in f.router.parameters())
@@ -96,7 +101,7 @@ def cmd_info(args) -> int:
         "d_model": ffns[0].d_model,
         "d_ff": ffns[0].d_ff,
         "kind": ffns[0].kind,
-        "rule": model.rule_spec,
+        "rule": prunepath.rule_spec(model),
         "gate": ffns[0].gate,
         "parameters": n_params,
         "ffn_parameters": ffn_params,
@@ -121,18 +126,18 @@ def route_table(model, tokenizer, prompt: str, taus: list[float]) -> tuple[list[
     """Per-token expert counts for `prompt` at each τ -> (tokens, {τ: counts [L, T]})."""
     import torch
 
+    import prunepath
+
     if not prompt.strip():
         raise ValueError("the prompt is empty: give some text to route")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     tokens = [tokenizer.decode([t]) for t in ids[0]]
     out = {}
     for tau in taus:
-        model.set_tau(tau)
-        model.record_stats()
-        with torch.no_grad():
+        prunepath.set_tau(model, tau)
+        with prunepath.record(model) as rec, torch.no_grad():
             model(ids)
-        out[tau] = model.routing_stats().counts
-        model.record_stats(False)
+        out[tau] = rec.stats().counts
     return tokens, out
 
 
@@ -140,9 +145,11 @@ def cmd_route(args) -> int:
     for t in args.tau:  # checked before the model loads: bad input costs nothing
         if not t > 0:
             raise SystemExit(f"error: τ must be > 0 (got {t}); τ > 1 keeps every expert")
+    import prunepath
+
     model, tok = _load(args)
     tokens, counts = route_table(model, tok, args.prompt, args.tau)
-    e = model.prunepath_ffns()[0].n_experts
+    e = prunepath.prunepath_ffns(model)[0].n_experts
     head = f"{'#':>3}  {'token':<16}" + "".join(f"  τ={t:<5} mean/min/max" for t in args.tau)
     print(f"experts kept per token (of {e} per layer; mean/min/max over {counts[args.tau[0]].shape[0]} layers)")
     print(head)

@@ -2,39 +2,41 @@
 
 Shape legend: L layers, N rows (= B*T tokens), D hidden, F ffn, E experts, G expert size.
 
-`moefy(model)` finds every FFN by structure, splits its neurons into experts (split.py), builds a router
-(router.py) and substitutes a `PrunePathFFN` module for the FFN. The model object stays the same
-transformers model — `generate()`, `save_pretrained`, peft all keep working — and its class becomes a
-subclass that adds the PrunePath controls: `set_tau`, `set_rule`, `set_gate`, `record_stats`,
-`routing_stats`. We change the instance's class (not its `forward`) so every method the base class has
-is still the base class's own.
+`moefy(model)` finds every FFN by structure, splits its neurons into experts (`ffn.split`), builds a router
+(`routing.router`) and substitutes a `PrunePathFFN` module for the FFN. Nothing else changes: the model
+keeps its class, so `generate()`, `save_pretrained`, peft, `torch.save(model)`, pickling and
+`copy.deepcopy(model)` all work as for the base model. Routing is set with the functions of
+`prunepath.routing.control` (`prunepath.set_tau(model, 0.7)`, ...) and recorded with
+`prunepath.record(model)`; the conversion's config is `model.prunepath_config`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from prunepath import routing
-from prunepath.ffn import FFNSpec, PrunePathFFN, build_ffn, find_ffns
+from prunepath.ffn.discover import FFNSpec, find_ffns
+from prunepath.ffn.module import PrunePathFFN, build_ffn
+from prunepath.ffn.split import Split, split_neurons
 from prunepath.models import model_fingerprint
-from prunepath.split import Split, split_neurons
+from prunepath.routing.gates import GateKind, check_gate
+from prunepath.routing.rules import CumulativeMass, Rule, check_rule, parse_rule
 
 
 @dataclass(frozen=True)
 class MoefyConfig:
-    """How a model is converted. Saved with every checkpoint."""
+    """How a model is converted. Saved with every checkpoint (`to_dict` / `from_dict`)."""
 
     expert_size: int = 32
     split: str = "kmeans"  # kmeans | coact | random
     router: str = "linear"  # linear | mlp
     router_init: str = "centroid"  # centroid (ours: an untrained router already ranks experts) | zero (the paper)
-    rule: str = "mass:0.9"  # any routing.parse_rule spec
-    gate: str = "sigmoid"  # sigmoid (the paper) | softmax | one
+    rule: Rule = CumulativeMass(0.9)  # the initial routing rule of every layer
+    gate: GateKind = "sigmoid"  # sigmoid (the paper) | softmax | one
     seed: int = 0
 
     def __post_init__(self):
@@ -42,154 +44,16 @@ class MoefyConfig:
             raise ValueError(f"split must be 'kmeans', 'coact' or 'random', got {self.split!r}")
         if self.router not in ("linear", "mlp"):
             raise ValueError(f"router must be 'linear' or 'mlp', got {self.router!r}")
-        if self.gate not in ("sigmoid", "softmax", "one"):
-            raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {self.gate!r}")
-        routing.parse_rule(self.rule)  # validates the spec early, before any clustering
+        check_gate(self.gate)
+        check_rule(self.rule)
 
+    def to_dict(self) -> dict:
+        """JSON-ready: the rule as its spec string (the checkpoint file format)."""
+        return {**asdict(self), "rule": self.rule.spec}
 
-@dataclass(frozen=True)
-class RoutingStats:
-    """What the routers did over the recorded forwards."""
-
-    counts: torch.Tensor  # [L, N] experts kept per token per layer
-    n_experts: tuple[int, ...]  # E per layer
-    flops_per_token: float  # mean FFN FLOPs per token, routers included, all layers
-    dense_flops_per_token: float  # the same for the dense FFNs
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def mean_experts(self) -> float:
-        return float(self.counts.float().mean())
-
-    @property
-    def active_fraction(self) -> float:
-        """Mean fraction of FFN neurons active per token, over layers and tokens."""
-        e = torch.tensor(self.n_experts, dtype=torch.float32)[:, None]  # [L, 1]
-        return float((self.counts.float() / e).mean())
-
-    def per_layer_fraction(self) -> list[float]:
-        e = torch.tensor(self.n_experts, dtype=torch.float32)
-        return (self.counts.float().mean(1) / e).tolist()
-
-    def summary(self) -> dict:
-        return {
-            "tokens": int(self.counts.shape[1]),
-            "mean_experts_kept": self.mean_experts,
-            "active_fraction": self.active_fraction,
-            "ffn_flops_per_token": self.flops_per_token,
-            "dense_ffn_flops_per_token": self.dense_flops_per_token,
-            "experts_kept_min": int(self.counts.min()) if self.counts.numel() else 0,
-            "experts_kept_max": int(self.counts.max()) if self.counts.numel() else 0,
-        }
-
-
-class PrunePathMixin:
-    """Methods added to a converted model (its class becomes `PrunePath<Base>`)."""
-
-    prunepath_config: MoefyConfig
-
-    def prunepath_ffns(self) -> list[PrunePathFFN]:
-        return [m for m in self.modules() if isinstance(m, PrunePathFFN)]
-
-    def _targets(self, layer: int | None) -> list[PrunePathFFN]:
-        ffns = self.prunepath_ffns()
-        if layer is None:
-            return ffns
-        if not 0 <= layer < len(ffns):
-            raise ValueError(
-                f"layer {layer} out of range: this model has {len(ffns)} PrunePath layers (0..{len(ffns) - 1})"
-            )
-        return [ffns[layer]]
-
-    def set_rule(self, rule: routing.Rule | str, layer: int | None = None) -> None:
-        """Change the routing rule (whole model or one layer); a spec string such as 'topk:8' works too."""
-        rule = routing.as_rule(rule)
-        for f in self._targets(layer):
-            if isinstance(rule, routing.TopK) and rule.k > f.n_experts:
-                raise ValueError(f"top-k {rule.k} exceeds the {f.n_experts} experts of layer {f.layer_idx}")
-            f.rule = rule
-
-    def set_tau(self, tau: float | list[float], layer: int | None = None) -> None:
-        """Set the cumulative-mass budget τ: one value, one per layer (a list), or for one layer.
-
-        Keeps the current exclusive/inclusive variant if the rule already is cumulative mass.
-        """
-        if isinstance(tau, (list, tuple)):
-            ffns = self.prunepath_ffns()
-            if len(tau) != len(ffns):
-                raise ValueError(f"got {len(tau)} τ values for {len(ffns)} layers")
-            for i, t in enumerate(tau):
-                self.set_tau(float(t), layer=i)
-            return
-        for f in self._targets(layer):
-            inclusive = isinstance(f.rule, routing.CumulativeMass) and f.rule.inclusive
-            f.rule = routing.CumulativeMass(float(tau), inclusive=inclusive)
-
-    def set_active_fraction(self, fraction: float, per_layer: bool = True) -> dict:
-        """Route so that `fraction` of the FFN neurons are active on average, from the checkpoint's calibration.
-
-        per_layer: one τ per layer, each reaching the fraction in its own layer (lower perplexity than one
-        global τ at every fraction we measured), else the one global τ. Returns the calibration entry.
-        Calibrate first: `prunepath calibrate --checkpoint DIR --target 0.25 0.5 0.75 --save`.
-        """
-        cal = getattr(self, "prunepath_calibration", None)
-        where = getattr(self, "prunepath_checkpoint", "DIR")
-        fix = f"`prunepath calibrate --checkpoint {where} --target {fraction:g} --save`, or set τ with model.set_tau"
-        if not cal:
-            raise ValueError(f"this model has no stored τ calibration for its weights; run {fix}")
-        entry = next((v for k, v in cal["targets"].items() if abs(k - fraction) < 1e-9), None)
-        if entry is None:
-            have = ", ".join(f"{k:g}" for k in sorted(cal["targets"]))
-            raise ValueError(f"no calibration for active fraction {fraction:g} (stored: {have}); run {fix}")
-        self.set_tau(entry["per_layer_tau"] if per_layer else entry["tau"])
-        return entry
-
-    def set_gate(self, kind: str) -> None:
-        if kind not in ("sigmoid", "softmax", "one"):
-            raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {kind!r}")
-        for f in self.prunepath_ffns():
-            f.gate = kind
-
-    def record_stats(self, on: bool = True) -> None:
-        """Start (and reset) or stop recording per-token expert counts."""
-        for f in self.prunepath_ffns():
-            f.record, f.history, f.last_counts = on, [], None
-
-    def reset_stats(self) -> None:
-        for f in self.prunepath_ffns():
-            f.history, f.last_counts = [], None
-
-    def routing_stats(self, token_mask: torch.Tensor | None = None) -> RoutingStats:
-        """Statistics over every forward since `record_stats()`; `token_mask` [N] drops padding rows."""
-        ffns = self.prunepath_ffns()
-        if not ffns[0].history:
-            raise RuntimeError("no routing recorded: call model.record_stats() and run a forward first")
-        counts = torch.stack([torch.cat(f.history) for f in ffns])  # [L, N]
-        if token_mask is not None:
-            counts = counts[:, token_mask.reshape(-1).bool().cpu()]
-        kept = counts.float().mean(1)  # [L]
-        flops = sum(f.flops_per_token(float(k)) for f, k in zip(ffns, kept))
-        dense = sum(f.flops_per_token(f.n_experts) - 2.0 * f.d_model * f.n_experts for f in ffns)
-        return RoutingStats(counts, tuple(f.n_experts for f in ffns), flops, dense)
-
-    @property
-    def rule_spec(self) -> str:
-        """The routing rule's spec if all layers agree, else 'per-layer'."""
-        specs = {f.rule.spec for f in self.prunepath_ffns()}
-        return specs.pop() if len(specs) == 1 else "per-layer"
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _promote(model: nn.Module) -> None:
-    """Make `model` an instance of PrunePath<Base>: same object, same state, extra methods."""
-    if isinstance(model, PrunePathMixin):
-        return
-    cls = type(model)
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"PrunePath{cls.__name__}", (PrunePathMixin, cls), {"__module__": __name__})
-    model.__class__ = _CLASSES[cls]
+    @classmethod
+    def from_dict(cls, d: dict) -> MoefyConfig:
+        return cls(**{**d, "rule": parse_rule(d["rule"])})
 
 
 def ffn_keys(model: nn.Module, spec: FFNSpec) -> torch.Tensor:
@@ -233,6 +97,8 @@ def moefy(
     calib [B, T]: calibration token ids (needed by the co-activation split).
     splits: precomputed permutations (one per layer), e.g. from a checkpoint; skips clustering.
     """
+    if any(isinstance(m, PrunePathFFN) for m in model.modules()):
+        raise ValueError("this model is already converted by PrunePath; load the base model to convert again")
     specs = find_ffns(model)
     if splits is not None and len(splits) != len(specs):
         raise ValueError(f"got {len(splits)} splits for a model with {len(specs)} FFN layers")
@@ -240,7 +106,7 @@ def moefy(
         if calib is None:
             raise ValueError("split='coact' needs calibration tokens: pass calib=data.calibration_batches(tok, ...)")
         acts = ffn_activations(model, specs, calib)
-    rule = routing.parse_rule(config.rule)
+    rule = config.rule
     base_fp = getattr(model, "prunepath_base_fingerprint", None) or model_fingerprint(model)
     for s in tqdm(specs, desc="moefy", disable=not progress):
         if splits is not None:
@@ -267,7 +133,6 @@ def moefy(
         )
         parent, _, name = s.path.rpartition(".")
         setattr(model.get_submodule(parent), name, ffn)
-    _promote(model)
     model.prunepath_config = config
     model.prunepath_base_fingerprint = base_fp  # the weights are permuted now: remember the base's
     return model

@@ -1,7 +1,7 @@
 """What the explorer shows besides the live prompt: committed sweep curves, recorded GPU benchmarks,
 and live decode speed. Plain functions, no GUI import.
 
-Sweeps (`prunepath sweep`, sweep.py) write `results/<stem>.json` = {"meta": ..., "rows": [...]}, one
+Sweeps (`prunepath sweep`, `prunepath.evaluate.sweep`) write `results/<stem>.json` = {"meta": ..., "rows": [...]}, one
 number per row: method, knob, active_fraction, task, metric, value. Benchmarks write JSON under
 `results/bench/` with the device and the date; we show what they recorded and never retype a number.
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from prunepath import routing
-from prunepath.explore import set_rule
+from prunepath.explore.explorer import apply_rule
+from prunepath.routing.control import set_gate
 
 # Methods whose knob is τ: their rows trace the curve the τ slider moves along.
 TAU_METHODS = ("prunepath", "prunepath-tau")
@@ -202,10 +203,10 @@ class LiveSpeed:
 
 class _GPUDecoders:
     """Our decode loops on CUDA for one explorer: the base model (dense) and a bf16 copy of the PrunePath
-    model, each in a prunepath.decode.Decoder (static cache, CUDA graph, Triton fast paths)."""
+    model, each in a prunepath.decode.loop.Decoder (static cache, CUDA graph, Triton fast paths)."""
 
     def __init__(self, explorer):
-        from prunepath.decode import DecodeConfig, Decoder
+        from prunepath.decode.loop import DecodeConfig, Decoder
         from prunepath.models import load_model, model_reference
 
         dense, _ = load_model(model_reference(explorer.model), dtype=torch.bfloat16, device="cuda")
@@ -237,8 +238,8 @@ def live_decode_speed(explorer, rule, n_tokens: int = 64) -> LiveSpeed:
     t0 = time.perf_counter()
     with gpu.lock:
         dense = gpu.dense.time_decode(ids, n_tokens)["tokens_per_s"]
-        set_rule(gpu.sparse.model, rule)
-        gpu.sparse.model.set_gate("one" if isinstance(rule, routing.Dense) else gpu.gate)
+        apply_rule(gpu.sparse.model, rule)
+        set_gate(gpu.sparse.model, "one" if isinstance(rule, routing.Dense) else gpu.gate)
         sparse = gpu.sparse.time_decode(ids, n_tokens)["tokens_per_s"]
     if not (math.isfinite(dense) and math.isfinite(sparse)):
         raise RuntimeError("the decode loop returned no figure")

@@ -1,7 +1,6 @@
 """8-bit adapter storage: twice the LoRA rank in the bytes of bf16, read back by prunepath alone."""
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -9,20 +8,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import prunepath
-from prunepath.checkpoint import (
-    ADAPTER_FILE,
-    INT8_ADAPTER_FILE,
-    adapter_tensors,
-    peft_readable,
-    quantize_rows,
-)
-from prunepath.extract import extract_adapter
-from prunepath.train import TrainConfig, Trainer, train
+from prunepath import routing
+from prunepath.adapter import ADAPTER_FILE, INT8_ADAPTER_FILE, adapter_tensors, peft_readable, quantize_rows
+from prunepath.train.config import TrainConfig
+from prunepath.train.extract import extract_adapter
+from prunepath.train.trainer import Trainer, train
 
 
 def _moefy(model):
     model.config.prunepath_base = "tiny-llama"
-    cfg = prunepath.MoefyConfig(expert_size=16, rule="mass:0.9", gate="one", router_init="centroid")
+    cfg = prunepath.MoefyConfig(expert_size=16, rule=routing.CumulativeMass(0.9), gate="one", router_init="centroid")
     return prunepath.moefy(model, cfg, progress=False)
 
 
@@ -42,7 +37,7 @@ def _batch():
 def _lora(**kw):
     base = dict(objective="lm", trainable="lora", lora_targets="all", steps=2, stage1_steps=0, batch_size=4,
                 seq_len=16, lr=0.0, backbone_lr=1e-2, save_every=2, tau=0.9)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_flat({**base, **kw})
 
 
 def test_quantize_rows_errs_by_at_most_half_a_step_per_row():
@@ -99,7 +94,7 @@ def test_an_int8_adapter_is_half_of_bf16_and_loads_and_trains_on(tiny_llama, tmp
     tr.run()
     assert (tmp_path / "c" / "adapter" / INT8_ADAPTER_FILE).is_file()
     plain, _ = prunepath.load(tmp_path / "int8", base=(bases[3], None), adapter=False)
-    grown = Trainer(plain, None, dataclasses.replace(cfg, lora_r=16), tmp_path / "d", progress=False,
+    grown = Trainer(plain, None, cfg.replace_flat(lora_r=16), tmp_path / "d", progress=False,
                     batches=_batch())
     with torch.no_grad():  # grown from rank 8 to 16 without changing what it computes
         torch.testing.assert_close(grown.model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-5,

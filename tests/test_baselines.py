@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import prunepath
-from prunepath import baselines, routing
+from prunepath import routing
+from prunepath.evaluate import baselines
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing import calibrate
 
 
 @pytest.fixture
@@ -14,7 +17,7 @@ def tiny(tiny_llama):
     """The tiny Llama with 8 experts of 16 per layer, plus calibration statistics on random tokens."""
     model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, gate="one"), progress=False)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    return model, ids, baselines.capture(model, ids)
+    return model, ids, calibrate.capture(model, ids)
 
 
 @pytest.mark.parametrize("method", ["wanda-sp", "flap"])
@@ -23,18 +26,18 @@ def test_neuron_pruning_keeps_requested_fraction(tiny, method, fraction):
     model, _, calib = tiny
     pruned, kept = baselines.neuron_pruned(model, calib, method, fraction)
     assert kept == pytest.approx(fraction)
-    for f in pruned.prunepath_ffns():
+    for f in prunepath_ffns(pruned):
         live = (f.down_proj.weight != 0).any(0).sum().item()  # columns still in use
         assert live == round(fraction * f.d_ff)
         assert f.rule == routing.Dense() and f.gate == "one"
     # the original is untouched
-    assert all((f.down_proj.weight != 0).any(0).all() for f in model.prunepath_ffns())
+    assert all((f.down_proj.weight != 0).any(0).all() for f in prunepath_ffns(model))
 
 
 def test_wanda_keeps_high_scoring_neurons(tiny):
     model, _, calib = tiny
     pruned, _ = baselines.neuron_pruned(model, calib, "wanda-sp", 0.5)
-    f, g = model.prunepath_ffns()[0], pruned.prunepath_ffns()[0]
+    f, g = prunepath_ffns(model)[0], prunepath_ffns(pruned)[0]
     score = baselines.neuron_scores(model, calib, "wanda-sp")[0]
     kept = (g.down_proj.weight != 0).any(0)
     assert score[kept].min() >= score[~kept].max()
@@ -46,7 +49,7 @@ def test_flap_bias_compensation_preserves_mean_output(tiny):
     model, _, calib = tiny
     flap, _ = baselines.neuron_pruned(model, calib, "flap", 0.5)
     x = calib.inputs[0].float()  # [N, D] the inputs the means were taken on
-    f, g = model.prunepath_ffns()[0], flap.prunepath_ffns()[0]
+    f, g = prunepath_ffns(model)[0], prunepath_ffns(flap)[0]
     f.rule = routing.Dense()  # the unpruned reference: every neuron, unit gates
     with torch.no_grad():
         full, comp = f(x).mean(0), g(x).mean(0)
@@ -61,7 +64,7 @@ def test_per_layer_taus_hit_target_in_every_layer(tiny):
     taus, est = baselines.match_knob(model, calib, "prunepath-layer", 0.5)
     assert len(taus) == 2 and abs(est - 0.5) < 0.05
     for i, t in enumerate(taus):
-        got = baselines.expert_counts(model, calib, routing.CumulativeMass(t))[i].float().mean() / 8
+        got = calibrate.expert_counts(model, calib, routing.CumulativeMass(t))[i].float().mean() / 8
         assert abs(got - 0.5) < 0.05
 
 
@@ -86,7 +89,7 @@ def test_match_knob_hits_target(tiny, method):
             "threshold": lambda: routing.Threshold(knob),  # noqa: B023
             "oracle": lambda: routing.Oracle(tau=knob),  # noqa: B023
         }[method]()
-        got = baselines.fraction_for(model, calib, lambda _i, r=rule: r)
+        got = calibrate.fraction_for(model, calib, lambda _i, r=rule: r)
         assert got == pytest.approx(est)
         assert abs(got - target) < 0.05, (method, target, got)
 
@@ -96,15 +99,15 @@ def test_router_logits_are_computed_once_per_router_state(tiny):
     model, _, calib = tiny
     rule = routing.CumulativeMass(0.6)
     fresh = lambda: torch.stack(  # noqa: E731
-        [rule.select(baselines._logits(f, x)).sum(-1) for f, x in zip(model.prunepath_ffns(), calib.inputs)]
+        [rule.select(calibrate._logits(f, x)).sum(-1) for f, x in zip(prunepath_ffns(model), calib.inputs)]
     )
-    assert torch.equal(baselines.expert_counts(model, calib, rule), fresh())
+    assert torch.equal(calibrate.expert_counts(model, calib, rule), fresh())
     first = calib.memo[0][1]
-    baselines.fraction_for(model, calib, lambda _i: rule)
+    calibrate.fraction_for(model, calib, lambda _i: rule)
     assert calib.memo[0][1] is first  # reused
     with torch.no_grad():
-        next(model.prunepath_ffns()[0].router.parameters()).mul_(-1)
-    assert torch.equal(baselines.expert_counts(model, calib, rule), fresh())
+        next(prunepath_ffns(model)[0].router.parameters()).mul_(-1)
+    assert torch.equal(calibrate.expert_counts(model, calib, rule), fresh())
     assert calib.memo[0][1] is not first
 
 
@@ -112,7 +115,7 @@ def test_dense_configuration_is_the_base_model(tiny_llama):
     base = copy.deepcopy(tiny_llama)
     model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, gate="one"), progress=False)
     ids = torch.randint(0, 128, (2, 16))
-    calib = baselines.capture(model, ids)
+    calib = calibrate.capture(model, ids)
     m = baselines.configure(model, calib, "dense", None)
     with torch.no_grad():
         assert torch.allclose(m(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)

@@ -7,7 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prunepath
-from prunepath import CheckpointError, MoefyConfig, moefy
+from prunepath import CheckpointError, MoefyConfig, moefy, routing
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_tau
 
 
 def _tiny(seed=0, d_ff=128):
@@ -31,11 +33,11 @@ class _Tok:
 
 @pytest.fixture
 def saved(tmp_path):
-    model = moefy(_tiny(), MoefyConfig(rule="mass:0.7", router_init="centroid"), progress=False)
+    model = moefy(_tiny(), MoefyConfig(rule=routing.CumulativeMass(0.7), router_init="centroid"), progress=False)
     with torch.no_grad():  # make the routers differ from any fresh initialisation
-        for f in model.prunepath_ffns():
+        for f in prunepath_ffns(model):
             f.router.weight.add_(torch.randn_like(f.router.weight))
-    model.set_tau(0.4, layer=1)
+    set_tau(model, 0.4, layer=1)
     prunepath.save(model, tmp_path / "ckpt", train_info={"steps": 3})
     return model, tmp_path / "ckpt"
 
@@ -43,7 +45,7 @@ def saved(tmp_path):
 def test_round_trip_restores_permutations_routers_rules_and_outputs(saved):
     model, path = saved
     loaded, _ = prunepath.load(path, base=(_tiny(), _Tok()))
-    for a, b in zip(model.prunepath_ffns(), loaded.prunepath_ffns()):
+    for a, b in zip(prunepath_ffns(model), prunepath_ffns(loaded)):
         assert torch.equal(a.perm, b.perm)
         assert torch.equal(a.router.weight, b.router.weight)
         assert a.rule == b.rule and a.gate == b.gate
@@ -104,7 +106,7 @@ def test_full_weights_round_trip_with_and_without_tied_embeddings(tmp_path, tied
             m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
         return m
 
-    model = moefy(base(), MoefyConfig(rule="mass:0.7", router_init="centroid"), progress=False)
+    model = moefy(base(), MoefyConfig(rule=routing.CumulativeMass(0.7), router_init="centroid"), progress=False)
     with torch.no_grad():  # what training does: move the backbone away from the base
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))

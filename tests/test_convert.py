@@ -1,6 +1,7 @@
 """Converting models: FFN discovery by structure, the exactness anchors, run-time controls, statistics."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -20,8 +21,10 @@ from transformers import (
 )
 
 import prunepath
-from prunepath import MoefyConfig, UnsupportedFFNError, find_ffns, moefy
-from prunepath.ffn import PrunePathFFN
+from prunepath import MoefyConfig, UnsupportedFFNError, find_ffns, moefy, routing
+from prunepath.ffn.module import PrunePathFFN, prunepath_ffns
+from prunepath.routing.control import rule_spec, set_rule, set_tau
+from prunepath.routing.stats import record
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 
@@ -45,7 +48,7 @@ def _family(name):
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt2", "bert"]
-DENSE = MoefyConfig(rule="dense", gate="one", router_init="zero")
+DENSE = MoefyConfig(rule=routing.Dense(), gate="one", router_init="zero")
 
 
 def _out(model, ids):
@@ -69,28 +72,63 @@ def test_all_experts_with_unit_gates_reproduce_the_dense_model(family):
     ids = torch.randint(0, 96, (2, 11))
     ref = _out(model, ids)
     moefy(model, DENSE, progress=False)
-    assert all(isinstance(f, PrunePathFFN) for f in model.prunepath_ffns())
+    assert all(isinstance(f, PrunePathFFN) for f in prunepath_ffns(model))
     torch.testing.assert_close(_out(model, ids), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_tau_above_one_equals_dense_rule(tiny_llama):
     """τ > 1 keeps every expert: identical to the dense rule with the same (sigmoid) gates."""
-    moefy(tiny_llama, MoefyConfig(rule="dense", gate="sigmoid"), progress=False)
+    moefy(tiny_llama, MoefyConfig(rule=routing.Dense(), gate="sigmoid"), progress=False)
     ids = torch.randint(0, 128, (1, 9))
     ref = _out(tiny_llama, ids)
-    tiny_llama.set_tau(1.05)
-    tiny_llama.record_stats()
-    torch.testing.assert_close(_out(tiny_llama, ids), ref)
-    assert (tiny_llama.routing_stats().counts == 4).all()
+    set_tau(tiny_llama, 1.05)
+    with record(tiny_llama) as rec:
+        torch.testing.assert_close(_out(tiny_llama, ids), ref)
+    assert (rec.stats().counts == 4).all()
 
 
 def test_the_model_keeps_its_class_behaviour_and_generates(tiny_llama):
-    moefy(tiny_llama, MoefyConfig(rule="mass:0.5"), progress=False)
-    assert isinstance(tiny_llama, LlamaForCausalLM)
-    assert type(tiny_llama).__name__ == "PrunePathLlamaForCausalLM"
+    moefy(tiny_llama, MoefyConfig(rule=routing.CumulativeMass(0.5)), progress=False)
+    assert type(tiny_llama) is LlamaForCausalLM  # modules are substituted; the class stays the base's
     out = tiny_llama.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
-    copy.deepcopy(tiny_llama)  # converted models can still be copied
+
+
+def _same_outputs(a, b, ids):
+    torch.testing.assert_close(_out(a, ids), _out(b, ids))
+    assert [f.rule for f in prunepath_ffns(a)] == [f.rule for f in prunepath_ffns(b)]
+    assert a.prunepath_config == b.prunepath_config
+
+
+def test_a_converted_model_deep_copies(tiny_llama):
+    moefy(tiny_llama, MoefyConfig(rule=routing.CumulativeMass(0.5)), progress=False)
+    set_tau(tiny_llama, 0.3, layer=1)
+    twin = copy.deepcopy(tiny_llama)
+    _same_outputs(tiny_llama, twin, torch.randint(0, 128, (1, 7)))
+    set_tau(twin, 0.9)  # the copy's routing is its own
+    assert prunepath_ffns(tiny_llama)[1].rule.tau == 0.3
+
+
+def test_a_converted_model_pickles_and_torch_saves(tiny_llama, tmp_path):
+    moefy(tiny_llama, MoefyConfig(rule=routing.TopK(2)), progress=False)
+    ids = torch.randint(0, 128, (1, 7))
+    _same_outputs(tiny_llama, pickle.loads(pickle.dumps(tiny_llama)), ids)
+    torch.save(tiny_llama, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    _same_outputs(tiny_llama, loaded, ids)
+    with record(loaded) as rec:  # the loaded copy routes and records like the original
+        _out(loaded, ids)
+    assert (rec.stats().counts == 2).all()
+
+
+def test_saving_while_recording_leaves_the_recorder_behind(tiny_llama):
+    moefy(tiny_llama, progress=False)
+    with record(tiny_llama):
+        twin = copy.deepcopy(tiny_llama)
+    assert not any(f.recording for f in prunepath_ffns(tiny_llama))
+    with record(twin) as rec:
+        _out(twin, torch.randint(0, 128, (1, 3)))
+    assert rec.tokens == 3
 
 
 def test_set_tau_set_rule_and_statistics(tiny_llama):
@@ -98,10 +136,10 @@ def test_set_tau_set_rule_and_statistics(tiny_llama):
     ids = torch.randint(0, 128, (2, 16))
     means = []
     for tau in (0.2, 0.6, 0.95):
-        tiny_llama.set_tau(tau)
-        tiny_llama.record_stats()
-        _out(tiny_llama, ids)
-        stats = tiny_llama.routing_stats()
+        set_tau(tiny_llama, tau)
+        with record(tiny_llama) as rec:
+            _out(tiny_llama, ids)
+        stats = rec.stats()
         assert stats.counts.shape == (2, 32)  # [L, N]
         assert stats.counts.min() >= 1  # the top-1 expert is always kept
         means.append(stats.mean_experts)
@@ -109,26 +147,47 @@ def test_set_tau_set_rule_and_statistics(tiny_llama):
     s = stats.summary()
     assert 0 < s["active_fraction"] <= 1 and s["ffn_flops_per_token"] <= s["dense_ffn_flops_per_token"] * 1.01
 
-    tiny_llama.set_rule("topk:2")
-    tiny_llama.record_stats()
-    _out(tiny_llama, ids)
-    assert (tiny_llama.routing_stats().counts == 2).all()
-    tiny_llama.set_tau(0.3, layer=1)
-    assert tiny_llama.rule_spec == "per-layer"
+    set_rule(tiny_llama, routing.TopK(2))
+    with record(tiny_llama) as rec:
+        _out(tiny_llama, ids)
+    assert (rec.stats().counts == 2).all()
+    set_tau(tiny_llama, 0.3, layer=1)
+    assert rule_spec(tiny_llama) == "per-layer"
     with pytest.raises(ValueError, match="layer 5 out of range"):
-        tiny_llama.set_tau(0.5, layer=5)
+        set_tau(tiny_llama, 0.5, layer=5)
     with pytest.raises(ValueError, match="exceeds"):
-        tiny_llama.set_rule("topk:9")
-    tiny_llama.set_tau([0.4, 0.8])
-    assert [f.rule.tau for f in tiny_llama.prunepath_ffns()] == [0.4, 0.8]
+        set_rule(tiny_llama, routing.TopK(9))
+    set_tau(tiny_llama, [0.4, 0.8])
+    assert [f.rule.tau for f in prunepath_ffns(tiny_llama)] == [0.4, 0.8]
 
 
 def test_padding_rows_can_be_excluded_from_statistics(tiny_llama):
     moefy(tiny_llama, progress=False)
-    tiny_llama.record_stats()
-    _out(tiny_llama, torch.randint(0, 128, (1, 6)))
+    with record(tiny_llama) as rec:
+        _out(tiny_llama, torch.randint(0, 128, (1, 6)))
     keep = torch.tensor([1, 1, 1, 0, 0, 0])
-    assert tiny_llama.routing_stats(keep).counts.shape == (2, 3)
+    assert rec.stats(keep).counts.shape == (2, 3)
+
+
+def test_a_spec_string_is_refused_by_the_python_api_naming_the_rule_class(tiny_llama):
+    with pytest.raises(TypeError, match=r"TopK\(k=2\)"):
+        MoefyConfig(rule="topk:2")
+    moefy(tiny_llama, progress=False)
+    with pytest.raises(TypeError, match="CumulativeMass"):
+        set_rule(tiny_llama, "mass:0.9")
+
+
+def test_recorders_nest_and_see_only_their_own_block(tiny_llama):
+    moefy(tiny_llama, progress=False)
+    with record(tiny_llama) as outer:
+        _out(tiny_llama, torch.randint(0, 128, (1, 4)))
+        with record(tiny_llama) as inner:
+            _out(tiny_llama, torch.randint(0, 128, (1, 3)))
+    assert (outer.tokens, inner.tokens) == (7, 3)
+    with pytest.raises(RuntimeError, match="no routing recorded"):
+        with record(tiny_llama) as empty:
+            pass
+        empty.stats()
 
 
 def test_bad_expert_size_is_a_clear_error_and_leaves_the_model_untouched(tiny_llama):
@@ -141,7 +200,7 @@ def test_bad_config_values_are_rejected_before_any_work():
     with pytest.raises(ValueError, match="split must be"):
         MoefyConfig(split="spectral")
     with pytest.raises(ValueError):
-        MoefyConfig(rule="mass:-1")
+        MoefyConfig(rule=routing.CumulativeMass(-1))
 
 
 def test_unsupported_ffn_names_the_module():
@@ -162,13 +221,13 @@ def test_coactivation_split_needs_calibration(tiny_llama):
         moefy(tiny_llama, MoefyConfig(split="coact"), progress=False)
     calib = torch.randint(0, 128, (2, 32))
     moefy(tiny_llama, MoefyConfig(split="coact"), calib=calib, progress=False)
-    for f in tiny_llama.prunepath_ffns():
+    for f in prunepath_ffns(tiny_llama):
         assert sorted(f.perm.tolist()) == list(range(128))
 
 
 def test_oracle_rule_routes_by_true_expert_norms(tiny_llama):
-    moefy(tiny_llama, MoefyConfig(rule="oracle-topk:1", gate="one"), progress=False)
-    ffn = tiny_llama.prunepath_ffns()[0]
+    moefy(tiny_llama, MoefyConfig(rule=routing.Oracle(k=1), gate="one"), progress=False)
+    ffn = prunepath_ffns(tiny_llama)[0]
     x = torch.randn(5, 64)
     mask, gates, _ = ffn.route(x)
     assert torch.equal(mask.float().argmax(-1), ffn.expert_norms(x).argmax(-1))
@@ -181,8 +240,8 @@ def test_default_model_exactness_anchor(default_model):
     model, tok = copy.deepcopy(default_model[0]), default_model[1]
     ids = tok("PrunePath splits every feed-forward layer into experts of 32 neurons.", return_tensors="pt").input_ids
     ref = _out(model, ids)
-    moefy(model, MoefyConfig(rule="dense", gate="one", split="random"), progress=False)
-    ffns = model.prunepath_ffns()
+    moefy(model, MoefyConfig(rule=routing.Dense(), gate="one", split="random"), progress=False)
+    ffns = prunepath_ffns(model)
     assert len(ffns) == 30 and {(f.n_experts, f.expert_size) for f in ffns} == {(48, 32)}
     assert (_out(model, ids) - ref).abs().max() < 1e-4
     assert prunepath.find_ffns  # the public API exposes discovery too

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import prunepath
 from prunepath import MoefyConfig, moefy, routing
-from prunepath.cpu_experts import CPUExpertPath, ExpertLayoutError, attach_cpu_paths, detach_cpu_paths, expert_runs
-from prunepath.decode import DecodeConfig, Decoder
+from prunepath.decode.cpu_experts import CPUExpertPath, ExpertLayoutError, expert_runs, use_cpu_paths
+from prunepath.decode.loop import DecodeConfig, Decoder
+from prunepath.ffn.module import prunepath_ffns
 
 
 def _llama(dtype=torch.float32):
@@ -28,9 +30,10 @@ def _gpt2():
 
 
 def _convert(model, rule="mass:0.6", gate="one"):
+    rule = routing.parse_rule(rule)
     moefy(model, MoefyConfig(split="random", router_init="centroid", rule=rule, gate=gate), progress=False)
     torch.manual_seed(1)
-    for f in model.prunepath_ffns():  # a peaked router so that the rule really drops experts
+    for f in prunepath_ffns(model):  # a peaked router so that the rule really drops experts
         f.router.weight.data.normal_(0, 1.0)
     return model
 
@@ -57,7 +60,7 @@ def test_all_experts_kept_is_bit_for_bit_the_torch_path(dtype, gate):
     model = _convert(_llama(dtype), rule="mass:1.5", gate=gate)
     torch.manual_seed(2)
     with torch.no_grad():
-        for ffn in model.prunepath_ffns():
+        for ffn in prunepath_ffns(model):
             for n in (1, 3):
                 x = torch.randn(n, 1, 64, dtype=dtype)
                 ref, out, took = _both(ffn, x)
@@ -75,7 +78,7 @@ def test_kept_experts_match_the_torch_path(dtype, rule, gate, rows):
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     dropped = False
     with torch.no_grad():
-        for ffn in model.prunepath_ffns():
+        for ffn in prunepath_ffns(model):
             x = torch.randn(rows, 1, 64, dtype=dtype)
             mask = ffn.rule.select(ffn.router(x.reshape(-1, 64)), None)
             dropped |= not bool(mask.any(0).all())
@@ -88,7 +91,7 @@ def test_kept_experts_match_the_torch_path(dtype, rule, gate, rows):
 def test_random_masks_through_a_forced_rule():
     """Every union pattern of 8 experts: runs at both ends, in the middle, single experts."""
     model = _convert(_llama())
-    ffn = model.prunepath_ffns()[0]
+    ffn = prunepath_ffns(model)[0]
     torch.manual_seed(4)
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
@@ -103,7 +106,7 @@ def test_two_layer_mlp_ffn_with_biases():
     model = _convert(_gpt2(), rule="mass:0.5")
     torch.manual_seed(5)
     with torch.no_grad():
-        for ffn in model.prunepath_ffns():
+        for ffn in prunepath_ffns(model):
             for n in (1, 3):
                 x = torch.randn(n, 1, 64)
                 ref, out, took = _both(ffn, x)
@@ -113,7 +116,7 @@ def test_two_layer_mlp_ffn_with_biases():
 
 def test_prefill_autograd_and_oracle_fall_back_to_the_torch_path():
     model = _convert(_llama())
-    ffn = model.prunepath_ffns()[0]
+    ffn = prunepath_ffns(model)[0]
     path = CPUExpertPath(ffn)
     with torch.no_grad():
         assert not path.accepts(torch.randn(1, 16, 64))  # 16 rows: prefill
@@ -126,7 +129,7 @@ def test_prefill_autograd_and_oracle_fall_back_to_the_torch_path():
 
 def test_layout_follows_weight_updates():
     model = _convert(_llama(), rule="topk:2")
-    ffn = model.prunepath_ffns()[0]
+    ffn = prunepath_ffns(model)[0]
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
         _both(ffn, x)
@@ -149,45 +152,44 @@ def test_decoder_on_cpu_uses_the_path_and_gives_the_torch_path_tokens():
     cfg = DecodeConfig(max_new_tokens=10)
     ref = Decoder(ref_model, max_len=32, config=DecodeConfig(max_new_tokens=10, fast_path=False)).generate(ids)
     dec = Decoder(model, max_len=32, config=cfg)
-    assert all(isinstance(f.fast_path, CPUExpertPath) for f in model.prunepath_ffns())
-    assert ref_model.prunepath_ffns()[0].fast_path is None
+    assert all(isinstance(f.fast_path, CPUExpertPath) for f in prunepath_ffns(model))
+    assert prunepath_ffns(ref_model)[0].fast_path is None
     calls = []
-    for f in model.prunepath_ffns():
+    for f in prunepath_ffns(model):
         f.register_forward_hook(lambda m, a, o: calls.append(m.fast_path.accepts(a[0])))
     assert torch.equal(dec.generate(ids), ref)
     assert sum(calls) >= 2 * 9  # every decode step of both layers took the CPU path
-    model.record_stats(True)
-    dec.generate(ids[:1], max_new_tokens=3)
-    assert model.routing_stats().active_fraction < 1.0  # routing statistics still recorded
-    detach_cpu_paths(model)
-    assert all(f.fast_path is None for f in model.prunepath_ffns())
+    with prunepath.record(model) as rec:
+        dec.generate(ids[:1], max_new_tokens=3)
+    assert rec.stats().active_fraction < 1.0  # routing statistics still recorded
+    use_cpu_paths(model, on=False)
+    assert all(f.fast_path is None for f in prunepath_ffns(model))
 
 
 def test_a_model_without_the_expert_layout_is_refused_with_the_fix():
     with pytest.raises(ExpertLayoutError, match="prunepath.load"):
-        attach_cpu_paths(_llama())
+        use_cpu_paths(_llama())
 
 
 def test_every_expert_rule_skips_the_router_and_still_records():
     model = _convert(_llama(), rule="mass:0.5")
-    ffn = model.prunepath_ffns()[0]
-    model.set_rule("dense")
-    model.set_gate("one")
+    ffn = prunepath_ffns(model)[0]
+    prunepath.set_rule(model, routing.Dense())
+    prunepath.set_gate(model, "one")
     x = torch.randn(2, 1, 64)
     calls = []
     ffn.router.register_forward_hook(lambda m, a, o: calls.append(1))
-    model.record_stats(True)
-    with torch.no_grad():
+    with torch.no_grad(), prunepath.record(model) as rec:
         ref, out, took = _both(ffn, x)
     assert took and torch.equal(out, ref)
     assert len(calls) == 1  # the torch path's call only
-    assert ffn.last_counts.tolist() == [8, 8]
+    assert torch.cat(rec.counts[0]).tolist() == [8, 8, 8, 8]  # both forwards recorded every expert
 
 
 def test_many_kept_experts_take_the_masked_dense_gemvs():
     model = _convert(_llama(), rule="topk:7")
     with torch.no_grad():
-        for ffn in model.prunepath_ffns():
+        for ffn in prunepath_ffns(model):
             x = torch.randn(1, 1, 64)
             ref, out, took = _both(ffn, x)
             assert took and torch.equal(out, ref)  # 7 of 8 > crossover: the torch path's own arithmetic

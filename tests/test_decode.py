@@ -10,19 +10,25 @@ import os
 
 import pytest
 import torch
+from prunepath.kernels import torch_path, use_fast_paths
 
-from prunepath.decode import DecodeConfig, Decoder
+from prunepath import routing
+from prunepath.decode.loop import DecodeConfig, Decoder
+from prunepath.ffn.module import prunepath_ffns
 
 GPU = torch.cuda.is_available() and bool(os.environ.get("PRUNEPATH_GPU_TESTS"))
 
 
-def _prunepath(model, rule="mass:0.6"):
+MASS_06 = routing.CumulativeMass(0.6)
+
+
+def _prunepath(model, rule=MASS_06):
     from prunepath import MoefyConfig, moefy
 
     m = copy.deepcopy(model)
     moefy(m, MoefyConfig(split="random", router_init="centroid", rule=rule), progress=False)
     torch.manual_seed(1)
-    for f in m.prunepath_ffns():  # a peaked router so that the rule really drops experts
+    for f in prunepath_ffns(m):  # a peaked router so that the rule really drops experts
         f.router.weight.data.normal_(0, 1.0)
     return m
 
@@ -54,7 +60,7 @@ def test_batch_and_tau_change(tiny_llama):
     model = _prunepath(tiny_llama)
     dec = Decoder(model, max_len=32, config=DecodeConfig(max_new_tokens=6))
     ids = torch.randint(0, 128, (2, 6))
-    n_layers = len(model.prunepath_ffns())
+    n_layers = len(prunepath_ffns(model))
     for tau in (0.5, 0.9, [0.5 + 0.4 * i / max(1, n_layers - 1) for i in range(n_layers)]):  # last: one per layer
         dec.set_tau(tau)
         out = dec.generate(ids)[:, 6:]
@@ -96,11 +102,8 @@ def test_graph_loop_on_gpu(tiny_llama, dtype):
     with torch.no_grad():
         dec.prefill(full[:, :6])
         got = torch.cat([dec._forward(full[:, t:t + 1], torch.tensor([[t]], device="cuda")) for t in range(6, L)])
-        for f in model.prunepath_ffns():
-            f.fast_path = None
-        ref = model(full).logits[0, 6:L].float()
-        for f, fp in zip(model.prunepath_ffns(), dec.fast_paths):
-            f.fast_path = fp
+        with torch_path(model):
+            ref = model(full).logits[0, 6:L].float()
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert ((got - ref).norm() / ref.norm()).item() < tol
 
@@ -115,10 +118,9 @@ def test_graph_loop_takes_one_tau_per_layer_on_gpu(tiny_llama):
     dec = Decoder(model, max_len=40, config=DecodeConfig(max_new_tokens=10))
     dec.generate(ids)  # captures the graph at the global τ
     assert dec.graph is not None and dec.fast_paths
-    n_layers = len(model.prunepath_ffns())
+    n_layers = len(prunepath_ffns(model))
     per_layer = [0.3 + 0.6 * i / max(1, n_layers - 1) for i in range(n_layers)]
     dec.set_tau(per_layer)
     out = dec.generate(ids)[:, 6:]
-    for f in model.prunepath_ffns():
-        f.fast_path = None  # the torch routing path, with the same per-layer τ
+    use_fast_paths(model, False)  # the torch routing path, with the same per-layer τ
     assert torch.equal(out, _hf_greedy(model, ids, 10).cpu())

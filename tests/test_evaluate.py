@@ -10,7 +10,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from prunepath import evaluate, ifeval, nlu
+from prunepath import routing
+from prunepath.evaluate import ifeval, nlu, tasks
+from prunepath.evaluate.perplexity import perplexity
+from prunepath.evaluate.result import count_quantiles, recording
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_tau
 
 CORPUS = [
     "the film is a delight from start to finish and the cast is great",
@@ -69,7 +74,7 @@ def direct_nll(model, ids: torch.Tensor, context: int, stride: int) -> tuple[flo
 def test_strided_perplexity_matches_direct(model, tok, context, stride):
     # (64, 64) non-overlapping; (50, 17) stride not dividing context; (1000, 500) one window covers all.
     ids = tok(TEXT, return_tensors="pt").input_ids[0]
-    res = evaluate.perplexity(model, tok, TEXT, context=context, stride=stride, batch_size=3)
+    res = perplexity(model, tok, TEXT, context=context, stride=stride, batch_size=3)
     nll, n = direct_nll(model, ids, context, stride)
     assert res.n == n
     if stride < context:  # overlapping windows: every token but the first is scored exactly once
@@ -82,15 +87,15 @@ def test_strided_perplexity_matches_direct(model, tok, context, stride):
 
 
 def test_perplexity_batching_and_accuracy(model, tok):
-    a = evaluate.perplexity(model, tok, TEXT, context=40, stride=20, batch_size=1, max_tokens=150)
-    b = evaluate.perplexity(model, tok, TEXT, context=40, stride=20, batch_size=4, max_tokens=150)
+    a = perplexity(model, tok, TEXT, context=40, stride=20, batch_size=1, max_tokens=150)
+    b = perplexity(model, tok, TEXT, context=40, stride=20, batch_size=4, max_tokens=150)
     assert a.n == b.n == 149
     assert a.metrics["perplexity"] == pytest.approx(b.metrics["perplexity"], rel=1e-5)
     # accuracy against a direct argmax on a single full window
     ids = tok(TEXT, return_tensors="pt").input_ids[0][:100]
     with torch.no_grad():
         pred = model(ids[None]).logits[0, :-1].argmax(-1)
-    full = evaluate.perplexity(model, tok, TEXT, context=100, stride=100, max_tokens=100)
+    full = perplexity(model, tok, TEXT, context=100, stride=100, max_tokens=100)
     assert full.metrics["next_token_accuracy"] == pytest.approx(float((pred == ids[1:]).float().mean()))
 
 
@@ -113,10 +118,10 @@ def test_shared_prefix_and_token_batches_change_nothing(model, tok):
     statistics as full prompts in fixed-size batches — the prefix's tokens still count once per row."""
     import copy
 
-    from prunepath import scoring
     from prunepath.convert import MoefyConfig, moefy
+    from prunepath.evaluate import scoring
 
-    sparse = moefy(copy.deepcopy(model), MoefyConfig(expert_size=16, rule="mass:0.6"), progress=False)
+    sparse = moefy(copy.deepcopy(model), MoefyConfig(expert_size=16, rule=routing.CumulativeMass(0.6)), progress=False)
     demos = "Review: the film is a delight\nSentiment: positive\n\nReview: a dull movie\nSentiment: negative\n\n"
     prompts = [demos + f"Review: {t}\nSentiment:" for t in ("great", "dull and tedious", "the cast", "a film")]
     ids = scoring.encode_all(tok, tuple(prompts))
@@ -125,7 +130,7 @@ def test_shared_prefix_and_token_batches_change_nothing(model, tok):
     for words in [(" negative", " positive"), (" no", " a delight from start")]:  # 1 token; multi-token
         runs = []
         for share, budget in [(False, None), (True, None), (True, 40)]:
-            with evaluate.recording(sparse) as rec:
+            with recording(sparse) as rec:
                 lp = nlu.label_logprobs(sparse, tok, prompts, words, batch_size=3, rec=rec, batch_tokens=budget,
                                         share_prefix=share)
             runs.append((lp, rec.info))
@@ -136,11 +141,11 @@ def test_shared_prefix_and_token_batches_change_nothing(model, tok):
             for key in ("mean_experts_kept", "active_fraction", "experts_kept_std"):
                 assert other[key] == pytest.approx(info[key], rel=1e-6)
             assert other["experts_kept_p10_p50_p90"] == pytest.approx(info["experts_kept_p10_p50_p90"])
-    assert not sparse.prunepath_ffns()[0].history  # nothing left over once recording ends
+    assert not prunepath_ffns(sparse)[0].recording  # nothing left attached once recording ends
 
 
 def test_token_budget_batches():
-    from prunepath import scoring
+    from prunepath.evaluate import scoring
 
     lengths = [1, 2, 2, 5, 9]
     cut = scoring.batches(range(5), lambda i: lengths[i], batch_size=3, max_tokens=8)
@@ -156,7 +161,7 @@ def test_count_quantiles_equal_torch_quantile():
     for n in (1, 2, 7, 1001, 100_003):
         for top in (1, 5, 49):
             c = torch.randint(0, top, (n,), generator=g)
-            assert evaluate.count_quantiles(c, qs) == torch.quantile(c.float(), qs).tolist()
+            assert count_quantiles(c, qs) == torch.quantile(c.float(), qs).tolist()
 
 
 def test_contextual_calibration_math():
@@ -328,8 +333,8 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
 
     from prunepath.convert import MoefyConfig, moefy
 
-    sparse = moefy(copy.deepcopy(model), MoefyConfig(rule="topk:2"), progress=False)  # 4 experts of 32
-    res = evaluate.perplexity(sparse, tok, TEXT, context=64, stride=32, max_tokens=120)
+    sparse = moefy(copy.deepcopy(model), MoefyConfig(rule=routing.TopK(2)), progress=False)  # 4 experts of 32
+    res = perplexity(sparse, tok, TEXT, context=64, stride=32, max_tokens=120)
     r = res.routing
     assert r["rule"] == "topk:2" and r["knob"] == 2
     assert r["mean_experts_kept"] == pytest.approx(2.0) and r["active_fraction"] == pytest.approx(0.5)
@@ -337,7 +342,7 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
     assert len(r["per_layer_fraction"]) == 2 and r["padding_excluded"]
     assert r["experts_kept_p10_p50_p90"] == [2.0] * 3 == r["experts_kept_layer_token_p10_p50_p90"]
     # right-padded batches of unequal prompts: statistics cover the real tokens only
-    sparse.set_tau(0.5)
+    set_tau(sparse, 0.5)
     res = nlu.classify(sparse, tok, _jsonl(tmp_path, n=12), protocol="prompt", k=1, batch_size=4)
     t = nlu.template_for("x", ("neg", "pos"), False)
     demos = nlu.pick_demos(nlu.task_splits(_jsonl(tmp_path, n=12))[1], 1, 2, 0)
@@ -347,10 +352,10 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
     # one forward per prompt for single-token label words, else one per (prompt, label word)
     real = sum(lens) if max(words) == 1 else sum(n + w for n in lens for w in words)
     assert res.routing["tokens"] == real and res.routing["rule"] == "mass:0.5"
-    assert not sparse.prunepath_ffns()[0].record  # recording is switched off again afterwards
+    assert not prunepath_ffns(sparse)[0].recording  # recording is switched off again afterwards
     # generation: left-padded prefill + one row per decode step; padding rows are excluded too
     prompts = ["Write a poem about the sea.", "Hi"]
-    with evaluate.recording(sparse) as rec:
+    with recording(sparse) as rec:
         ifeval.generate_responses(sparse, tok, prompts, max_new_tokens=3, batch_size=2, rec=rec)
     prompt_tokens = sum(len(tok(ifeval.chat_prompt(tok, p)[0], add_special_tokens=False).input_ids) for p in prompts)
     assert rec.info["padding_excluded"]
@@ -359,19 +364,19 @@ def test_routing_stats_of_a_converted_model(model, tok, tmp_path):
 
 def test_bad_input(model, tok, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'sst5'"):
-        evaluate.evaluate_task(model, tok, "sst5")
+        tasks.evaluate_task(model, tok, "sst5")
     with pytest.raises(ValueError, match="did you mean 0.9"):
-        evaluate.check_tau(90)
+        tasks.check_tau(90)
     for bad in (0, -0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="τ must be in"):
-            evaluate.check_tau(bad)
-    assert evaluate.check_tau(1.05) == 1.05  # τ > 1: every expert, the dense training stage
+            tasks.check_tau(bad)
+    assert tasks.check_tau(1.05) == 1.05  # τ > 1: every expert, the dense training stage
     with pytest.raises(ValueError, match="stride"):
-        evaluate.perplexity(model, tok, TEXT, context=32, stride=64)
+        perplexity(model, tok, TEXT, context=32, stride=64)
     with pytest.raises(ValueError, match="at least 2"):
-        evaluate.perplexity(model, tok, "", context=32, stride=16)
+        perplexity(model, tok, "", context=32, stride=16)
     with pytest.raises(ValueError, match="--limit must be >= 1"):
-        evaluate.evaluate_task(model, tok, "wikitext2", limit=0)
+        tasks.evaluate_task(model, tok, "wikitext2", limit=0)
     with pytest.raises(ValueError, match="unknown protocol"):
         nlu.classify(model, tok, _jsonl(tmp_path), protocol="zero")
     empty = tmp_path / "empty.jsonl"
@@ -384,16 +389,16 @@ def test_bad_input(model, tok, tmp_path):
 
 def test_cli_parses_and_refuses_tau_on_dense(monkeypatch):
     sub = argparse.ArgumentParser().add_subparsers()
-    evaluate.add_cli(sub)
+    tasks.add_cli(sub)
     parser = sub.choices["eval"]
     args = parser.parse_args(["--task", "sst2", "--checkpoint", "dense", "--tau", "0.5", "--json"])
-    assert args.func is evaluate.run and args.json and args.tau == 0.5 and args.calibrated is None
+    assert args.func is tasks.run and args.json and args.tau == 0.5 and args.calibrated is None
     with pytest.raises(ValueError, match="need a PrunePath checkpoint"):
-        evaluate.load_for_eval(args)
+        tasks.load_for_eval(args)
     with pytest.raises(ValueError, match="τ must be in"):
-        evaluate.run(parser.parse_args(["--task", "wikitext2", "--tau", "7"]))
+        tasks.run(parser.parse_args(["--task", "wikitext2", "--tau", "7"]))
     with pytest.raises(ValueError, match="unknown task"):
-        evaluate.run(parser.parse_args(["--task", "nope"]))
+        tasks.run(parser.parse_args(["--task", "nope"]))
 
 
 @pytest.mark.slow
@@ -403,7 +408,7 @@ def test_real_model_wikitext_perplexity_is_plausible(default_model):
     from prunepath import data
 
     model, tokenizer = default_model
-    res = evaluate.perplexity(model, tokenizer, data.load_lm_text("wikitext2", "test"), context=1024,
+    res = perplexity(model, tokenizer, data.load_lm_text("wikitext2", "test"), context=1024,
                               stride=1024, max_tokens=1024)
     assert res.n == 1023
     assert 12 < res.metrics["perplexity"] < 40 and 0.3 < res.metrics["next_token_accuracy"] < 0.6

@@ -10,16 +10,10 @@ import threading
 import pytest
 import torch
 
-from prunepath.explore import (
-    ExploreConfig,
-    Explorer,
-    ExplorerError,
-    build_tiny_checkpoint,
-    load_for_explorer,
-    matched_knobs,
-    matched_layer_taus,
-)
+from prunepath.explore.explorer import ExploreConfig, Explorer, matched_knobs, matched_layer_taus
+from prunepath.explore.loading import ExplorerError, build_tiny_checkpoint, load_for_explorer
 from prunepath.explore_results import load_sweep_rows, recorded_benchmarks, sweep_figures
+from prunepath.routing.control import set_gate
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -226,14 +220,14 @@ def test_default_checkpoint_routes(default_model):
     import copy
 
     import prunepath
-    from prunepath.checkpoint import CheckpointError
+    from prunepath.errors import CheckpointError
 
     model, tok = copy.deepcopy(default_model[0]), default_model[1]
     try:
         model, tok = prunepath.load("default", base=(model, tok))
     except CheckpointError:
         prunepath.moefy(model, prunepath.MoefyConfig(split="random"), progress=False)  # fast, still 48 experts
-        model.set_gate("one")
+        set_gate(model, "one")
     ex = Explorer(model, tok, "default", config=ExploreConfig(max_tokens=64, gen_tokens=4))
     long = PROMPT * 8  # ~80 tokens: truncated to 64
     r5, r9 = ex.route(long, "mass", 0.5), ex.route(long, "mass", 0.9)

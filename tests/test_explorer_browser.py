@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from prunepath.explore import build_tiny_checkpoint
+from prunepath.explore.loading import build_tiny_checkpoint
 
 pytestmark = pytest.mark.browser
 

@@ -11,11 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 import prunepath
+from prunepath import routing
 from prunepath.cli import main
-from prunepath.extract import (
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_tau
+from prunepath.train.config import LoraSettings, RoutingLoss, Schedule, Teacher, TrainConfig
+from prunepath.train.data import DataConfig
+from prunepath.train.extract import extract_adapter, format_report
+from prunepath.train.lowrank import (
     allocate_ranks,
-    extract_adapter,
-    format_report,
     gradient_grams,
     input_grams,
     low_rank,
@@ -23,12 +27,12 @@ from prunepath.extract import (
     whitened_low_rank,
     whitening,
 )
-from prunepath.train import TrainConfig, train
+from prunepath.train.trainer import train
 
 
 def _moefy(model):
     model.config.prunepath_base = "tiny-llama"  # save() records where the base came from
-    cfg = prunepath.MoefyConfig(expert_size=16, rule="mass:0.9", gate="one", router_init="centroid")
+    cfg = prunepath.MoefyConfig(expert_size=16, rule=routing.CumulativeMass(0.9), gate="one", router_init="centroid")
     return prunepath.moefy(model, cfg, progress=False)
 
 
@@ -88,7 +92,7 @@ def test_full_rank_extraction_reproduces_the_fine_tune(tiny_llama, tmp_path):
     assert all(0.05 < c < 0.5 for c in report["change"].values())
     small, _ = prunepath.load(tmp_path / "x64", base=_base(tiny_llama))
     torch.testing.assert_close(_logits(small, ids), _logits(tuned, ids), atol=2e-4, rtol=1e-4)
-    for f, t in zip(small.prunepath_ffns(), tuned.prunepath_ffns()):  # the fine-tune's routers come along
+    for f, t in zip(prunepath_ffns(small), prunepath_ffns(tuned)):  # the fine-tune's routers come along
         torch.testing.assert_close(f.router.state_dict(), t.router.state_dict())
 
     report = extract_adapter(tmp_path / "ft", tmp_path / "x4", rank=4, base=_base(tiny_llama))
@@ -112,8 +116,10 @@ def test_a_trained_fine_tune_reports_what_lora_cannot_carry(tiny_llama, tmp_path
         tiny_llama.tie_weights()
     model = _moefy(copy.deepcopy(tiny_llama))
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    cfg = TrainConfig(objective="lm", trainable="all", steps=3, stage1_steps=0, batch_size=4, seq_len=16, lr=0.0,
-                      backbone_lr=1e-2, save_every=3, tau=0.9)
+    cfg = TrainConfig(objective="lm", trainable="all",
+                      schedule=Schedule(steps=3, stage1_steps=0, lr=0.0, backbone_lr=1e-2, save_every=3),
+                      data=DataConfig(batch_size=4, seq_len=16),
+                      routing=RoutingLoss(tau=0.9))
     train(model, None, cfg, tmp_path / "ft", batches=(ids, torch.ones_like(ids)), progress=False)
     report = extract_adapter(tmp_path / "ft", tmp_path / "x", rank=8, targets="ffn", base=_base(tiny_llama))
     assert set(report["kept"]) == {"gate_proj", "up_proj", "down_proj"}
@@ -123,8 +129,10 @@ def test_a_trained_fine_tune_reports_what_lora_cannot_carry(tiny_llama, tmp_path
     assert any("norm" in n for n in moved) and all(c > 0 for c in moved.values())
     info = prunepath.read_meta(tmp_path / "x")["train"]
     assert [r["trainable"] for r in info["previous"]] == ["all"]  # the fine-tune's record is kept
-    again = TrainConfig(objective="lm", trainable="lora", lora_targets="ffn", lora_r=8, steps=1, stage1_steps=0,
-                        batch_size=4, seq_len=16, lr=0.0, save_every=1, lora_init=str(tmp_path / "x" / "adapter"))
+    again = TrainConfig(objective="lm", trainable="lora",
+                        lora=LoraSettings(targets="ffn", r=8, init=str(tmp_path / "x" / "adapter")),
+                        schedule=Schedule(steps=1, stage1_steps=0, lr=0.0, save_every=1),
+                        data=DataConfig(batch_size=4, seq_len=16))
     plain, _ = prunepath.load(tmp_path / "x", base=_base(tiny_llama), adapter=False)
     train(plain, None, again, tmp_path / "y", batches=(ids, torch.ones_like(ids)), progress=False)  # trains further
     assert (tmp_path / "y" / "adapter" / "adapter_model.safetensors").is_file()
@@ -204,8 +212,11 @@ def test_trainable_linear_changes_only_what_lora_can_carry(tiny_llama, tmp_path)
     model = _moefy(copy.deepcopy(tiny_llama))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(4))
-    cfg = TrainConfig(objective="lm", trainable="linear", teacher="dense", steps=3, stage1_steps=0, batch_size=4,
-                      seq_len=16, lr=0.0, backbone_lr=1e-2, save_every=3, tau=0.9)
+    cfg = TrainConfig(objective="lm", trainable="linear",
+                      teacher=Teacher(kind="dense"),
+                      schedule=Schedule(steps=3, stage1_steps=0, lr=0.0, backbone_lr=1e-2, save_every=3),
+                      data=DataConfig(batch_size=4, seq_len=16),
+                      routing=RoutingLoss(tau=0.9))
     tuned, _ = train(model, None, cfg, tmp_path / "ft", batches=(ids, torch.ones_like(ids)), progress=False)
     changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.endswith(("_proj.weight",)) for n in changed)  # no embedding, norm or router moved
@@ -272,10 +283,10 @@ def test_gradient_grams_are_each_layers_output_gradient_second_moment(tiny_llama
     model = _moefy(copy.deepcopy(tiny_llama))
     ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(16))
     names = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("v_proj", "up_proj", "down_proj")}
-    rules = [f.rule.spec for f in model.prunepath_ffns()]
+    rules = [f.rule.spec for f in prunepath_ffns(model)]
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     grads = gradient_grams(model, ids, names, taus=(0.5, 1.05), batch_size=2)
-    assert set(grads) == names and [f.rule.spec for f in model.prunepath_ffns()] == rules  # restored
+    assert set(grads) == names and [f.rule.spec for f in prunepath_ffns(model)] == rules  # restored
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())  # no parameter gradient was made
     outs = {}  # the same gradients by hand: every output retained, the summed loss over all rows at once
@@ -290,7 +301,7 @@ def test_gradient_grams_are_each_layers_output_gradient_second_moment(tiny_llama
     hooks = [dict(model.named_modules())[n].register_forward_hook(keep(n)) for n in names]
     seen = {n: [] for n in names}
     for tau in (0.5, 1.05):
-        model.set_tau(tau)
+        set_tau(model, tau)
         outs.clear()
         logits = model(input_ids=ids).logits[:, :-1]
         torch.nn.functional.cross_entropy(logits.reshape(-1, 128), ids[:, 1:].reshape(-1), reduction="sum").backward()
@@ -308,14 +319,14 @@ def test_input_grams_are_each_layers_input_second_moment(tiny_llama):
     model = _moefy(copy.deepcopy(tiny_llama))
     ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(6))
     names = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "down_proj")}
-    rules = [f.rule.spec for f in model.prunepath_ffns()]
+    rules = [f.rule.spec for f in prunepath_ffns(model)]
     grams = input_grams(model, ids, names, taus=(0.5, 1.05), batch_size=2)
-    assert set(grams) == names and [f.rule.spec for f in model.prunepath_ffns()] == rules  # restored
+    assert set(grams) == names and [f.rule.spec for f in prunepath_ffns(model)] == rules  # restored
     seen = {}  # the same inputs, captured by hand, one τ after the other
     hooks = [dict(model.named_modules())[n].register_forward_pre_hook(
         lambda m, a, n=n: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
     for tau in (0.5, 1.05):
-        model.set_tau(tau)
+        set_tau(model, tau)
         with torch.no_grad():
             model(input_ids=ids)
     for h in hooks:

@@ -13,11 +13,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from prunepath.kernels import FastPath, attach_fast_paths, detach_fast_paths  # noqa: E402
+from prunepath.kernels import FastPath, torch_path, use_fast_paths  # noqa: E402
 from prunepath.kernels import fastpath as fastpath_mod  # noqa: E402
 from prunepath.kernels.expert_ffn import expert_ffn  # noqa: E402
 
-from prunepath import MoefyConfig, moefy  # noqa: E402
+from prunepath import MoefyConfig, moefy, routing  # noqa: E402
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_tau
+from prunepath.routing.stats import record
 
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("PRUNEPATH_GPU_TESTS") else "cpu"
 
@@ -26,9 +29,9 @@ DEV = "cuda" if torch.cuda.is_available() and os.environ.get("PRUNEPATH_GPU_TEST
 def converted(tiny_llama):
     """The 2-layer tiny Llama (D=64, 4 experts of 32) converted, with peaked random routers."""
     m = copy.deepcopy(tiny_llama).to(DEV)
-    moefy(m, MoefyConfig(split="random", router_init="zero", rule="mass:0.6"), progress=False)
+    moefy(m, MoefyConfig(split="random", router_init="zero", rule=routing.CumulativeMass(0.6)), progress=False)
     torch.manual_seed(0)
-    for f in m.prunepath_ffns():
+    for f in prunepath_ffns(m):
         f.router.weight.data.normal_(0, 0.5)
     return m
 
@@ -37,16 +40,15 @@ def _both(ffn, x):
     """(fast path output, torch path output) for the same input."""
     with torch.no_grad():
         fast = ffn(x)
-        keep, ffn.fast_path = ffn.fast_path, None
-        ref = ffn(x)
-        ffn.fast_path = keep
+        with torch_path(ffn):
+            ref = ffn(x)
     return fast, ref
 
 
 @pytest.mark.parametrize("rows", [1, 3])  # the GEMV path and the padded tensor-core path
 def test_fast_path_equals_torch_path(converted, rows):
-    ffn = converted.prunepath_ffns()[0]
-    ffn.fast_path = FastPath(ffn)
+    ffn = prunepath_ffns(converted)[0]
+    use_fast_paths(ffn)
     x = torch.randn(1, rows, 64, device=DEV)
     with torch.no_grad():  # with grad enabled (trainable weights) the torch path is the one to use
         assert ffn.fast_path.accepts(x)
@@ -56,29 +58,28 @@ def test_fast_path_equals_torch_path(converted, rows):
 
 
 def test_tau_change_reaches_the_kernel_and_stats_are_recorded(converted):
-    """set_tau updates the device parameter; record_stats counts kept experts on the fast path too."""
-    attach_fast_paths(converted)
-    ffn = converted.prunepath_ffns()[1]
+    """set_tau updates the device parameter; a recorder counts kept experts on the fast path too."""
+    use_fast_paths(converted)
+    ffn = prunepath_ffns(converted)[1]
     x = torch.randn(1, 1, 64, device=DEV)
     for tau in (0.3, 0.95, 1.05):
-        converted.set_tau(tau)
+        set_tau(converted, tau)
         fast, ref = _both(ffn, x)
         assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-5), f"tau={tau}"
-    converted.record_stats(True)
-    with torch.no_grad():
+    with record(converted) as rec, torch.no_grad():
         ffn(x)
-    assert ffn.last_counts.tolist() == [4]  # tau > 1 keeps all 4 experts
-    detach_fast_paths(converted)
-    assert all(f.fast_path is None for f in converted.prunepath_ffns())
+    assert rec.counts[1][-1].tolist() == [4]  # tau > 1 keeps all 4 experts
+    use_fast_paths(converted, False)
+    assert all(f.fast_path is None for f in prunepath_ffns(converted))
 
 
 def test_share_down_keeps_outputs(converted):
     """share_down re-stores down_proj as a view of the kernel slab: same values, no copy."""
-    ffn = converted.prunepath_ffns()[0]
+    ffn = prunepath_ffns(converted)[0]
     x = torch.randn(1, 2, 64, device=DEV)
     with torch.no_grad():
         before = ffn(x)
-    ffn.fast_path = FastPath(ffn, share_down=True)
+    use_fast_paths(ffn, share_down=True)
     fast, ref = _both(ffn, x)
     assert not ffn.down_proj.weight.is_contiguous()
     assert ffn.down_proj.weight.data_ptr() == ffn.fast_path.layout.w_out.data_ptr()
@@ -87,8 +88,8 @@ def test_share_down_keeps_outputs(converted):
 
 def test_layout_follows_in_place_weight_updates(converted):
     """An in-place update of the down weights (an optimizer step) rebuilds the transposed copy."""
-    ffn = converted.prunepath_ffns()[0]
-    ffn.fast_path = FastPath(ffn)
+    ffn = prunepath_ffns(converted)[0]
+    use_fast_paths(ffn)
     x = torch.randn(1, 1, 64, device=DEV)
     _both(ffn, x)
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_layout_follows_in_place_weight_updates(converted):
 
 
 def test_accepts_falls_back_where_it_must(converted):
-    ffn = converted.prunepath_ffns()[0]
+    ffn = prunepath_ffns(converted)[0]
     fp = FastPath(ffn)
     assert not fp.accepts(torch.randn(1, 9, 64, device=DEV))  # prefill: more than 8 rows
     with torch.enable_grad():
@@ -113,7 +114,7 @@ def test_accepts_falls_back_where_it_must(converted):
 
 
 def test_unsupported_dtype_warns_once(converted):
-    ffn = converted.prunepath_ffns()[0].double()
+    ffn = prunepath_ffns(converted)[0].double()
     fp = FastPath(ffn)
     fastpath_mod._WARNED.clear()
     x = torch.randn(1, 1, 64, device=DEV, dtype=torch.float64)
@@ -124,7 +125,7 @@ def test_unsupported_dtype_warns_once(converted):
 
 
 def test_wrong_layout_is_a_clear_error(converted):
-    ffn = converted.prunepath_ffns()[0]
+    ffn = prunepath_ffns(converted)[0]
     fp = FastPath(ffn)
     with torch.no_grad():
         fp(torch.randn(1, 1, 64, device=DEV))  # builds the fp32 layout

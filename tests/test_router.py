@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prunepath.router import LinearRouter, MLPRouter, centroid_weight, make_router
+from prunepath.routing.router import LinearRouter, MLPRouter, centroid_weight, make_router
 
 D, E = 24, 6
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from prunepath.selfdata import generate_selfdata, read_rows
-from prunepath.train import TrainConfig
-from prunepath.train_data import check_data, training_batches
+from prunepath.train.config import RoutingLoss, Schedule, TrainConfig
+from prunepath.train.data import DataConfig, check_data, training_batches
+from prunepath.train.selfdata import generate_selfdata, read_rows
 
 ROWS = [{"instruction": "Name a colour.", "input": ""},
         {"instruction": "Add the numbers.", "input": "2 and 3"},
@@ -63,8 +63,7 @@ def test_chat_training_data_uses_the_template_and_cut_off_answers_do_not_end(def
             {"instruction": "Count.", "input": "to three", "output": "One, two", "finished": False},
             {"instruction": "Say no.", "input": "", "output": "No.", "finished": True}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(objective="lm", data=f"chat:{path}", tokens=10_000, seq_len=96)
-    ids, mask = training_batches(tok, cfg)
+    ids, mask = training_batches(tok, DataConfig(source=f"chat:{path}", tokens=10_000, seq_len=96))
     texts = {t.split("<|im_start|>user\n")[1][:5]: t for t in (tok.decode(i[m.bool()]) for i, m in zip(ids, mask))}
     assert sorted(texts) == ["Count", "Say n", "Say y"]
     user, answer = "<|im_start|>user\nSay yes.<|im_end|>\n", "<|im_start|>assistant\nYes.<|im_end|>"
@@ -72,8 +71,7 @@ def test_chat_training_data_uses_the_template_and_cut_off_answers_do_not_end(def
     # the cut-off answer is kept but has no end-of-turn token: nothing teaches stopping mid-answer
     assert texts["Count"].endswith("<|im_start|>assistant\nOne, two")
     assert ids[0, 0].item() == tok.convert_tokens_to_ids("<|im_start|>")  # the template's start, nothing added
-    mixed, _ = training_batches(tok, TrainConfig(objective="lm", data=f"calibration+chat:{path}", tokens=512,
-                                                 seq_len=96))
+    mixed, _ = training_batches(tok, DataConfig(source=f"calibration+chat:{path}", tokens=512, seq_len=96))
     assert torch.equal(mixed[-len(ids):], ids)  # the mix puts the chat rows after the LM windows
 
 
@@ -102,14 +100,15 @@ def test_skip_answers_the_rows_after_another_runs_prompts(tmp_path, capsys, monk
     import json
 
     import prunepath.models
-    import prunepath.selfdata
+    import prunepath.train.selfdata
     from prunepath.cli import main
 
     src = tmp_path / "src.jsonl"
     src.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n" for i in range(5)))
     asked = []
     monkeypatch.setattr(prunepath.models, "load_model", lambda *_a, **_k: (None, None))
-    monkeypatch.setattr(prunepath.selfdata, "generate_selfdata", lambda _m, _t, rows, *_a, **_k: asked.append(rows))
+    monkeypatch.setattr(prunepath.train.selfdata, "generate_selfdata",
+                        lambda _m, _t, rows, *_a, **_k: asked.append(rows))
     assert main(["selfdata", "--source", str(src), "--skip", "3", "--out", str(tmp_path / "a.jsonl")]) == 0
     assert main(["selfdata", "--source", str(src), "--skip", "1", "--limit", "2", "--samples", "2",
                  "--temperature", "1", "--out", str(tmp_path / "b.jsonl")]) == 0
@@ -134,7 +133,7 @@ def test_sampled_answers_repeat_with_the_seed_and_resume_to_the_same_file(defaul
 
 
 def test_continuations_start_with_the_real_prefix_and_train_packed(default_model, tmp_path):
-    from prunepath.selfdata import generate_continuations, text_prefixes
+    from prunepath.train.selfdata import generate_continuations, text_prefixes
 
     model, tok = default_model
     prefixes = text_prefixes(tok, "calibration", 5, prefix_tokens=8, seed=1)
@@ -151,11 +150,11 @@ def test_continuations_start_with_the_real_prefix_and_train_packed(default_model
     assert all(len(tok(r["text"], add_special_tokens=False)["input_ids"]) <= 8 + 6 + 2 for r in rows)
     assert [r["prefix"] for r in rows] == [tok.decode(p) for p in prefixes]
     # text:FILE packs the rows (EOS between them) into full windows: no padding at all
-    ids, mask = training_batches(tok, TrainConfig(objective="lm", data=f"text:{out}", tokens=24, seq_len=12))
+    ids, mask = training_batches(tok, DataConfig(source=f"text:{out}", tokens=24, seq_len=12))
     assert ids.shape == (2, 12) and bool(mask.all())
     assert (ids == tok.eos_token_id).any()
     with pytest.raises(ValueError, match="fewer than one"):
-        training_batches(tok, TrainConfig(objective="lm", data=f"text:{out}", tokens=10_000, seq_len=4096))
+        training_batches(tok, DataConfig(source=f"text:{out}", tokens=10_000, seq_len=4096))
     no_text = tmp_path / "no_text.jsonl"
     no_text.write_text('{"prefix": "a"}\n')
     with pytest.raises(ValueError, match="no text field 'text'"):
@@ -165,7 +164,7 @@ def test_continuations_start_with_the_real_prefix_and_train_packed(default_model
 
 
 def test_a_mix_takes_the_stated_tokens_of_each_part():
-    from prunepath.train_data import mix_parts
+    from prunepath.train.data import mix_parts
 
     assert mix_parts("calibration+wikitext2", 1000) == [("calibration", 500), ("wikitext2", 500)]
     assert mix_parts("calibration@200+wikitext2+alpaca", 1000) == [("calibration", 200), ("wikitext2", 400),
@@ -183,13 +182,16 @@ def test_a_mix_takes_the_stated_tokens_of_each_part():
 def test_the_trainer_says_when_the_data_holds_fewer_tokens_than_asked(default_model, tmp_path):
     from prunepath.convert import MoefyConfig, moefy
     from prunepath.models import load_model
-    from prunepath.train import Trainer
+    from prunepath.train.trainer import Trainer
 
     tok = default_model[1]
     path = tmp_path / "short.jsonl"
     path.write_text(json.dumps({"text": "One short line of text, far fewer tokens than asked."}) + "\n")
     model, _ = load_model()
     moefy(model, MoefyConfig(router_init="zero"), progress=False)
-    cfg = TrainConfig(objective="lm", data=f"text:{path}", tokens=4096, seq_len=8, lr=0.0, gate="one")
+    cfg = TrainConfig(objective="lm",
+                      data=DataConfig(source=f"text:{path}", tokens=4096, seq_len=8),
+                      schedule=Schedule(lr=0.0),
+                      routing=RoutingLoss(gate="one"))
     with pytest.warns(UserWarning, match="holds 8 tokens of the 4,096 asked for"):
         Trainer(model, tok, cfg, tmp_path / "run", progress=False)  # 12 tokens pack into one 8-token window

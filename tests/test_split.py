@@ -6,13 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunepath.split import (
-    _rebalance,
-    balanced_assign,
-    check_expert_size,
-    divisors_near,
-    split_neurons,
-)
+from prunepath.ffn.split import _rebalance, balanced_assign, check_expert_size, divisors_near, split_neurons
 
 
 def planted(n_experts=12, g=8, d=40, noise=0.8, seed=0):

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 import prunepath
-from prunepath import sweep
+from prunepath import routing
+from prunepath.evaluate import sweep
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing import calibrate
+from prunepath.routing.control import rule_spec, set_active_fraction, set_rule, set_tau
 
 
 @pytest.fixture
@@ -20,24 +24,24 @@ def tiny16(tiny_llama):
 @pytest.mark.parametrize("target", [0.3, 0.5])
 def test_calibrate_hits_target(tiny16, target):
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    res = sweep.calibrate_tau(tiny16, ids, target, tol=0.01)
+    res = calibrate.calibrate_tau(tiny16, ids, target, tol=0.01)
     assert abs(res["active_fraction"] - target) <= 0.02, res
-    tiny16.set_tau(res["tau"])  # the reported τ really gives that fraction
-    assert sweep.measured_fraction(tiny16, ids) == pytest.approx(res["active_fraction"])
+    set_tau(tiny16, res["tau"])  # the reported τ really gives that fraction
+    assert calibrate.measured_fraction(tiny16, ids) == pytest.approx(res["active_fraction"])
     assert len(res["per_layer_tau"]) == 2
     assert all(abs(v - target) <= 0.03 for v in res["per_layer_fraction_captured"])
-    tiny16.set_tau(res["per_layer_tau"])  # per-layer τ, run for real: near the target too
-    assert abs(sweep.measured_fraction(tiny16, ids) - target) <= 0.05
+    set_tau(tiny16, res["per_layer_tau"])  # per-layer τ, run for real: near the target too
+    assert abs(calibrate.measured_fraction(tiny16, ids) - target) <= 0.05
 
 
 def test_calibrate_restores_rules_and_refuses_bad_targets(tiny16):
     ids = torch.randint(0, 128, (4, 16))
-    tiny16.set_rule("topk:3")
-    sweep.calibrate_tau(tiny16, ids, 0.5, tol=0.05, iters=4)
-    assert tiny16.rule_spec == "topk:3"
+    set_rule(tiny16, routing.TopK(3))
+    calibrate.calibrate_tau(tiny16, ids, 0.5, tol=0.05, iters=4)
+    assert rule_spec(tiny16) == "topk:3"
     for bad in (0.0, 1.0, 1.5, 0.01):
         with pytest.raises(ValueError, match="target"):
-            sweep.calibrate_tau(tiny16, ids, bad)
+            calibrate.calibrate_tau(tiny16, ids, bad)
 
 
 def test_small_sweep_writes_tidy_rows(tmp_path):
@@ -63,17 +67,16 @@ def test_small_sweep_writes_tidy_rows(tmp_path):
         LlamaForCausalLM(cfg).eval(), prunepath.MoefyConfig(expert_size=8, gate="one"), progress=False
     )
     out = tmp_path / "sw"
-    kw = dict(
+    config = sweep.SweepConfig(
         fractions=(0.5,),
         taus=(0.9,),
         tasks=("wikitext2",),
         wt_tokens=48,
         calib_tokens=256,
         task_opts={"wikitext2": {"context": 16, "stride": 16}},
-        progress=False,
-        meta={"device": "cpu"},
     )
-    sw = sweep.run_sweep(model, tok, out, **kw)
+    kw = dict(progress=False, meta={"device": "cpu"})
+    sw = sweep.run_sweep(model, tok, out, config, **kw)
     methods = {r["method"] for r in sw.rows}
     assert methods == {
         "dense",
@@ -101,19 +104,19 @@ def test_small_sweep_writes_tidy_rows(tmp_path):
     assert "| prunepath | 0.5 |" in out.with_suffix(".md").read_text()
     assert "0.5" in json.loads(out.with_suffix(".json").read_text())["meta"]["expert_counts"]
     # a second call finds every row done and evaluates nothing new
-    again = sweep.run_sweep(model, tok, out, **kw)
+    again = sweep.run_sweep(model, tok, out, config, **kw)
     assert len(again.rows) == len(sw.rows)
 
 
-def test_sweep_refuses_bad_input(tiny16, tmp_path):
+def test_sweep_refuses_bad_input():
     with pytest.raises(ValueError, match="unknown task"):
-        sweep.run_sweep(tiny16, None, tmp_path / "x", tasks=("nope",))
+        sweep.SweepConfig(tasks=("nope",))
     with pytest.raises(ValueError, match="unknown method"):
-        sweep.run_sweep(tiny16, None, tmp_path / "x", methods=("magic",))
+        sweep.SweepConfig(methods=("magic",))
     with pytest.raises(ValueError, match="fractions"):
-        sweep.run_sweep(tiny16, None, tmp_path / "x", fractions=(1.5,))
+        sweep.SweepConfig(fractions=(1.5,))
     with pytest.raises(ValueError, match="tau"):
-        sweep.run_sweep(tiny16, None, tmp_path / "x", taus=(-1.0,))
+        sweep.SweepConfig(taus=(-1.0,))
 
 
 def test_gpu_batching_only_fills_in_what_is_missing(tiny16):
@@ -135,18 +138,18 @@ def test_saved_calibration_routes_a_loaded_checkpoint_to_its_fraction(tiny_llama
     model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=8, gate="one"), progress=False)
     prunepath.save(model, tmp_path)
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
-    results = [sweep.calibrate_tau(model, ids, t, tol=0.01) for t in (0.3, 0.5)]
+    results = [calibrate.calibrate_tau(model, ids, t, tol=0.01) for t in (0.3, 0.5)]
     save_calibration(tmp_path, results[:1], {"adapter": False, "tokens": ids.numel()})
     save_calibration(tmp_path, results[1:], {"adapter": False, "tokens": ids.numel()})  # merged by target
     loaded, _ = prunepath.load(tmp_path, base=(base, None))
     assert sorted(loaded.prunepath_calibration["targets"]) == [0.3, 0.5]
-    entry = loaded.set_active_fraction(0.5)
-    assert loaded.rule_spec == "per-layer" and entry["per_layer_tau"] == results[1]["per_layer_tau"]
-    assert sweep.measured_fraction(loaded, ids) == pytest.approx(results[1]["per_layer_active_fraction"], abs=1e-6)
-    loaded.set_active_fraction(0.3, per_layer=False)
-    assert all(f.rule.tau == results[0]["tau"] for f in loaded.prunepath_ffns())  # one global τ
+    entry = set_active_fraction(loaded, 0.5)
+    assert rule_spec(loaded) == "per-layer" and entry["per_layer_tau"] == results[1]["per_layer_tau"]
+    assert calibrate.measured_fraction(loaded, ids) == pytest.approx(results[1]["per_layer_active_fraction"], abs=1e-6)
+    set_active_fraction(loaded, 0.3, per_layer=False)
+    assert all(f.rule.tau == results[0]["tau"] for f in prunepath_ffns(loaded))  # one global τ
     with pytest.raises(ValueError, match=r"no calibration for active fraction 0.4 \(stored: 0.3, 0.5\).*--save"):
-        loaded.set_active_fraction(0.4)
+        set_active_fraction(loaded, 0.4)
 
 
 def test_calibration_is_dropped_for_other_weights_and_checked_when_damaged(tiny_llama, tmp_path):
@@ -160,11 +163,11 @@ def test_calibration_is_dropped_for_other_weights_and_checked_when_damaged(tiny_
     prunepath.save(model, tmp_path)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     # measured with an adapter folded in: a load without one (this checkpoint has none) must not use it
-    save_calibration(tmp_path, [sweep.calibrate_tau(model, ids, 0.5, tol=0.05)], {"adapter": True})
+    save_calibration(tmp_path, [calibrate.calibrate_tau(model, ids, 0.5, tol=0.05)], {"adapter": True})
     loaded, _ = prunepath.load(tmp_path, base=(bases[0], None))
     assert loaded.prunepath_calibration is None
     with pytest.raises(ValueError, match="no stored τ calibration.*prunepath calibrate"):
-        loaded.set_active_fraction(0.5)
+        set_active_fraction(loaded, 0.5)
     meta = json.loads((tmp_path / "prunepath.json").read_text())
     meta["calibration"]["targets"]["0.5"]["per_layer_tau"] = [0.5]  # one value for a two-layer model
     (tmp_path / "prunepath.json").write_text(json.dumps(meta))
@@ -180,8 +183,8 @@ def test_the_default_checkpoint_ships_calibrated_fractions():
     assert sorted(model.prunepath_calibration["targets"]) == [0.25, 0.375, 0.5, 0.625, 0.75, 0.875]
     text = "The committee met on Tuesday to discuss the budget. " * 6  # not the calibration text
     ids = tok(text, return_tensors="pt")["input_ids"]
-    model.set_active_fraction(0.5)
-    assert sweep.measured_fraction(model, ids) == pytest.approx(0.5, abs=0.06)
+    set_active_fraction(model, 0.5)
+    assert calibrate.measured_fraction(model, ids) == pytest.approx(0.5, abs=0.06)
     plain, _ = prunepath.load("default", adapter=False)  # calibrated with the adapter: not for the bare routers
     assert plain.prunepath_calibration is None
 

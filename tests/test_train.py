@@ -15,20 +15,18 @@ import pytest
 import torch
 
 import prunepath
-from prunepath.train import (
-    STATE_FILE,
-    TrainConfig,
-    Trainer,
-    TrainingDiverged,
-    TrainingStopped,
-    routing_losses,
-    train,
-)
+from prunepath import routing
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.stats import record
+from prunepath.train.config import RoutingLoss, Schedule, Teacher, TrainConfig
+from prunepath.train.data import DataConfig
+from prunepath.train.losses import routing_losses
+from prunepath.train.trainer import STATE_FILE, Trainer, TrainingDiverged, TrainingStopped, train
 
 
 def _moefy(model, gate="sigmoid", tau=0.9, init="centroid"):
     model.config.prunepath_base = "tiny-llama"  # save() records where the base came from
-    cfg = prunepath.MoefyConfig(expert_size=16, rule=f"mass:{tau}", gate=gate, router_init=init)
+    cfg = prunepath.MoefyConfig(expert_size=16, rule=routing.CumulativeMass(tau), gate=gate, router_init=init)
     return prunepath.moefy(model, cfg, progress=False)
 
 
@@ -43,16 +41,13 @@ def _batch(seed=0, b=4, t=16, vocab=128):
 def _cfg(**kw):
     base = dict(objective="lm", steps=8, stage1_steps=0, batch_size=4, seq_len=16, lr=5e-2, save_every=4, tau=0.9)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(base)
 
 
 def _experts_kept(model, ids) -> float:
-    model.record_stats(True)
-    with torch.no_grad():
+    with record(model) as rec, torch.no_grad():
         model(input_ids=ids)
-    kept = model.routing_stats().mean_experts
-    model.record_stats(False)
-    return kept
+    return rec.stats().mean_experts
 
 
 def test_lm_loss_decreases(tiny_llama, tmp_path):
@@ -99,7 +94,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_llama, tmp_path):
     tr = Trainer(resumed, None, cfg, tmp_path / "part", progress=False, batches=_batch())
     log = tr.run(resume=True)
     assert len(log) == 6
-    for a, b in zip(full.prunepath_ffns(), resumed.prunepath_ffns()):
+    for a, b in zip(prunepath_ffns(full), prunepath_ffns(resumed)):
         assert torch.equal(a.router.weight, b.router.weight)
 
 
@@ -127,7 +122,7 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(tiny_llama, tmp_path
     resumed = _moefy(copy.deepcopy(tiny_llama))
     log = Trainer(resumed, None, cfg, tmp_path / "part", progress=False, batches=_batch()).run(resume=True)
     assert [r["step"] for r in log] == list(range(1, 7))
-    for a, b in zip(full.prunepath_ffns(), resumed.prunepath_ffns()):
+    for a, b in zip(prunepath_ffns(full), prunepath_ffns(resumed)):
         assert torch.equal(a.router.weight, b.router.weight)
 
 
@@ -156,7 +151,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_llama, tmp_path):
     tr = Trainer(model, None, _cfg(steps=6, save_every=2), tmp_path, progress=False, batches=_batch())
     tr.run(stop_after=2)
     saved = (tmp_path / "prunepath.safetensors").read_bytes(), (tmp_path / STATE_FILE).read_bytes()
-    tr.cfg = dataclasses.replace(tr.cfg, gamma=float("nan"))  # the next loss is NaN
+    tr.cfg = tr.cfg.replace_flat(gamma=float("nan"))  # the next loss is NaN
     with pytest.raises(TrainingDiverged, match="step 2.*kept"):
         tr.run()
     assert (tmp_path / "prunepath.safetensors").read_bytes() == saved[0]
@@ -167,11 +162,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_llama, tmp_path):
 def test_distill_fits_expert_norms(tiny_llama, tmp_path):
     model = _moefy(tiny_llama, gate="one")
     ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(objective="distill", steps=40, batch_size=2, seq_len=16, lr=3e-2, save_every=40)
+    cfg = TrainConfig(objective="distill",
+                      schedule=Schedule(steps=40, lr=3e-2, save_every=40),
+                      data=DataConfig(batch_size=2, seq_len=16))
     _, log = train(model, None, cfg, tmp_path, batches=(ids, torch.ones_like(ids)), progress=False)
     assert log[-1]["task"] < 0.7 * log[0]["task"]
     # the trained router ranks experts like the true norms more often than chance
-    f = model.prunepath_ffns()[0]
+    f = prunepath_ffns(model)[0]
     x = torch.randn(64, 64)
     agree = (f.router(x).argmax(-1) == f.expert_norms(x).argmax(-1)).float().mean()
     assert agree > 1 / f.n_experts
@@ -241,13 +238,13 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="objective"):
         TrainConfig(objective="rl")
     with pytest.raises(ValueError, match="tau"):
-        TrainConfig(tau=0)
+        TrainConfig(routing=RoutingLoss(tau=0))
     with pytest.raises(ValueError, match="routers only"):
         TrainConfig(objective="distill", trainable="lora")
     with pytest.raises(ValueError, match="tau_range"):
-        TrainConfig(tau_range=(0.9, 0.5))
+        TrainConfig(routing=RoutingLoss(tau_range=(0.9, 0.5)))
     with pytest.raises(ValueError, match="decay_steps"):
-        TrainConfig(steps=10, decay_steps=11)
+        TrainConfig(schedule=Schedule(steps=10, decay_steps=11))
 
 
 def test_resume_refuses_another_base_model(tiny_llama, tmp_path):
@@ -265,7 +262,7 @@ def test_resume_refuses_another_base_model(tiny_llama, tmp_path):
 
 def test_unknown_training_data_is_refused_before_loading_anything():
     with pytest.raises(ValueError, match="unknown training data 'nope'.*sst2"):
-        TrainConfig(data="nope")
+        TrainConfig(data=DataConfig(source="nope"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,7 +270,7 @@ def test_unknown_training_data_is_refused_before_loading_anything():
 
 
 def test_kd_loss_is_zero_for_equal_distributions_and_positive_otherwise():
-    from prunepath.losses import kd_loss
+    from prunepath.train.losses import kd_loss
 
     z = torch.randn(5, 11)
     assert kd_loss(z, torch.log_softmax(z, -1)).item() == pytest.approx(0.0, abs=1e-6)
@@ -319,24 +316,24 @@ def test_kd_weight_mixes_kl_and_cross_entropy(tiny_llama, tmp_path):
 
 def test_teacher_settings_are_checked():
     with pytest.raises(ValueError, match="teacher must be"):
-        TrainConfig(teacher="big")
+        TrainConfig(teacher=Teacher(kind="big"))
     with pytest.raises(ValueError, match="lm objective"):
-        TrainConfig(objective="distill", teacher="dense")
+        TrainConfig(objective="distill", teacher=Teacher(kind="dense"))
     with pytest.raises(ValueError, match="kd_weight"):
-        TrainConfig(objective="lm", teacher="dense", kd_weight=1.5)
+        TrainConfig(objective="lm", teacher=Teacher(kind="dense", kd_weight=1.5))
 
 
 def test_mixed_training_data_takes_half_from_each_source(default_model):
-    from prunepath.train_data import training_batches
+    from prunepath.train.data import training_batches
 
     tokenizer = default_model[1]
-    cfg = TrainConfig(objective="lm", data="calibration+alpaca", tokens=2048, seq_len=64)
+    cfg = DataConfig(source="calibration+alpaca", tokens=2048, seq_len=64)
     ids, mask = training_batches(tokenizer, cfg)
-    lm_ids, _ = training_batches(tokenizer, dataclasses.replace(cfg, data="calibration", tokens=1024))
-    al_ids, al_mask = training_batches(tokenizer, dataclasses.replace(cfg, data="alpaca", tokens=1024))
+    lm_ids, _ = training_batches(tokenizer, dataclasses.replace(cfg, source="calibration", tokens=1024))
+    al_ids, al_mask = training_batches(tokenizer, dataclasses.replace(cfg, source="alpaca", tokens=1024))
     assert torch.equal(ids, torch.cat([lm_ids, al_ids])) and torch.equal(mask[len(lm_ids) :], al_mask)
     with pytest.raises(ValueError, match="unknown training data 'nope'"):
-        TrainConfig(data="calibration+nope")
+        TrainConfig(data=DataConfig(source="calibration+nope"))
 
 
 def test_unit_gates_warn_that_routers_get_no_task_gradient(tiny_llama, tmp_path):
@@ -392,7 +389,7 @@ def test_continue_adapter_trains_the_saved_adapter_further(tiny_llama, tmp_path)
     assert info["steps"] == 3 and [r["steps"] for r in info["previous"]] == [2]  # the lineage is kept
     with pytest.raises(ValueError, match="rank 8.*rank 4.*--lora-r of at least 8"):
         Trainer(prunepath.load(tmp_path / "a", base=(bases[3], None), adapter=False)[0], None,
-                dataclasses.replace(cfg, lora_r=4), tmp_path / "c", batches=_batch())
+                cfg.replace_flat(lora_r=4), tmp_path / "c", batches=_batch())
     with pytest.raises(ValueError, match="no adapter_config.json"):
         _cfg(trainable="lora", lora_init=str(tmp_path))
     with pytest.raises(ValueError, match="needs trainable='lora'"):
@@ -436,7 +433,7 @@ def test_continue_adapter_grows_its_rank_exactly_and_saves_bf16(tiny_llama, tmp_
     assert 0 < err < 0.01 * trained.abs().mean()
     with pytest.raises(ValueError, match="rank 8.*rank 4.*at least 8"):
         Trainer(prunepath.load(tmp_path / "a", base=(bases[3], None), adapter=False)[0], None,
-                dataclasses.replace(cfg, lora_r=4), tmp_path / "c", batches=_batch())
+                cfg.replace_flat(lora_r=4), tmp_path / "c", batches=_batch())
     with pytest.raises(ValueError, match="adapter_dtype"):
         _cfg(adapter_dtype="fp16")
     from safetensors.torch import save_file
@@ -448,7 +445,7 @@ def test_continue_adapter_grows_its_rank_exactly_and_saves_bf16(tiny_llama, tmp_
     save_file(bad, tmp_path / "bad" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="does not fit this model"):
         Trainer(prunepath.load(tmp_path / "a", base=(bases[4], None), adapter=False)[0], None,
-                dataclasses.replace(cfg, lora_init=str(tmp_path / "bad")), tmp_path / "d", batches=_batch())
+                cfg.replace_flat(lora_init=str(tmp_path / "bad")), tmp_path / "d", batches=_batch())
 
 
 def test_keep_every_keeps_loadable_snapshots(tiny_llama, tmp_path):
@@ -472,4 +469,4 @@ def test_keep_every_keeps_loadable_snapshots(tiny_llama, tmp_path):
         assert torch.allclose(loaded(input_ids=ids).logits, at_2, atol=1e-4)  # step 2's weights, not the last
         assert not torch.allclose(final(input_ids=ids).logits, at_2, atol=1e-4)
     with pytest.raises(ValueError, match="multiple of save_every"):
-        TrainConfig(save_every=4, keep_every=6)
+        TrainConfig(schedule=Schedule(save_every=4, keep_every=6))

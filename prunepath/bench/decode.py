@@ -29,7 +29,11 @@ from pathlib import Path
 import torch
 
 from prunepath.bench.ffn import environment
-from prunepath.decode import DecodeConfig, Decoder
+from prunepath.decode.loop import DecodeConfig, Decoder
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_rule
+from prunepath.routing.rules import CumulativeMass
+from prunepath.routing.stats import record
 
 SHAPES = {  # Llama-3.2-1B and Llama-3-8B
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -64,18 +68,15 @@ def random_llama(name: str, device, dtype):
 
 def realised_fraction(model, tokens: torch.Tensor) -> float:
     """Mean fraction of experts kept per token over `tokens` [B, T] (torch routing path)."""
-    model.record_stats(True)
-    with torch.no_grad():
+    with record(model) as rec, torch.no_grad():
         model(tokens.to(next(model.parameters()).device))
-    frac = model.routing_stats().active_fraction
-    model.record_stats(False)
-    return float(frac)
+    return float(rec.stats().active_fraction)
 
 
 def router_inputs(model, tokens) -> list[torch.Tensor]:
     """FFN inputs [N, D] of every layer on `tokens` (hooks on the routers)."""
     caught, hooks = [], []
-    for f in model.prunepath_ffns():
+    for f in prunepath_ffns(model):
         hooks.append(f.router.register_forward_hook(lambda m, a, o: caught.append(a[0].reshape(-1, a[0].shape[-1]))))
     try:
         with torch.no_grad():
@@ -89,14 +90,14 @@ def router_inputs(model, tokens) -> list[torch.Tensor]:
 def calibrate_tau(model, tokens, target: float) -> float:
     """tau whose cumulative-mass rule keeps about `target` of the experts on `tokens` (bisection)."""
     from prunepath.kernels.route import RULE_MASS, select_reference
+    from prunepath.routing.calibrate import bisect
 
-    logits = [f.router(x).float() for f, x in zip(model.prunepath_ffns(), router_inputs(model, tokens))]
-    lo, hi = 1e-4, 1.0
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        frac = sum(select_reference(z, RULE_MASS, mid).float().mean().item() for z in logits) / len(logits)
-        lo, hi = (mid, hi) if frac < target else (lo, mid)
-    return hi
+    logits = [f.router(x).float() for f, x in zip(prunepath_ffns(model), router_inputs(model, tokens))]
+
+    def frac(tau: float) -> float:
+        return sum(select_reference(z, RULE_MASS, tau).float().mean().item() for z in logits) / len(logits)
+
+    return bisect(frac, 1e-4, 1.0, target, iters=25, tol=0.0)[0]
 
 
 def time_loop(dec: Decoder, ids, n: int) -> dict:
@@ -141,11 +142,11 @@ def bench_random(args, device, dtype) -> list[dict]:
     rows.append({"variant": "dense", **dense})
     print(f"{args.model} dense: {dense['tokens_per_s']:.1f} tok/s", flush=True)
     L, Fd = cfgm.num_hidden_layers, cfgm.intermediate_size
-    moefy(model, MoefyConfig(split="random", router_init="zero", rule="mass:0.5"),
+    moefy(model, MoefyConfig(split="random", router_init="zero", rule=CumulativeMass(0.5)),
           splits=[torch.arange(Fd)] * L, progress=False)
     E = Fd // 32
     torch.manual_seed(1)
-    for f in model.prunepath_ffns():  # random router directions, logit std ~ args.logit_std
+    for f in prunepath_ffns(model):  # random router directions, logit std ~ args.logit_std
         f.router.weight.data.normal_(0.0, args.logit_std / math.sqrt(cfgm.hidden_size))
     dec = Decoder(model, max_len=max_len, config=dcfg)
     from prunepath import routing
@@ -155,7 +156,7 @@ def bench_random(args, device, dtype) -> list[dict]:
         runs.append((f"topk {a:.0%}", routing.TopK(max(1, round(a * E))), a))
         runs.append((f"mass {a:.0%}", routing.CumulativeMass(calibrate_tau(model, ids, a)), a))
     for name, rule, a in runs:
-        model.set_rule(rule)
+        set_rule(model, rule)
         r = time_loop(dec, ids, args.new_tokens)
         gen = dec.out[:, : args.new_tokens].cpu()
         frac = realised_fraction(model, torch.cat([ids, gen], 1))
@@ -169,7 +170,7 @@ def bench_random(args, device, dtype) -> list[dict]:
 def bench_default(args, device, dtype) -> list[dict]:
     """Base model first (our loop, then transformers generate), freed; then the PrunePath model across
     tau. One model on the device at a time, so each peak memory belongs to the model measured."""
-    from prunepath.decode import encode_prompt, load_for_decode
+    from prunepath.decode.loop import encode_prompt, load_for_decode
 
     rows = []
     base, tok = load_for_decode(args.checkpoint, True, str(device), dtype)

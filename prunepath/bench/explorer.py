@@ -58,7 +58,7 @@ def slider_move(ex, prompt: str, tau: float, rule: str = "mass") -> tuple[float,
 
 def run(checkpoint: str = "default", n: int = 20, warmup: int = 3, tokens: int = 64,
         threads: int | None = None) -> dict:
-    from prunepath.explore import ExploreConfig, Explorer, configure_threads
+    from prunepath.explore.explorer import ExploreConfig, Explorer, configure_threads
 
     configure_threads(threads)  # as the app does
 

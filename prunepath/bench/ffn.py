@@ -135,6 +135,7 @@ def check(prob: Problem, x, code, param, cfg=None) -> float:
 
 def bench_shape(name, D, Fd, batch, fractions, copy_bw, cfg=None, mass_target=0.25) -> list[dict]:
     from prunepath.kernels.route import RULE_MASS, RULE_TOPK, route_reference, select_reference
+    from prunepath.routing.calibrate import bisect
 
     G = 32
     E = Fd // G
@@ -152,12 +153,9 @@ def bench_shape(name, D, Fd, batch, fractions, copy_bw, cfg=None, mass_target=0.
     # a cumulative-mass run with tau chosen (on these logits) to keep about `mass_target` of the experts
     lay0 = prob.layouts[0][0]
     logits = route_reference(x, lay0, RULE_TOPK, 1).logits
-    lo, hi = 1e-4, 1.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        frac = select_reference(logits, RULE_MASS, mid).float().mean().item()
-        lo, hi = (mid, hi) if frac < mass_target else (lo, mid)
-    runs.append(("mass", mass_target, RULE_MASS, hi))
+    tau, _ = bisect(lambda t: select_reference(logits, RULE_MASS, t).float().mean().item(), 1e-4, 1.0, mass_target,
+                    tol=0.0)
+    runs.append(("mass", mass_target, RULE_MASS, tau))
     for rule, f, code, p in runs:
         param = torch.tensor([p], device="cuda")
         err = check(prob, x, code, param, cfg)

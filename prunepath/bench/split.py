@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunepath.split import split_neurons
+from prunepath.ffn.split import split_neurons
 
 CASES = [(1536, 576, 32), (14336, 4096, 32)]  # (F, D, G)
 REAL_LAYERS = (0, 15, 29)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "load_average_before": list(os.getloadavg()),
-        "method": "balanced spherical k-means (prunepath.split.balanced_kmeans), seed 0",
+        "method": "balanced spherical k-means (prunepath.ffn.split.balanced_kmeans), seed 0",
         "cases": [],
     }
     # warm-up: first-call costs (allocator, thread pool) out of the timings

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from prunepath import scoring
-from prunepath.evaluate import EvalResult, RoutingRecorder, keeps_logits, model_name, recording, run_meta
+from prunepath.evaluate import scoring
+from prunepath.evaluate.result import EvalResult, RoutingRecorder, keeps_logits, model_name, recording, run_meta
 
 PROTOCOLS = ("prompt", "probe")
 
@@ -121,7 +121,7 @@ def label_logprobs(model, tokenizer, prompts: list[str], words: tuple[str, ...],
     sorted by length and batched (`batch_size` rows, and with `batch_tokens` at most that many prompt
     tokens, padding included) so batches pad little, and `logits_to_keep` drops the logits nobody reads.
     With `share_prefix` the prompts' common prefix (the demonstrations) runs once and every batch reuses
-    its KV cache; the numbers are the same (see `prunepath.scoring`). Pass `rec` when recording routing.
+    its KV cache; the numbers are the same (see `prunepath.evaluate.scoring`). Pass `rec` when recording routing.
     """
     word_ids = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
     if any(len(w) == 0 for w in word_ids):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-from prunepath.train import STATE_FILE, TrainConfig, TrainingDiverged, TrainingStopped, train
-from prunepath.train import __doc__ as _TRAIN_DOC
+from prunepath.train.config import FLAT_FIELDS, TrainConfig
+from prunepath.train.trainer import STATE_FILE, TrainingDiverged, TrainingStopped, train
+from prunepath.train.trainer import __doc__ as _TRAIN_DOC
 
 
 def add_cli(subparsers) -> None:
@@ -28,7 +28,7 @@ def add_cli(subparsers) -> None:
                    help="with --checkpoint and --trainable lora: train its LoRA adapter further (same targets; a "
                         "higher --lora-r grows it exactly) instead of refusing a second one; the teacher stays the "
                         "base model")
-    d = TrainConfig()
+    d = TrainConfig().flat()
     for name, kind, help_ in (
         (
             "objective",
@@ -67,8 +67,8 @@ def add_cli(subparsers) -> None:
             "--" + name.replace("_", "-"),
             dest=name,
             type=kind,
-            default=getattr(d, name),
-            help=f"{help_} (default {getattr(d, name)})",
+            default=d[name],
+            help=f"{help_} (default {d[name]})",
         )
     p.add_argument("--tau-range", type=float, nargs=2, default=None, metavar=("LO", "HI"), help="sample τ per batch")
     p.add_argument("--device", default="cpu", help="cpu | cuda (bf16 autocast on CUDA)")
@@ -90,9 +90,9 @@ class _BoolFlag(argparse.Action):
 def run(args) -> int:
     import prunepath
     from prunepath.convert import MoefyConfig
+    from prunepath.routing.rules import CumulativeMass
 
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{k: (tuple(v) if k == "tau_range" and v else v) for k, v in vars(args).items() if k in fields})
+    cfg = TrainConfig.from_flat({k: v for k, v in vars(args).items() if k in FLAT_FIELDS})
     out = Path(args.out)
     # A resumed run starts from the same source as the interrupted one; train_state.pt restores the rest.
     if args.continue_adapter:
@@ -103,18 +103,18 @@ def run(args) -> int:
         if not folder.is_dir():
             raise ValueError(f"--continue-adapter: {folder.parent} has no adapter/ to continue; train a new one "
                              "with --trainable lora (--no-adapter not needed)")
-        cfg = dataclasses.replace(cfg, lora_init=str(folder))
+        cfg = cfg.replace_flat(lora_init=str(folder))
     if args.checkpoint:  # a continued adapter is wrapped by the trainer, so it is not folded in here
-        model, tok = prunepath.load(args.checkpoint, device=cfg.device, adapter=args.adapter and not cfg.lora_init)
+        model, tok = prunepath.load(args.checkpoint, device=cfg.device, adapter=args.adapter and not cfg.lora.init)
     else:
         model, tok = prunepath.load_model(args.model or prunepath.DEFAULT_MODEL, device=cfg.device)
-        gate = cfg.gate or ("one" if cfg.objective == "distill" else "sigmoid")
+        gate = cfg.routing.gate or ("one" if cfg.objective == "distill" else "sigmoid")
         model = prunepath.moefy(
             model,
             MoefyConfig(
                 expert_size=args.expert_size,
                 router_init=args.router_init,
-                rule=f"mass:{cfg.tau}",
+                rule=CumulativeMass(cfg.routing.tau),
                 gate=gate,
                 seed=cfg.seed,
             ),

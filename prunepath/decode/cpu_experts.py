@@ -30,7 +30,7 @@ says (dense, τ > 1) and the gates are one, the path skips the router and runs t
 code on the FFN's own weights: bit-for-bit the dense FFN, never slower than it. Memory: one more copy
 of the FFN weights (gate/up expert-major, W_downᵀ), built on first use.
 
-Used by the decode loop on a CPU (`prunepath.decode.Decoder` attaches it through `ffn.fast_path`, the hook
+Used by the decode loop on a CPU (`prunepath.decode.loop.Decoder` attaches it through `ffn.fast_path`, the hook
 the GPU kernels use); the FFN's forward falls back to its torch path when `accepts` says no (prefill
 with many rows, autograd, a rule that needs the oracle's scores, another device or dtype).
 """
@@ -40,7 +40,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prunepath import routing
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.gates import gate_values
+from prunepath.routing.rules import CumulativeMass, Dense, TopK
 
 
 class ExpertLayoutError(ValueError):
@@ -63,11 +65,11 @@ def expert_runs(kept: list[bool]) -> list[tuple[int, int]]:
 
 def keeps_every_expert(rule, n_experts: int) -> bool:
     """Whether `rule` keeps all experts whatever the router says (dense, τ > 1, top-k with k = E)."""
-    if isinstance(rule, routing.Dense):
+    if isinstance(rule, Dense):
         return True
-    if isinstance(rule, routing.CumulativeMass):
+    if isinstance(rule, CumulativeMass):
         return rule.tau > 1
-    return isinstance(rule, routing.TopK) and rule.k >= n_experts
+    return isinstance(rule, TopK) and rule.k >= n_experts
 
 
 class CPUExpertPath:
@@ -145,14 +147,14 @@ class CPUExpertPath:
         shape = x.shape
         x2d = x.reshape(-1, f.d_model)  # [N, D]
         if f.gate == "one" and keeps_every_expert(f.rule, f.n_experts):  # no routing to do: the dense FFN
-            if f.record:
+            if f.recording:
                 f._record(torch.full((x2d.shape[0],), f.n_experts, dtype=torch.long))
             return self._all_experts(x2d, None).reshape(shape)
         logits = f.router(x2d)  # [N, E]
         mask = f.rule.select(logits, None)  # [N, E] bool
-        if f.record:
+        if f.recording:
             f._record(mask.sum(-1))
-        gates = None if f.gate == "one" else routing.gate_values(logits, mask, f.gate)  # [N, E]
+        gates = None if f.gate == "one" else gate_values(logits, mask, f.gate)  # [N, E]
         union = mask.any(0)  # [E]
         kept = union.tolist()
         if sum(kept) > self.crossover * f.n_experts:  # most experts kept: the dense GEMVs are faster
@@ -208,25 +210,24 @@ class CPUExpertPath:
         return f.dropout(f.fc_out(h))
 
 
-def attach_cpu_paths(model, max_rows: int = 8) -> list[CPUExpertPath]:
-    """Give every PrunePath FFN of `model` a `CPUExpertPath` (through `ffn.fast_path`); returns them.
+def use_cpu_paths(model, on: bool = True, max_rows: int = 8) -> list[CPUExpertPath]:
+    """Put a `CPUExpertPath` on every PrunePath FFN of `model` (through `ffn.fast_path`) and return them in
+    layer order, or with on=False take them off again (other fast paths stay) and return [].
 
-    Raises ExpertLayoutError naming the cause when the model has no PrunePath FFNs or one of them lacks the
-    expert layout. `detach_cpu_paths(model)` undoes it.
+    Raises ExpertLayoutError naming the cause and the fix when the model has no PrunePath FFNs or one of
+    them lacks the expert layout.
     """
-    ffns = model.prunepath_ffns() if hasattr(model, "prunepath_ffns") else []
+    ffns = prunepath_ffns(model)
     if not ffns:
         raise ExpertLayoutError(
             f"{type(model).__name__} has no PrunePath FFNs: the CPU expert path reads the expert layout of a "
             "converted model; load a PrunePath checkpoint (prunepath.load) or convert with prunepath.moefy")
+    if not on:
+        for f in ffns:
+            if isinstance(f.fast_path, CPUExpertPath):
+                f.fast_path = None
+        return []
     paths = [CPUExpertPath(f, max_rows=max_rows) for f in ffns]
     for f, p in zip(ffns, paths):
         f.fast_path = p
     return paths
-
-
-def detach_cpu_paths(model) -> None:
-    """Remove the CPU expert paths `attach_cpu_paths` installed (other fast paths stay)."""
-    for f in model.prunepath_ffns():
-        if isinstance(f.fast_path, CPUExpertPath):
-            f.fast_path = None

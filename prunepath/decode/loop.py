@@ -18,7 +18,7 @@ The same `Decoder` runs the dense model and the PrunePath model, so the two are 
 For a PrunePath model on CUDA it attaches the Triton fast paths (`prunepath.kernels`); tau lives in a
 device tensor, so `decoder.set_tau(0.7)` changes a captured graph without re-capture. Prefill (T > 8
 rows) runs eagerly and takes the torch FFN path. On a CPU the same step runs eagerly (no graph) and
-PrunePath FFNs read only their kept experts (`prunepath.cpu_experts`).
+PrunePath FFNs read only their kept experts (`prunepath.decode.cpu_experts`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_tau
 
 
 @dataclass(frozen=True)
@@ -58,15 +61,15 @@ class Decoder:
         self.use_graph = config.cuda_graph and self.device.type == "cuda"
         self.cache_kw = _cache_kwarg(model)
         self.fast_paths = []
-        self.is_prunepath = hasattr(model, "prunepath_ffns")
+        self.is_prunepath = bool(prunepath_ffns(model))
         if self.is_prunepath and config.fast_path and self.device.type == "cuda":
-            from prunepath.kernels import attach_fast_paths
+            from prunepath.kernels import use_fast_paths
 
-            self.fast_paths = attach_fast_paths(model, share_down=True)
+            self.fast_paths = use_fast_paths(model, share_down=True)
         elif self.is_prunepath and config.fast_path and self.device.type == "cpu":
-            from prunepath.cpu_experts import attach_cpu_paths  # reads only the kept experts' weights
+            from prunepath.decode.cpu_experts import use_cpu_paths  # reads only the kept experts' weights
 
-            attach_cpu_paths(model)
+            use_cpu_paths(model)
         self.cache = None
         self.batch = None
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # one per mode: greedy / sampled
@@ -148,9 +151,9 @@ class Decoder:
 
     # ------------------------------------------------------------------ public API
     def set_tau(self, tau: float | list[float]) -> None:
-        """Change the PrunePath budget (one τ, or one per layer as `model.set_active_fraction` sets); a
+        """Change the PrunePath budget (one τ, or one per layer as `prunepath.set_active_fraction(model, f)` sets); a
         captured graph stays valid (each layer's τ is a device tensor)."""
-        self.model.set_tau(tau)
+        set_tau(self.model, tau)
         for fp in self.fast_paths:
             fp.sync()
 
@@ -273,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     model, tok = load_for_decode(args.checkpoint, args.dense, args.device, dtype)
     if args.tau is not None and not args.dense:
-        model.set_tau(args.tau)
+        set_tau(model, args.tau)
     ids = encode_prompt(tok, args.prompt)
     dec = Decoder(model, max_len=ids.shape[1] + args.max_new_tokens + 8,
                   config=DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

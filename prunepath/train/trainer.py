@@ -48,56 +48,30 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import signal
 import threading
 import time
 import warnings
 from contextlib import closing, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prunepath.losses import LogitCapture, distill_loss, kd_loss, routing_losses
-from prunepath.train_data import check_data, training_batches
+from prunepath.adapter import save_adapter
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import dense_routing, routing_kept, rules, set_gate, set_rule, set_rules, set_tau
+from prunepath.routing.rules import Dense
+from prunepath.train.config import DENSE_TAU, FULL_WEIGHTS, TrainConfig
+from prunepath.train.data import training_batches
+from prunepath.train.losses import LogitCapture, distill_loss, kd_loss, routing_losses
+from prunepath.train.trainable import _base, _trainable_state, setup_trainable
 
-OBJECTIVES = ("lm", "distill")
-TRAINABLE = ("router", "lora", "all", "linear")
-FULL_WEIGHTS = ("all", "linear")  # trainable sets saved with every weight (model.safetensors)
-LINEAR_LAYERS = {"ffn": ["gate_proj", "up_proj", "down_proj"], "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-TEACHERS = (None, "dense")
-DENSE_TAU = 1.05  # stage 1: τ > 1 keeps every expert
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.json"
-ADAPTER_DTYPES = ("fp32", "bf16", "int8")  # how save_adapter stores it; training itself stays in fp32
-
-
-def linear_layer_names(targets: str) -> list[str]:
-    """The linear layers a LoRA adapter targets: 'ffn', 'attn' or 'all' (both)."""
-    if targets not in ("ffn", "attn", "all"):
-        raise ValueError(f"targets must be 'ffn', 'attn' or 'all', got {targets!r}")
-    return [n for k in (("ffn", "attn") if targets == "all" else (targets,)) for n in LINEAR_LAYERS[k]]
-
-
-def save_adapter(peft_model, folder, dtype: str = "fp32") -> None:
-    """peft's save_pretrained, the tensors in bf16 or as 8-bit rows when asked (the loaders de-quantise them).
-
-    int8 (`prunepath.checkpoint.write_int8_adapter`) halves bf16's bytes, so twice the rank fits one file size;
-    peft alone cannot read that file, `prunepath.load` and `--continue-adapter` can.
-    """
-    from prunepath.checkpoint import INT8_ADAPTER_FILE, write_int8_adapter
-
-    (Path(folder) / INT8_ADAPTER_FILE).unlink(missing_ok=True)  # an earlier save's 8-bit file would shadow this one
-    state = None  # peft picks the adapter's tensors out of the state dict it is given
-    if dtype == "bf16":
-        state = {k: v.to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}
-    peft_model.save_pretrained(folder, state_dict=state)
-    if dtype == "int8":
-        write_int8_adapter(folder)
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,109 +110,6 @@ class _StopOnSignal:
         self._old = {}
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    objective: str = "distill"  # lm | distill
-    trainable: str = "router"  # router | lora | all
-    data: str = "calibration"  # calibration | wikitext2 (valid split) | alpaca | a classification task
-    tokens: int = 16384  # training tokens (lm: per epoch over the windows; distill: cached once)
-    seq_len: int = 128
-    batch_size: int = 8  # lm: sequences per step; distill: x 128 cached rows per step
-    stage1_steps: int = 0  # lm only: steps at τ = 1.05 (all experts, gates learned)
-    steps: int = 300  # stage-2 steps (distill: router updates on the cache)
-    tau: float = 0.7  # stage-2 τ (the released checkpoints: 0.70 and 0.95)
-    tau_range: tuple[float, float] | None = None  # sample τ ~ U(lo, hi) per batch in stage 2
-    gamma: float = 3e-4  # entropy weight
-    gamma_lb: float = 1e-3  # load-balance weight
-    lr: float = 1e-3  # router lr (distill uses it too)
-    backbone_lr: float = 1e-4  # lora / all
-    decay_steps: int = 0  # the last K steps scale every learning rate linearly down to 0 (0: constant rates)
-    weight_decay: float = 1e-2  # routers only; the backbone gets none (as the paper)
-    distill_loss: str = "kl"  # kl | bce
-    distill_power: float = 1.0  # kl target q ∝ norm^power: < 1 flattens p, so counts vary less between tokens
-    gate: str | None = None  # override the checkpoint's gate kind (sigmoid | softmax | one)
-    teacher: str | None = None  # lm only: "dense" adds KL(dense model ‖ sparse model) to the task loss
-    kd_weight: float = 1.0  # with a teacher: task = kd_weight · KL + (1 - kd_weight) · cross-entropy
-    lora_r: int = 8
-    lora_targets: str = "ffn"  # ffn | attn | all
-    lora_init: str | None = None  # a saved peft LoRA adapter (folder) to train further (its rank may grow)
-    adapter_dtype: str = "fp32"  # the saved adapter's dtype: bf16 halves the file, int8 quarters it (training: fp32)
-    seed: int = 0
-    save_every: int = 100
-    keep_every: int = 0  # also keep a copy of the checkpoint in <out>/step-NNNNNN every K steps (0: never)
-    device: str = "cpu"
-    amp: bool | None = None  # bf16 autocast; None = on for CUDA, off for CPU
-
-    def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.trainable not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
-        if self.objective == "distill" and self.trainable != "router":
-            raise ValueError("the distill objective trains routers only (backbone frozen); use --trainable router")
-        if not (self.distill_power > 0 and math.isfinite(self.distill_power)):
-            raise ValueError(f"distill_power must be a number > 0, got {self.distill_power}")
-        if self.distill_loss not in ("kl", "bce"):
-            raise ValueError(f"distill_loss must be 'kl' or 'bce', got {self.distill_loss!r}")
-        if not (self.tau > 0 and math.isfinite(self.tau)):
-            raise ValueError(f"tau must be a number > 0 (values > 1 keep every expert), got {self.tau}")
-        if self.tau_range is not None:
-            lo, hi = self.tau_range
-            if not 0 < lo < hi:
-                raise ValueError(f"tau_range must be (lo, hi) with 0 < lo < hi, got {self.tau_range}")
-        if not 0 <= self.decay_steps <= self.steps:
-            raise ValueError(f"decay_steps must lie in [0, steps={self.steps}], got {self.decay_steps}")
-        for name in ("tokens", "seq_len", "batch_size", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.keep_every < 0 or (self.keep_every and self.keep_every % self.save_every):
-            raise ValueError(
-                f"keep_every must be 0 (off) or a multiple of save_every ({self.save_every}), got {self.keep_every}"
-            )
-        if self.steps < 0 or self.stage1_steps < 0 or self.steps + self.stage1_steps == 0:
-            raise ValueError("need steps >= 0, stage1_steps >= 0 and at least one step in all")
-        if self.gate not in (None, "sigmoid", "softmax", "one"):
-            raise ValueError(f"gate must be 'sigmoid', 'softmax' or 'one', got {self.gate!r}")
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"teacher must be 'dense' or None, got {self.teacher!r}")
-        if self.teacher is not None and self.objective != "lm":
-            raise ValueError("a teacher needs the lm objective (distill already learns from the dense model)")
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise ValueError(f"kd_weight must lie in [0, 1], got {self.kd_weight}")
-        check_data(self.data)
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
-        if self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
-        if self.lora_targets not in ("ffn", "attn", "all"):
-            raise ValueError(f"lora_targets must be 'ffn', 'attn' or 'all', got {self.lora_targets!r}")
-        if self.lora_init is not None:
-            if self.trainable != "lora":
-                raise ValueError("lora_init continues a LoRA adapter: it needs trainable='lora' (--trainable lora)")
-            if not (Path(self.lora_init) / "adapter_config.json").is_file():
-                raise ValueError(f"lora_init {self.lora_init!r} holds no adapter_config.json: give the adapter/ "
-                                 "folder of a checkpoint trained with --trainable lora")
-
-    @property
-    def total_steps(self) -> int:
-        return (self.stage1_steps if self.objective == "lm" else 0) + self.steps
-
-    @property
-    def decay_start(self) -> int:
-        """The first step whose learning rates are scaled down (total_steps when nothing decays)."""
-        return self.total_steps - self.decay_steps
-
-    def lr_scale(self, step: int) -> float:
-        """The factor on every learning rate at step (0-based): 1, then linearly down over the last decay_steps.
-
-        As the decay phase of a warmup-stable-decay schedule: a constant rate, so a run can be extended on
-        resume, and a short linear cool-down at the end, whose last step has a rate of 1/decay_steps.
-        """
-        if step < self.decay_start:
-            return 1.0
-        return (self.total_steps - step) / self.decay_steps
-
-
 @dataclass
 class RunState:
     step: int = 0
@@ -255,133 +126,11 @@ def _autocast(cfg: TrainConfig):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
-def setup_trainable(model, cfg: TrainConfig):
-    """Freeze/unfreeze and (for LoRA) wrap the model; returns (model, param groups)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg.trainable == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        names = linear_layer_names(cfg.lora_targets)
-        if cfg.lora_init:
-            model = _continue_lora(model, cfg, names)
-        else:
-            model = get_peft_model(
-                model, LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, target_modules=names, lora_dropout=0.0)
-            )
-        backbone = [p for n, p in model.named_parameters() if "lora_" in n]
-    elif cfg.trainable == "all":
-        backbone = [p for n, p in model.named_parameters() if ".router." not in n]
-        for p in backbone:
-            p.requires_grad_(True)
-    elif cfg.trainable == "linear":
-        linear = tuple(f".{m}.weight" for m in linear_layer_names("all"))
-        backbone = [p for n, p in model.named_parameters() if n.endswith(linear)]
-        for p in backbone:
-            p.requires_grad_(True)
-    else:
-        backbone = []
-    routers = [p for f in _ffns(model) for p in f.router.parameters()]
-    for p in routers:
-        p.requires_grad_(True)
-    groups = [{"params": routers, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.backbone_lr, "weight_decay": 0.0})
-    return model, groups
-
-
-def _continue_lora(model, cfg: TrainConfig, names: list[str]):
-    """Wrap `model` in the saved adapter cfg.lora_init, trainable, on cfg's targets at rank cfg.lora_r.
-
-    A higher rank grows the adapter without changing what it computes: the saved A and B fill the first r₀ rows
-    of the new A and columns of the new B, the new B columns start at zero (peft's own init for the new A rows),
-    and lora_alpha grows with the rank so the scale α/r stays the saved one.
-    """
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    from prunepath.checkpoint import adapter_tensors, peft_readable
-
-    folder = Path(cfg.lora_init)
-    saved = json.loads((folder / "adapter_config.json").read_text())
-    got_r, got_names = saved.get("r"), sorted(saved.get("target_modules") or [])
-    if got_names != sorted(names) or not isinstance(got_r, int) or got_r > cfg.lora_r:
-        raise ValueError(
-            f"the adapter in {cfg.lora_init} has rank {got_r} on {got_names}; this run asks for rank {cfg.lora_r} "
-            f"on {sorted(names)}. Pass its own --lora-targets and a --lora-r of at least {got_r} to train it further"
-        )
-    if got_r == cfg.lora_r:
-        with peft_readable(folder) as readable:  # an 8-bit adapter trains on from its de-quantised values
-            return PeftModel.from_pretrained(model, str(readable), is_trainable=True)
-    if saved.get("use_dora") or saved.get("use_rslora") or saved.get("rank_pattern") or saved.get("alpha_pattern"):
-        raise ValueError(f"the adapter in {cfg.lora_init} is not plain LoRA (DoRA, rsLoRA or per-module ranks); "
-                         "its rank cannot grow: train it further at its own --lora-r")
-    alpha = saved.get("lora_alpha", 8) * cfg.lora_r / got_r  # peft's default α is 8
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0))
-    tensors = adapter_tensors(folder)
-    params = dict(model.named_parameters())
-    grown = 0
-    with torch.no_grad():
-        for key, value in tensors.items():  # base_model.model.<module>.lora_A.weight -> ....lora_A.default.weight
-            name = key.replace(".weight", ".default.weight")
-            p = params.get(name)
-            is_a = ".lora_A." in name
-            want = None if p is None else (got_r, p.shape[1]) if is_a else (p.shape[0], got_r)  # A [r, in], B [out, r]
-            if ".lora_" not in name or value.shape != want:
-                raise ValueError(f"adapter tensor {key} in {cfg.lora_init} does not fit this model; re-train it")
-            if is_a:
-                p[:got_r].copy_(value)
-            else:
-                p[:, :got_r].copy_(value)
-                p[:, got_r:].zero_()
-            grown += 1
-    if grown != 2 * sum(1 for n in params if n.endswith(".lora_A.default.weight")):
-        raise ValueError(f"the adapter in {cfg.lora_init} misses some of its target modules; re-train the adapter")
-    return model
-
-
-def _ffns(model):
-    from prunepath.ffn import PrunePathFFN
-
-    return [m for m in model.modules() if isinstance(m, PrunePathFFN)]
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _trainable_state(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-@contextmanager
-def _all_experts_unit_gates(ffns):
-    """Every expert on with unit gates (the base model exactly) inside the block; rules and gates restored after."""
-    from prunepath import routing
-
-    saved = [(f.rule, f.gate) for f in ffns]
-    try:
-        for f in ffns:
-            f.rule, f.gate = routing.Dense(), "one"
-        yield
-    finally:
-        for f, (r, g) in zip(ffns, saved):
-            f.rule, f.gate = r, g
-
-
-def _set_tau(model, tau: float):
-    for f in _ffns(model):
-        from prunepath import routing
-
-        inclusive = isinstance(f.rule, routing.CumulativeMass) and f.rule.inclusive
-        f.rule = routing.CumulativeMass(float(tau), inclusive=inclusive)
 
 
 class Trainer:
@@ -391,11 +140,11 @@ class Trainer:
         import prunepath
 
         self.cfg, self.out, self.progress, self.tok = cfg, Path(out), progress, tokenizer
-        if not hasattr(model, "prunepath_ffns"):
+        if not prunepath_ffns(model):
             raise ValueError("train needs a PrunePath model: prunepath.moefy(model) or prunepath.load(ckpt) first")
-        if cfg.gate is not None:
-            model.set_gate(cfg.gate)
-        if cfg.objective == "lm" and cfg.lr > 0 and model.prunepath_ffns()[0].gate == "one":
+        if cfg.routing.gate is not None:
+            set_gate(model, cfg.routing.gate)
+        if cfg.objective == "lm" and cfg.schedule.lr > 0 and prunepath_ffns(model)[0].gate == "one":
             warnings.warn(
                 "unit gates: the task loss gives the routers no gradient, so only the entropy and load-balance "
                 "terms will move them (they sharpen, and every τ keeps fewer experts). Pass --lr 0 to freeze "
@@ -409,35 +158,35 @@ class Trainer:
             raise ValueError(
                 f"the starting checkpoint already carries a LoRA adapter ({self.adapter_in}), folded into its "
                 "weights; a second one cannot be saved beside it. Train that adapter further (prunepath train "
-                "--continue-adapter; load(ckpt, adapter=False) with TrainConfig(lora_init=<ckpt>/adapter)), start "
-                "from the routers alone (--no-adapter), or train --trainable all"
+                "--continue-adapter; load(ckpt, adapter=False) with TrainConfig(lora=LoraSettings(init=ADAPTER))), "
+                "start from the routers alone (--no-adapter), or train --trainable all"
             )
         # What the starting checkpoint had been trained with; save() keeps the chain in train_info['previous'].
         prev = dict(getattr(model, "prunepath_train_info", None) or {})
         self.previous = prev.pop("previous", []) + [prev] if prev else []
         self.base_fp = getattr(model, "prunepath_base_fingerprint", None)
-        self.rule_after = model.rule_spec
+        self.rules_after = rules(model)  # the serving rules, restored in every saved checkpoint
         torch.manual_seed(cfg.seed)
         model = model.to(cfg.device)
         # The dense teacher: the starting model with every expert on and unit gates (the base model, or the
         # adapted one when the checkpoint carried an adapter) — the model itself while its backbone is frozen
         # (router) or its new LoRA adapters are switched off; a frozen copy when every weight trains.
         self.frozen_teacher = None
-        if cfg.teacher == "dense" and cfg.trainable in FULL_WEIGHTS:
+        if cfg.teacher.kind == "dense" and cfg.trainable in FULL_WEIGHTS:
             self.frozen_teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            self.frozen_teacher.set_rule("dense")
-            self.frozen_teacher.set_gate("one")
+            set_rule(self.frozen_teacher, Dense())
+            set_gate(self.frozen_teacher, "one")
         self.model, groups = setup_trainable(model, cfg)
         self.opt = torch.optim.AdamW(groups)
         self.state = RunState()
         self._save_model = prunepath.save
         # batches: (input_ids [B, T], attention_mask [B, T]) to train on instead of cfg.data (tests, notebooks)
-        self.ids, self.mask = batches if batches is not None else training_batches(tokenizer, cfg)
+        self.ids, self.mask = batches if batches is not None else training_batches(tokenizer, cfg.data, cfg.seed)
         self.cache = None
         held = int(self.mask.sum())
-        if batches is None and held < 0.9 * cfg.tokens:  # a short file or source: say so rather than train on less
-            warnings.warn(f"training data {cfg.data!r} holds {held:,} tokens of the {cfg.tokens:,} asked for; "
-                          "the run repeats them more often", stacklevel=2)
+        if batches is None and held < 0.9 * cfg.data.tokens:  # a short file or source: say so rather than train on less
+            warnings.warn(f"training data {cfg.data.source!r} holds {held:,} tokens of the {cfg.data.tokens:,} "
+                          "asked for; the run repeats them more often", stacklevel=2)
 
     # -- checkpoints ---------------------------------------------------------------------------------
 
@@ -449,7 +198,7 @@ class Trainer:
             {
                 "step": self.state.step,
                 "log": self.state.log,
-                "config": asdict(self.cfg),
+                "config": self.cfg.flat(),
                 "fingerprint": self.base_fp,
                 "trainable": _trainable_state(self.model),
                 "optimizer": self.opt.state_dict(),
@@ -462,26 +211,24 @@ class Trainer:
         info = {
             "objective": self.cfg.objective,
             "trainable": self.cfg.trainable,
-            "data": self.cfg.data,
+            "data": self.cfg.data.source,
             "steps": self.state.step,
-            "config": asdict(self.cfg),
+            "config": self.cfg.flat(),
             "final_loss": self.state.log[-1]["loss"] if self.state.log else None,
         }
         if self.previous:
             info["previous"] = self.previous
         if self.cfg.trainable == "lora":
-            save_adapter(self.model, self.out / "adapter", self.cfg.adapter_dtype)
+            save_adapter(self.model, self.out / "adapter", self.cfg.lora.adapter_dtype)
         elif self.cfg.trainable == "router" and self.adapter_in:  # the routers serve the adapted weights
             shutil.copytree(self.adapter_in, self.out / "adapter", dirs_exist_ok=True)
-        rules = [f.rule for f in _ffns(base)]
-        base.set_rule(self.rule_after)  # the checkpoint records the serving rule, not a training τ
-        self._save_model(base, self.out, train_info=info, full_weights=self.cfg.trainable in FULL_WEIGHTS)
-        for f, r in zip(_ffns(base), rules):
-            f.rule = r
+        with routing_kept(base):
+            set_rules(base, self.rules_after)  # the checkpoint records the serving rules, not a training τ
+            self._save_model(base, self.out, train_info=info, full_weights=self.cfg.trainable in FULL_WEIGHTS)
         (self.out / LOG_FILE).write_text(
-            json.dumps({"config": asdict(self.cfg), "log": self.state.log}, indent=1) + "\n"
+            json.dumps({"config": self.cfg.flat(), "log": self.state.log}, indent=1) + "\n"
         )
-        if self.cfg.keep_every and self.state.step % self.cfg.keep_every == 0:
+        if self.cfg.schedule.keep_every and self.state.step % self.cfg.schedule.keep_every == 0:
             self._keep_copy()
 
     def _keep_copy(self) -> None:
@@ -507,7 +254,7 @@ class Trainer:
                 f"{path} was trained on another base model (fingerprint {st['fingerprint']}, "
                 f"this model {self.base_fp}); resume with the same base"
             )
-        now = asdict(self.cfg)
+        now = self.cfg.flat()
         # --steps and --decay-steps may change on resume (extend or shorten a run) while no step of either
         # schedule's decay has been taken: the rate was constant, so the steps already taken are the same either
         # way. Every other setting must match.
@@ -522,9 +269,10 @@ class Trainer:
         if st["step"] > self.cfg.total_steps:
             raise ValueError(f"cannot resume: the saved run is at step {st['step']}, past the {self.cfg.total_steps} "
                              "steps now asked for; raise --steps")
-        saved = replace(self.cfg, **{k: st["config"].get(k, 0) for k in free})  # the saved run's schedule
-        rescheduled = (saved.steps, saved.decay_steps) != (self.cfg.steps, self.cfg.decay_steps)
-        if rescheduled and (saved.decay_steps or self.cfg.decay_steps) and st["step"] > min(
+        saved = self.cfg.replace_flat(**{k: st["config"].get(k, 0) for k in free})  # the saved run's schedule
+        rescheduled = (saved.schedule.steps, saved.schedule.decay_steps) != (
+            self.cfg.schedule.steps, self.cfg.schedule.decay_steps)
+        if rescheduled and (saved.schedule.decay_steps or self.cfg.schedule.decay_steps) and st["step"] > min(
             saved.decay_start, self.cfg.decay_start
         ):
             raise ValueError(
@@ -546,12 +294,12 @@ class Trainer:
 
     def _stage_tau(self, step: int) -> tuple[int, float]:
         cfg = self.cfg
-        if cfg.objective == "lm" and step < cfg.stage1_steps:
+        if cfg.objective == "lm" and step < cfg.schedule.stage1_steps:
             return 1, DENSE_TAU
-        if cfg.tau_range is not None:
-            lo, hi = cfg.tau_range
+        if cfg.routing.tau_range is not None:
+            lo, hi = cfg.routing.tau_range
             return 2, float(lo + (hi - lo) * torch.rand(()).item())
-        return 2, cfg.tau
+        return 2, cfg.routing.tau
 
     @contextmanager
     def _dense_teacher(self):
@@ -560,7 +308,7 @@ class Trainer:
             yield self.frozen_teacher
             return
         adapters = self.model.disable_adapter() if self.cfg.trainable == "lora" else nullcontext()
-        with _all_experts_unit_gates(_ffns(self.model)), adapters:
+        with dense_routing(self.model), adapters:
             yield self.model
 
     @torch.no_grad()
@@ -575,14 +323,14 @@ class Trainer:
         cfg = self.cfg
         n = self.ids.shape[0]
         # Batch order: a fixed permutation per epoch (seeded), so the stream of batches is reproducible.
-        epoch, pos = divmod(step * cfg.batch_size, n)
+        epoch, pos = divmod(step * cfg.data.batch_size, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        rows = order[torch.arange(pos, pos + cfg.batch_size) % n]
+        rows = order[torch.arange(pos, pos + cfg.data.batch_size) % n]
         ids, mask = self.ids[rows].to(cfg.device), self.mask[rows].to(cfg.device)  # [B, T]
         labels = ids.masked_fill(mask == 0, -100)
-        teacher = self._teacher_logprobs(ids, mask) if cfg.teacher else None  # [N, V]
-        _set_tau(self.model, tau)
-        cap = LogitCapture(_ffns(self.model))
+        teacher = self._teacher_logprobs(ids, mask) if cfg.teacher.kind else None  # [N, V]
+        set_tau(self.model, tau)
+        cap = LogitCapture(prunepath_ffns(self.model))
         try:
             with _autocast(cfg):
                 out = self.model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
@@ -593,20 +341,22 @@ class Trainer:
         if teacher is not None:
             keep = mask.reshape(-1).bool()
             kd = kd_loss(out.logits.reshape(-1, out.logits.shape[-1])[keep], teacher)
-            parts.update(kd=kd, ce=parts["task"], task=cfg.kd_weight * kd + (1 - cfg.kd_weight) * parts["task"])
+            w = cfg.teacher.kd_weight
+            parts.update(kd=kd, ce=parts["task"], task=w * kd + (1 - w) * parts["task"])
         return parts
 
     @torch.no_grad()
     def _build_cache(self) -> None:
         """One dense forward: every layer's FFN input x [N, D] (bf16) and true expert norms [N, E]."""
         cfg, model = self.cfg, self.model
-        ffns = _ffns(model)
+        ffns = prunepath_ffns(model)
         xs, norms = [[] for _ in ffns], [[] for _ in ffns]
         # dense, unit gates: the inputs the base model itself produces
-        with _all_experts_unit_gates(ffns), closing(LogitCapture(ffns, inputs=True)) as cap:
-            batches = range(0, self.ids.shape[0], cfg.batch_size)
+        with dense_routing(model), closing(LogitCapture(ffns, inputs=True)) as cap:
+            batches = range(0, self.ids.shape[0], cfg.data.batch_size)
             for s in tqdm(batches, desc="distill: dense forward", disable=not self.progress):
-                ids, mask = self.ids[s : s + cfg.batch_size].to(cfg.device), self.mask[s : s + cfg.batch_size]
+                rows = slice(s, s + cfg.data.batch_size)
+                ids, mask = self.ids[rows].to(cfg.device), self.mask[rows]
                 with _autocast(cfg):
                     model(input_ids=ids, attention_mask=mask.to(cfg.device), use_cache=False)
                 keep = mask.reshape(-1).bool()
@@ -622,14 +372,14 @@ class Trainer:
         xs, norms = self.cache
         n = xs[0].shape[0]
         rows = torch.randint(
-            0, n, (cfg.batch_size * 128,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)
+            0, n, (cfg.data.batch_size * 128,), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step)
         )
         losses, logits = [], []
-        for f, x, t in zip(_ffns(self.model), xs, norms):
+        for f, x, t in zip(prunepath_ffns(self.model), xs, norms):
             w = next(f.router.parameters())
             with _autocast(cfg):  # bf16 matmuls: ~3x faster on CPUs with AVX512-BF16, the loss stays fp32
                 z = f.router(x[rows].to(w.device, w.dtype))  # [n, E]
-            losses.append(distill_loss(z, t[rows].to(w.device), cfg.distill_loss, cfg.distill_power))
+            losses.append(distill_loss(z, t[rows].to(w.device), cfg.distill.loss, cfg.distill.power))
             logits.append(z)
         ent, lb = routing_losses(logits, None)
         return {"task": torch.stack(losses).mean(), "entropy": ent, "load_balance": lb}
@@ -672,7 +422,7 @@ class Trainer:
                     "entropy": torch.tensor(0.0),
                     "load_balance": torch.tensor(0.0),
                 }
-            loss = parts["task"] + cfg.gamma * parts["entropy"] + cfg.gamma_lb * parts["load_balance"]
+            loss = parts["task"] + cfg.routing.gamma * parts["entropy"] + cfg.routing.gamma_lb * parts["load_balance"]
             if not torch.isfinite(loss):
                 where = (
                     f"the last good checkpoint (step {last_good}) is kept in {self.out}"
@@ -684,7 +434,7 @@ class Trainer:
                     f"training stopped; {where}. Lower --lr or check the data"
                 )
             scale = cfg.lr_scale(step)
-            for group, lr in zip(self.opt.param_groups, (cfg.lr, cfg.backbone_lr)):
+            for group, lr in zip(self.opt.param_groups, (cfg.schedule.lr, cfg.schedule.backbone_lr)):
                 group["lr"] = lr * scale
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -703,7 +453,7 @@ class Trainer:
             )
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", task=f"{parts['task'].item():.4f}", tau=f"{tau:.2f}")
-            if self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps:
+            if self.state.step % cfg.schedule.save_every == 0 or self.state.step == cfg.total_steps:
                 self.save()
                 last_good = self.state.step
             if stop.signum is not None:

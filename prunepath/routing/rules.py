@@ -31,9 +31,6 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-GateKind = Literal["sigmoid", "softmax", "one"]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # validation helpers: every error says what was wrong and what would be valid
 
@@ -300,6 +297,7 @@ class Dense:
 
 
 Rule = CumulativeMass | TopK | Threshold | Static | Oracle | Dense
+RULE_TYPES = (CumulativeMass, TopK, Threshold, Static, Oracle, Dense)
 
 
 def _check_k(k: int) -> int:
@@ -360,37 +358,19 @@ _PARSERS = {
 }
 
 
-def as_rule(rule_or_spec: Rule | str) -> Rule:
-    """Accept either a rule object or its spec string (for set_rule-style APIs)."""
-    if isinstance(rule_or_spec, str):
-        return parse_rule(rule_or_spec)
-    if hasattr(rule_or_spec, "select") and hasattr(rule_or_spec, "spec"):
-        return rule_or_spec
-    raise ValueError(f"expected a routing rule or a spec string like 'mass:0.9', got {rule_or_spec!r}")
+def check_rule(rule: Rule) -> Rule:
+    """`rule` if it is a routing rule object; a clear error for a spec string or anything else.
 
-
-# ----------------------------------------------------------------------------------------------------------
-# gates: how much each kept expert's output counts
-
-
-def gate_values(logits: Tensor, mask: Tensor, kind: GateKind = "sigmoid") -> Tensor:
-    """Per-expert gate values [N, E], zero where dropped.
-
-    "sigmoid" (the paper): sigmoid(z_e) — not renormalised, so it carries the task-loss gradient back to
-    the router regardless of how many experts were kept. "softmax": p_e. "one": unit gates (with all experts
-    kept this reproduces the dense FFN exactly — the exactness anchor).
-    The result has the dtype of `logits` and is differentiable with respect to them.
+    Spec strings ("mass:0.9", "topk:8") belong to the command line and to checkpoint files (`parse_rule`);
+    the Python API takes the rule objects.
     """
-    _check_logits(logits)
-    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(logits.shape):
-        raise ValueError(f"mask must be a bool tensor shaped like logits {tuple(logits.shape)}, "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
-    if kind == "sigmoid":
-        g = torch.sigmoid(logits)
-    elif kind == "softmax":
-        g = torch.softmax(logits.to(_compute_dtype(logits)), dim=-1).to(logits.dtype)
-    elif kind == "one":
-        g = torch.ones_like(logits)
-    else:
-        raise ValueError(f"gate kind must be 'sigmoid', 'softmax' or 'one', got {kind!r}")
-    return torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))  # [N, E]
+    if isinstance(rule, str):
+        try:
+            example = f"{parse_rule(rule)!r}"
+        except ValueError:
+            example = "CumulativeMass(0.9)"
+        raise TypeError(f"routing rule {rule!r} is a command-line spec; the Python API takes a Rule object, "
+                        f"e.g. prunepath.routing.{example} (parse a spec with prunepath.routing.parse_rule)")
+    if not isinstance(rule, RULE_TYPES):
+        raise TypeError(f"expected a routing rule ({', '.join(c.__name__ for c in RULE_TYPES)}), got {rule!r}")
+    return rule

@@ -2,7 +2,7 @@
 
 Shape legend: L layers, T tokens, E experts per layer, N = T rows (one prompt, batch 1).
 
-    from prunepath.explore import Explorer
+    from prunepath.explore.explorer import Explorer
     ex = Explorer.open("default")                     # loads once per process (cached)
     r = ex.route("The quick brown fox", "mass", 0.7)  # per-token, per-layer experts kept
     r.counts.shape, r.active_fraction, r.flops_per_token
@@ -17,7 +17,7 @@ continuation, so a slider move waits at most one decode step. Results are cached
 Rules the page offers, compared at a matched active fraction (the paper's protocol):
   "mass"       cumulative mass τ (PrunePath)
   "mass-layer" cumulative mass with one τ per layer, each layer at τ's active fraction on this prompt
-               (what `model.set_active_fraction` does with a checkpoint's stored calibration)
+               (what `prunepath.set_active_fraction(model, f)` does with a checkpoint's stored calibration)
   "topk"       MoEfication top-k, k = the mean experts kept at this τ on this prompt
   "threshold"  independent sigmoid threshold t, the quantile of sigmoid(logits) at τ's active fraction
   "dense"      every expert, with the checkpoint's gates
@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -38,7 +37,10 @@ from pathlib import Path
 import torch
 
 from prunepath import routing
-from prunepath.checkpoint import CheckpointError
+from prunepath.explore.loading import ExplorerError, load_for_explorer
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.control import set_gate, set_rule, set_tau
+from prunepath.routing.stats import record
 
 RULES = ("mass", "mass-layer", "topk", "threshold", "dense")
 RULE_NAMES = {"mass": "cumulative mass τ (PrunePath)", "mass-layer": "per-layer τ (PrunePath), matched",
@@ -52,7 +54,7 @@ EXAMPLES = {
     "Recipe": "To make a simple tomato sauce, first heat some olive oil in a pan, then",
 }
 # Where the page reads committed results from; the repository's own results/ by default.
-RESULTS_DIR = Path(os.environ.get("PRUNEPATH_RESULTS", Path(__file__).resolve().parents[1] / "results"))
+RESULTS_DIR = Path(os.environ.get("PRUNEPATH_RESULTS", Path(__file__).resolve().parents[2] / "results"))
 
 
 def configure_threads(n: int | None = None) -> int:
@@ -69,10 +71,6 @@ def configure_threads(n: int | None = None) -> int:
     return n
 
 
-class ExplorerError(ValueError):
-    """Something the user can fix (a bad path, a prompt with no tokens); the page shows the message."""
-
-
 @dataclass(frozen=True)
 class ExploreConfig:
     max_tokens: int = 256  # longer prompts are truncated (with a note): the heatmap stays readable, routing fast
@@ -83,7 +81,7 @@ class ExploreConfig:
 
 @dataclass(frozen=True)
 class LayerTaus:
-    """Cumulative mass with one τ per layer: the rule `model.set_active_fraction` puts on a model."""
+    """Cumulative mass with one τ per layer: the rule `prunepath.set_active_fraction(model, f)` puts on a model."""
 
     taus: tuple[float, ...]
 
@@ -92,12 +90,12 @@ class LayerTaus:
         return "mass:" + ",".join(f"{t:g}" for t in self.taus)
 
 
-def set_rule(model, rule) -> None:
+def apply_rule(model, rule) -> None:
     """Put a routing rule, or a LayerTaus, on every layer of `model`."""
     if isinstance(rule, LayerTaus):
-        model.set_tau(list(rule.taus))
+        set_tau(model, list(rule.taus))
     else:
-        model.set_rule(rule)
+        set_rule(model, rule)
 
 
 @dataclass(frozen=True)
@@ -173,10 +171,10 @@ class Explorer:
     """One loaded PrunePath model plus caches; thread-safe."""
 
     def __init__(self, model, tokenizer, source: str, note: str = "", config: ExploreConfig = ExploreConfig()):
-        if not hasattr(model, "prunepath_ffns"):
+        if not prunepath_ffns(model):
             raise ExplorerError("the explorer needs a PrunePath model: convert it with prunepath.moefy(model)")
         self.model, self.tokenizer, self.source, self.note, self.config = model.eval(), tokenizer, source, note, config
-        self.ffns = model.prunepath_ffns()
+        self.ffns = prunepath_ffns(model)
         self.n_layers, self.n_experts = len(self.ffns), self.ffns[0].n_experts
         self.device = next(model.parameters()).device
         # The transformer body without the LM head: routing does not need the logits, and the head
@@ -272,8 +270,8 @@ class Explorer:
 
     def _apply(self, rule: routing.Rule | LayerTaus) -> None:
         """Put `rule` on every layer; dense also means unit gates, as the sweeps' dense baseline."""
-        set_rule(self.model, rule)
-        self.model.set_gate("one" if isinstance(rule, routing.Dense) else self.gate)
+        apply_rule(self.model, rule)
+        set_gate(self.model, "one" if isinstance(rule, routing.Dense) else self.gate)
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, rule: routing.Rule, capture: bool):
@@ -281,17 +279,16 @@ class Explorer:
         captured: list[torch.Tensor] = []
         with self._lock:
             self._apply(rule)
-            self.model.record_stats(True)
             # Capture router logits with forward hooks (the documented training hook; no forward patching).
             hooks = [f.router.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
                      for f in self.ffns] if capture else []
             try:
-                self._body(input_ids=ids[None].to(self.device), use_cache=False)
-                stats = self.model.routing_stats()
+                with record(self.model) as rec:
+                    self._body(input_ids=ids[None].to(self.device), use_cache=False)
+                stats = rec.stats()
             finally:
                 for h in hooks:
                     h.remove()
-                self.model.record_stats(False)
         logits = torch.stack([c.reshape(-1, self.n_experts).float().cpu() for c in captured]) if capture else None
         return stats.counts, logits, stats  # counts [L, T]; logits [L, T, E]
 
@@ -361,7 +358,7 @@ class Explorer:
         if rule_obj.spec in self._quick:
             return self._quick[rule_obj.spec]
         from prunepath.data import load_lm_text
-        from prunepath.evaluate import perplexity
+        from prunepath.evaluate.perplexity import perplexity
 
         try:
             text = load_lm_text("wikitext2", "test")[:20_000]  # plenty for 512 tokens; skips tokenizing 1 MB
@@ -400,7 +397,7 @@ def matched_layer_taus(logits: torch.Tensor, fraction: float) -> tuple[float, ..
     (`baselines.per_layer_taus`), on the prompt's own logits. Like the threshold, the rule's own forward
     sees other hidden states; the page shows the fraction it actually reaches.
     """
-    from prunepath.baselines import bisect
+    from prunepath.routing.calibrate import bisect
 
     target = min(max(fraction, 1e-4), 1.0)
     taus = []
@@ -414,94 +411,3 @@ def matched_layer_taus(logits: torch.Tensor, fraction: float) -> tuple[float, ..
 # Loading checkpoints
 
 
-def _fallback_dir() -> Path:
-    from prunepath.models import cache_root
-
-    return cache_root().parent / "explorer" / "default-untrained"
-
-
-def load_for_explorer(ref: str):
-    """(model, tokenizer, source, note) for "default", "tiny" or a checkpoint folder.
-
-    "default": the trained default checkpoint; until it exists, the default model converted on the fly
-    (untrained, centroid-initialised routers, unit gates), saved once to the user cache so the next
-    start is fast. Errors the user can fix come back as ExplorerError with the reason.
-    """
-    import prunepath
-    from prunepath.models import ModelLoadError
-
-    try:
-        if ref == "tiny":
-            return (*prunepath.load(build_tiny_checkpoint(Path(tempfile.gettempdir()) / "prunepath-tiny")),
-                    "tiny random model (tests)", "A tiny random model for tests: the text is gibberish.")
-        if ref != "default":
-            folder = Path(ref).expanduser()
-            if not folder.is_dir():
-                raise ExplorerError(f"No checkpoint folder at {folder}. Give the folder written by "
-                                    "`prunepath moefy --out DIR` or `prunepath train`, or choose 'default'.")
-            model, tok = prunepath.load(folder)
-            return model, tok, str(folder), ""
-        try:
-            model, tok = prunepath.load("default")
-            return model, tok, "default (trained)", ""
-        except CheckpointError:
-            pass
-        note = ("The trained default checkpoint is not in this checkout yet, so this is SmolLM2-135M-Instruct "
-                "converted on the fly: k-means experts, untrained routers initialised at the expert centroids, "
-                "unit gates. Expect more experts per token and a larger quality drop than a trained checkpoint.")
-        cached = _fallback_dir()
-        if (cached / "prunepath.json").is_file():
-            try:
-                model, tok = prunepath.load(cached)
-                model.set_gate("one")
-                return model, tok, "default model, converted (untrained)", note
-            except CheckpointError:
-                pass  # stale cache (another base model version): rebuild below
-        model, tok = prunepath.load_model()
-        prunepath.moefy(model, prunepath.MoefyConfig(router_init="centroid"), progress=False)
-        model.set_gate("one")  # untrained sigmoid gates would scale every expert by an arbitrary factor
-        prunepath.save(model, cached)
-        return model, tok, "default model, converted (untrained)", note
-    except ExplorerError:
-        raise
-    except (CheckpointError, ModelLoadError, OSError) as e:
-        raise ExplorerError(f"Could not load checkpoint {ref!r}: {e}") from None
-
-
-def build_tiny_checkpoint(folder: Path, layers: int = 4, d_model: int = 64, d_ff: int = 256) -> Path:
-    """A small random Llama with a byte-level tokenizer, saved as a PrunePath checkpoint (for tests).
-
-    Offline and fast (~1 s at the defaults: 4 layers, 8 experts of 32): no download, no default model.
-    Reused if already built. Larger shapes (e.g. the default model's 30 x 576 x 1536) exercise the
-    GPU decode loop at realistic sizes with no weights to ship.
-    """
-    folder = Path(folder)
-    ckpt = folder / "checkpoint"
-    if (ckpt / "prunepath.json").is_file():
-        return ckpt
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    import prunepath
-
-    # Byte-level BPE with no merges: every byte is a token, 256 + 1 special.
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<|endoftext|>"] = len(vocab)
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    heads = max(4, d_model // 64)
-    kv_heads = next(k for k in (2, 3, 1) if heads % k == 0)  # grouped-query attention, as the default model
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-                      eos_token_id=len(vocab) - 1)
-    base = folder / "base"
-    LlamaForCausalLM(cfg).save_pretrained(base)
-    tok.save_pretrained(base)
-    model, _ = prunepath.load_model(base)
-    prunepath.moefy(model, prunepath.MoefyConfig(expert_size=32), progress=False)  # F/32 experts per layer
-    prunepath.save(model, ckpt)
-    return ckpt

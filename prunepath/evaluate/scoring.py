@@ -1,4 +1,4 @@
-"""Batched scoring forwards for the evaluators (`prunepath.nlu`): length-sorted, right-padded batches
+"""Batched scoring forwards for the evaluators (`prunepath.evaluate.nlu`): length-sorted, right-padded batches
 under a row and a token budget, and a shared prompt prefix run once, its KV cache reused by every row.
 
 Shared prefix. Every k-shot prompt of a task starts with the same demonstrations. A causal LM's states

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from prunepath.evaluate import EvalResult, model_name, recording, run_meta
+from prunepath.evaluate.result import EvalResult, model_name, recording, run_meta
 
 # Files of NLTK's `punkt_tab` format (see nltk.tokenize.punkt.load_punkt_params).
 _PUNKT_FILES = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")

@@ -5,16 +5,31 @@ Shape legend: B sequences, T tokens per sequence.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
 
 import torch
 
-if TYPE_CHECKING:
-    from prunepath.train import TrainConfig
-
-
 LM_SOURCES = ("calibration", "wikitext2", "alpaca", "alpaca-chat")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training text: where it comes from and how much of it, in sequences of `seq_len` tokens.
+
+    source: calibration | wikitext2 (valid split) | alpaca | alpaca-chat | chat:FILE | text:FILE | a labelled
+    task (sst2, rte, jsonl:PATH?text=F&label=F); 'a+b' mixes sources, 'a@N' takes N tokens of a in a mix.
+    """
+
+    source: str = "calibration"
+    tokens: int = 16384  # training tokens (lm: per epoch over the windows; distill: cached once)
+    seq_len: int = 128
+    batch_size: int = 8  # lm: sequences per step; distill: x 128 cached rows per step
+
+    def __post_init__(self):
+        for name in ("tokens", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_data(self.source)
 
 
 def _mix_specs(name: str) -> list[tuple[str, int | None]]:
@@ -78,7 +93,7 @@ def chat_text(tokenizer, row) -> str:
     An answer cut off by a generation cap (row["finished"] False) ends where the text ends, without the
     template's end-of-turn token, so training never teaches the model to stop mid-answer.
     """
-    from prunepath.ifeval import alpaca_prompt
+    from prunepath.evaluate.ifeval import alpaca_prompt
 
     user, answer = alpaca_prompt(row), row["output"].strip()
     if getattr(tokenizer, "chat_template", None):
@@ -92,13 +107,13 @@ def chat_text(tokenizer, row) -> str:
     return f"{user}\n{answer}"
 
 
-def _packed_text(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_text(tokenizer, cfg: DataConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Text rows (`selfdata --mode continue`) in a seeded order, joined by EOS and cut into full windows,
     as the LM sources are: no padding is trained on or computed."""
-    from prunepath.selfdata import read_rows
+    from prunepath.train.selfdata import read_rows
 
-    rows = read_rows(cfg.data[5:], fields=("text",))
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    rows = read_rows(cfg.source[5:], fields=("text",))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     need = -(-cfg.tokens // cfg.seq_len) * cfg.seq_len
     flat: list[int] = []
@@ -108,13 +123,13 @@ def _packed_text(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tenso
             break
     n = min(len(flat), need) // cfg.seq_len
     if n == 0:
-        raise ValueError(f"training data {cfg.data!r} has {len(flat)} tokens, fewer than one {cfg.seq_len}-token "
+        raise ValueError(f"training data {cfg.source!r} has {len(flat)} tokens, fewer than one {cfg.seq_len}-token "
                          "sequence; lower --seq-len or write more rows")
     ids = torch.tensor(flat[: n * cfg.seq_len]).view(n, cfg.seq_len)
     return ids, torch.ones_like(ids)
 
 
-def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batches(tokenizer, cfg: DataConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [B, T], attention_mask [B, T]) for the configured data, cfg.tokens in all.
 
     'a+b' takes cfg.tokens / 2 from each source, 'a@N+b' N tokens from a and the rest from b (in order, so
@@ -122,34 +137,35 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
     """
     from prunepath import data
 
-    if "+" in cfg.data or "@" in cfg.data:
-        got = [training_batches(tokenizer, replace(cfg, data=d, tokens=n)) for d, n in mix_parts(cfg.data, cfg.tokens)]
+    if "+" in cfg.source or "@" in cfg.source:
+        parts = mix_parts(cfg.source, cfg.tokens)
+        got = [training_batches(tokenizer, replace(cfg, source=d, tokens=n), seed) for d, n in parts]
         return torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got])
-    if cfg.data in data.TRAIN_TEXT:
-        ids = data.calibration_batches(tokenizer, cfg.tokens, cfg.seq_len, seed=cfg.seed,
-                                       source=data.TRAIN_TEXT[cfg.data])
+    if cfg.source in data.TRAIN_TEXT:
+        ids = data.calibration_batches(tokenizer, cfg.tokens, cfg.seq_len, seed=seed,
+                                       source=data.TRAIN_TEXT[cfg.source])
         return ids, torch.ones_like(ids)
-    if cfg.data == "alpaca":
+    if cfg.source == "alpaca":
         rows = data.load_instructions("alpaca", "train")
         texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}".replace("\n\n", "\n") for r in rows]
-    elif cfg.data == "alpaca-chat" or cfg.data.startswith("chat:"):
-        from prunepath.selfdata import read_rows
+    elif cfg.source == "alpaca-chat" or cfg.source.startswith("chat:"):
+        from prunepath.train.selfdata import read_rows
 
-        rows = data.load_instructions("alpaca", "train") if cfg.data == "alpaca-chat" else read_rows(cfg.data[5:])
+        rows = data.load_instructions("alpaca", "train") if cfg.source == "alpaca-chat" else read_rows(cfg.source[5:])
         texts = [chat_text(tokenizer, r) for r in rows]
-    elif cfg.data.startswith("text:"):
-        return _packed_text(tokenizer, cfg)
-    elif cfg.data in data.TASKS and data.TASKS[cfg.data].kind == "classification" or ":" in cfg.data:
-        ds = data.load_classification(cfg.data, "train")
+    elif cfg.source.startswith("text:"):
+        return _packed_text(tokenizer, cfg, seed)
+    elif cfg.source in data.TASKS and data.TASKS[cfg.source].kind == "classification" or ":" in cfg.source:
+        ds = data.load_classification(cfg.source, "train")
         names = ds.features["label"].names
         texts = [" ".join(filter(None, [r["text"], r.get("text_pair")])) + f"\nLabel: {names[r['label']]}" for r in ds]
     else:
-        check_data(cfg.data)  # raises: every name it accepts is handled above
-        raise AssertionError(f"training data {cfg.data!r} passed check_data but has no loader")
+        check_data(cfg.source)  # raises: every name it accepts is handled above
+        raise AssertionError(f"training data {cfg.source!r} passed check_data but has no loader")
     if not texts:
-        raise ValueError(f"training data {cfg.data!r} has no rows")
+        raise ValueError(f"training data {cfg.source!r} has no rows")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(texts), generator=g).tolist()
     seqs, total = [], 0
     for i in order:
@@ -161,7 +177,7 @@ def training_batches(tokenizer, cfg: TrainConfig) -> tuple[torch.Tensor, torch.T
         if total >= cfg.tokens:
             break
     if not seqs:
-        raise ValueError(f"training data {cfg.data!r} yields no sequence of >= 2 tokens")
+        raise ValueError(f"training data {cfg.source!r} yields no sequence of >= 2 tokens")
     ids = torch.full((len(seqs), cfg.seq_len), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, s in enumerate(seqs):  # right padding; the mask keeps it out of every loss term

@@ -1,6 +1,6 @@
 """Routers: a small network per FFN that scores its E experts for each token.
 
-The router reads the FFN input x (after the pre-FFN norm) and returns logits z [..., E]; routing.py turns
+The router reads the FFN input x (after the pre-FFN norm) and returns logits z [..., E]; `routing.rules` turns
 p = softmax(z) into the set of kept experts and sigmoid(z) into their gates (PAPER.md §2–§3).
 
 - LinearRouter: z = W x, W [E, D], no bias — the authors' router. Zero-initialised as in the paper
@@ -45,7 +45,7 @@ def centroid_weight(centroids: Tensor, d_model: int, n_experts: int) -> Tensor:
     if not isinstance(centroids, Tensor) or tuple(centroids.shape) != (n_experts, d_model):
         got = tuple(centroids.shape) if isinstance(centroids, Tensor) else type(centroids).__name__
         raise ValueError(f"centroids must be a tensor [E={n_experts}, D={d_model}], got {got}; "
-                         "pass Split.centroids from prunepath.split.split_neurons")
+                         "pass Split.centroids from prunepath.ffn.split.split_neurons")
     c = centroids.detach().float()
     if not torch.isfinite(c).all():
         raise ValueError("centroids contain NaN or inf")

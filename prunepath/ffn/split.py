@@ -12,7 +12,7 @@ only decides *which* neurons travel together, and so how well a router can predi
 - "random": a seeded random split, the baseline.
 
 The result is a permutation: new position i holds original neuron perm[i], so expert e owns the contiguous
-new positions e*G .. (e+1)*G - 1 (the lead's ffn.py permutes the weights; the kernels rely on that layout).
+new positions e*G .. (e+1)*G - 1 (`ffn.module` permutes the weights; the kernels rely on that layout).
 
 Shape legend: F ffn neurons, D hidden, E experts, G expert size, N calibration tokens.
 """

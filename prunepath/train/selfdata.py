@@ -93,7 +93,7 @@ def generate_selfdata(model, tokenizer, rows, out: str | os.PathLike, max_new_to
     with torch seeded from (seed, first row of the batch), so a resumed file equals an uninterrupted one
     on the same device and batch size.
     """
-    from prunepath.ifeval import alpaca_prompt, generate_responses, sampling_kwargs
+    from prunepath.evaluate.ifeval import alpaca_prompt, generate_responses, sampling_kwargs
 
     sampling_kwargs(temperature, top_p)  # bad values fail before the first batch
     rows = [dict(r) for r in rows]
@@ -139,7 +139,7 @@ def generate_continuations(model, tokenizer, prefixes: torch.Tensor, out: str | 
     the model ended the text itself. Sampled with torch seeded from (seed, first row of the batch), so a
     resumed file equals an uninterrupted one on the same device and batch size.
     """
-    from prunepath.ifeval import end_tokens, sampling_kwargs
+    from prunepath.evaluate.ifeval import end_tokens, sampling_kwargs
 
     sampling = sampling_kwargs(temperature, top_p)
     if prefixes.ndim != 2 or prefixes.shape[1] < 1:
@@ -195,7 +195,7 @@ def add_cli(subparsers) -> None:
 
 def run(args) -> int:
     from prunepath import data
-    from prunepath.ifeval import sampling_kwargs
+    from prunepath.evaluate.ifeval import sampling_kwargs
     from prunepath.models import DEFAULT_MODEL, load_model
 
     cont = args.mode == "continue"

@@ -1,0 +1,1 @@
+"""The explorer's compute (`explorer`) and its checkpoint loading (`loading`); the panel app is explorer.py."""
