@@ -28,7 +28,8 @@ import prunepath.data  # noqa: F401
 import prunepath.evaluate  # noqa: F401
 from prunepath.explore.explorer import EXAMPLES, RESULTS_DIR, RULE_NAMES, Explorer, Routed, configure_threads
 from prunepath.explore.loading import ExplorerError
-from prunepath.explore_results import live_decode_speed, load_sweep_rows, recorded_benchmarks, sweep_figures
+from prunepath.explore.speed import SpeedError, SpeedSection
+from prunepath.explore_results import load_sweep_rows, sweep_figures
 
 # The imports marked F401 above are eager on purpose: plotly, datasets and the evaluator import pandas
 # lazily, and two worker threads doing that at once left it half-initialised (seen in the browser test).
@@ -84,6 +85,8 @@ class ExplorerView(pn.viewable.Viewer):
         self.quick = pn.pane.Markdown("", css_classes=["pp-quick"])
         self.curves = pn.Column(css_classes=["pp-curves"])
         self.speed = pn.pane.Markdown("", css_classes=["pp-speed"])
+        self.speed_fig = pn.pane.Plotly({"data": [], "layout": {"height": 380}}, css_classes=["pp-speed-fig"])
+        self._speed_section = SpeedSection(RESULTS_DIR / "bench")  # this page's live points
         self.explorer: Explorer | None = None
         self._info_text = ""
         self._doc = pn.state.curdoc  # the session's document: worker threads hand pane updates to it
@@ -124,7 +127,7 @@ class ExplorerView(pn.viewable.Viewer):
             pn.Row(pn.Column("#### Continuation at this setting", self.cont_tau),
                    pn.Column("#### Dense continuation (all experts)", self.cont_dense)),
             "#### Accuracy versus dense", self.quick, self.curves,
-            "#### Decode speed", self.speed,
+            "#### Decode speed", self.speed, self.speed_fig,
         )
         return pn.Row(controls, main)
 
@@ -300,8 +303,8 @@ class ExplorerView(pn.viewable.Viewer):
                 text = f"Quick estimate unavailable: {e}"
             self._ui(lambda: (setattr(self.quick, "object", text), setattr(self.quick, "loading", False)))
             if not cancel.is_set():
-                speed = self._speed(prompt, rule, tau)
-                self._ui(lambda: setattr(self.speed, "object", speed))
+                fig, speed = self._speed(prompt, rule, tau)
+                self._ui(lambda: (setattr(self.speed, "object", speed), fig and setattr(self.speed_fig, "object", fig)))
         except Exception as e:  # noqa: BLE001
             msg = _friendly(e)
 
@@ -321,31 +324,14 @@ class ExplorerView(pn.viewable.Viewer):
         train = getattr(self.explorer.model, "prunepath_train_info", None)  # this checkpoint's sweeps first
         return [pn.pane.Plotly(f) for f in sweep_figures(rows, tau, fraction, train=train)[:6]]
 
-    def _speed(self, prompt: str, rule: str, tau: float) -> str:
-        ex = self.explorer
-        lines = []
+    def _speed(self, prompt: str, rule: str, tau: float):
+        """(figure or None, text): tokens/s measured now at this setting and dense (prunepath.explore.speed)."""
+        twin = self.explorer.twin()
         try:
-            live = live_decode_speed(ex, ex.rule_for(prompt, rule, tau))
-            lines.append(f"**Live on {live.device}** ({live.how}): dense **{live.dense_tokens_per_s:.0f}** "
-                         f"tokens/s, `{live.spec}` **{live.prunepath_tokens_per_s:.0f}** tokens/s "
-                         f"(×{live.prunepath_tokens_per_s / live.dense_tokens_per_s:.2f}).")
-        except RuntimeError as e:
-            lines.append(f"Live GPU measurement unavailable: {e}.")
-        c, d = (ex.cached_continuation(prompt, rl, tau) for rl in (rule, "dense"))
-        if c and d:
-            lines.append(f"**Live on this machine's CPU** (greedy KV-cache loop, torch path): dense "
-                         f"**{d.tokens_per_s:.1f}** tokens/s, `{c.spec}` **{c.tokens_per_s:.1f}** tokens/s. The "
-                         "torch path computes every expert and masks, so no speed-up is expected on a CPU; the "
-                         "Triton kernels are what read only the kept experts on a GPU.")
-        benches = recorded_benchmarks(RESULTS_DIR / "bench")
-        if benches:
-            for b in benches[:4]:
-                cells = " | ".join(f"{k}: **{v:,.0f}**" for k, v in b.figures)
-                lines.append(f"**Recorded on {b.device}**, {b.date[:16].replace('T', ' ')} — `{b.source}`, "
-                             f"tokens/s: {cells}")
-        else:
-            lines.append("No recorded GPU benchmark under `results/bench/` yet (`prunepath bench` on a GPU).")
-        return "\n\n".join(lines)
+            with twin._lock:  # the twin's routing is changed while measuring
+                return self._speed_section.update(twin.model, twin.tokenizer, twin.rule_for(prompt, rule, tau))
+        except SpeedError as e:
+            return None, f"Decode speed unavailable: {e}"
 
 
 def _app():

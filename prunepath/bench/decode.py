@@ -218,7 +218,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate (default model)")
     p.add_argument("--out", default=None, help="JSON path (default results/bench/decode_MODEL.json)")
+    p.add_argument("--kept", default="0.25,0.5,0.75,1", help="CPU, --model default: kept fractions (per-layer τ)")
+    p.add_argument("--rounds", type=int, default=8, help="CPU: rounds of the variants in turn (runs per row)")
+    p.add_argument("--chunk", type=int, default=8, help="CPU: tokens per variant per round")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU on this machine; use --device cpu")
+    if args.device == "cpu" and args.model == "default":  # the CPU file of record: prunepath.bench.decode_cpu
+        from prunepath.bench.decode_cpu import parse_fractions, run
+
+        args.fractions = parse_fractions(args.kept, p.error)
+        return run(args)
     args.taus = [t.strip() for t in args.taus.split(",") if t.strip()]
     args.fractions = [float(f) for f in args.fractions.split(",")]
     device = torch.device(args.device)
