@@ -221,9 +221,14 @@ def main(argv=None) -> int:
     p.add_argument("--kept", default="0.25,0.5,0.75,1", help="CPU, --model default: kept fractions (per-layer τ)")
     p.add_argument("--rounds", type=int, default=8, help="CPU: rounds of the variants in turn (runs per row)")
     p.add_argument("--chunk", type=int, default=8, help="CPU: tokens per variant per round")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's, one per core)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="CPU: wall time, or this process's CPU time (with --threads 1: robust to a shared machine)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU on this machine; use --device cpu")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: give at least 1")
     if args.device == "cpu" and args.model == "default":  # the CPU file of record: prunepath.bench.decode_cpu
         from prunepath.bench.decode_cpu import parse_fractions, run
 

@@ -13,8 +13,9 @@ variant). What runs, batch 1, fp32, greedy, the default checkpoint's chat prompt
   its time per token is taken between consecutive steps (a logits processor stamps each step), so prefill
   is excluded as it is for our loop.
 
-Timing on a shared machine: every variant has its own decoder and KV cache; after a warm-up they run in
-turn, `--chunk` tokens each, round after round (dense, then each variant: A B C ... A B C ...), so
+Timing on a shared machine (`--clock cpu --threads 1` times this process's CPU time on one thread, which
+a busy neighbour inflates less than wall time): every variant has its own decoder and KV cache; after a
+warm-up they run in turn, `--chunk` tokens each, round after round (dense, then each variant), so
 that a change in the machine's load hits all of them alike. Each row gives the median ms per token over
 the rounds with p20/p80, and `speedup_vs_dense` as the median of the round-by-round ratios (dense chunk /
 variant chunk of the same round); `speedup_of_medians` is the ratio of the medians.
@@ -104,19 +105,20 @@ def weight_bytes(base) -> tuple[int, int]:
 class _Stamps:
     """A logits processor that only notes when each generate step reaches it."""
 
-    def __init__(self):
+    def __init__(self, clock):
         self.t: list[float] = []
+        self.clock = clock
 
     def __call__(self, input_ids, scores):
-        self.t.append(time.perf_counter())
+        self.t.append(self.clock())
         return scores
 
 
-def _hf_chunk(base, ids, n: int) -> float:
+def _hf_chunk(base, ids, n: int, clock=time.perf_counter) -> float:
     """Seconds per token of transformers generate over n steps, prefill excluded."""
     from transformers import LogitsProcessorList
 
-    stamps = _Stamps()
+    stamps = _Stamps(clock)
     base.generate(ids, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False, pad_token_id=0,
                   logits_processor=LogitsProcessorList([stamps]))
     return (stamps.t[-1] - stamps.t[0]) / (len(stamps.t) - 1)
@@ -133,6 +135,9 @@ def run(args) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
     chunk, rounds, warm = args.chunk, args.rounds, 4
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
     base, tok = load_for_decode(args.checkpoint, True, "cpu", dtype)
     model, _ = load_for_decode(args.checkpoint, False, "cpu", dtype)
     cal = getattr(model, "prunepath_calibration", None) or {"targets": {}}
@@ -171,11 +176,11 @@ def run(args) -> int:
             for name, (dec, set_routing, _) in variants.items():
                 if set_routing:
                     set_routing()
-                t0 = time.perf_counter()
+                t0 = clock()
                 dec.decode(chunk)
-                times[name].append((time.perf_counter() - t0) / chunk)
+                times[name].append((clock() - t0) / chunk)
             if not args.no_hf:
-                times["hf"].append(_hf_chunk(base, ids, chunk))
+                times["hf"].append(_hf_chunk(base, ids, chunk, clock))
             print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f}" for k, v in times.items())
                   + " ms/token", flush=True)
 
@@ -227,7 +232,9 @@ def run(args) -> int:
               "device": f"{cpu_name()}, {torch.get_num_threads()} threads (CPU)", "dtype": str(dtype),
               "versions": versions(), "date": datetime.date.today().isoformat(),
               "bandwidth_gbs": bw / 1e9, "prompt_tokens": int(ids.shape[1]),
-              "timing": f"{rounds} rounds of {chunk} tokens per variant, variants in turn within each round",
+              "timing": f"{rounds} rounds of {chunk} tokens per variant, variants in turn within each round; "
+                        + ("process CPU time" if clock is time.process_time else "wall-clock time"),
+              "threads": torch.get_num_threads(),
               "rows": rows}
     out = Path(args.out or "results/bench/decode_default_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
