@@ -122,7 +122,8 @@ class CPUExpertPath:
                 else:
                     w_in = ws[0].detach()
                 self._layout = {"in": w_in, "down": ws[-1].detach().t().contiguous(),
-                                "rows": torch.arange(E * G, device=w_in.device).view(E, G)}
+                                "rows": torch.arange(E * G, device=w_in.device).view(E, G),
+                                "zero": torch.zeros(1, dtype=torch.long, device=w_in.device)}
             self._layout_key = key
         return self._layout
 
@@ -189,9 +190,11 @@ class CPUExpertPath:
             h = h * scale[:, union].to(h.dtype)[:, :, None]
         # y[n] = sum over the kept neurons j of h[n, j] * W_down^T[j]: one weighted row-sum per token row
         rows = lay["rows"][union].reshape(-1)  # [K*G]
-        offsets = torch.arange(0, N * K * G, K * G)
-        y = F.embedding_bag(rows.repeat(N), lay["down"], offsets, mode="sum",
-                            per_sample_weights=h.reshape(-1))  # [N, D]
+        if N == 1:  # one bag (the common decode case: no per-row copies of the ids)
+            rows_n, offsets = rows, lay["zero"]
+        else:
+            rows_n, offsets = rows.repeat(N), torch.arange(0, N * K * G, K * G)
+        y = F.embedding_bag(rows_n, lay["down"], offsets, mode="sum", per_sample_weights=h.reshape(-1))  # [N, D]
         if f.kind == "mlp":
             if f.fc_out.bias is not None:
                 y = y + f.fc_out.bias
