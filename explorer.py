@@ -26,10 +26,11 @@ from panel.io.state import set_curdoc
 
 import prunepath.data  # noqa: F401
 import prunepath.evaluate  # noqa: F401
-from prunepath.explore.explorer import EXAMPLES, RESULTS_DIR, RULE_NAMES, Explorer, Routed, configure_threads
+from prunepath import results
+from prunepath.explore.explorer import EXAMPLES, RULE_NAMES, Explorer, Routed, configure_threads
 from prunepath.explore.loading import ExplorerError
 from prunepath.explore.speed import SpeedError, SpeedSection
-from prunepath.explore_results import load_sweep_rows, sweep_figures
+from prunepath.explore_results import sweep_figures
 
 # The imports marked F401 above are eager on purpose: plotly, datasets and the evaluator import pandas
 # lazily, and two worker threads doing that at once left it half-initialised (seen in the browser test).
@@ -86,7 +87,7 @@ class ExplorerView(pn.viewable.Viewer):
         self.curves = pn.Column(css_classes=["pp-curves"])
         self.speed = pn.pane.Markdown("", css_classes=["pp-speed"])
         self.speed_fig = pn.pane.Plotly({"data": [], "layout": {"height": 380}}, css_classes=["pp-speed-fig"])
-        self._speed_section = SpeedSection(RESULTS_DIR / "bench")  # this page's live points
+        self._speed_section = SpeedSection()  # this page's live points
         self.explorer: Explorer | None = None
         self._info_text = ""
         self._doc = pn.state.curdoc  # the session's document: worker threads hand pane updates to it
@@ -316,11 +317,14 @@ class ExplorerView(pn.viewable.Viewer):
             self._ui(fail)
 
     def _curves(self, tau, fraction) -> list:
-        rows = load_sweep_rows(RESULTS_DIR)
+        try:
+            rows = results.sweep_rows()
+        except results.ResultsNotFoundError as e:
+            return [pn.pane.Markdown(f"No committed sweep results: {e}")]
         if not rows:
             return [pn.pane.Markdown(
-                f"No committed sweep results under `{RESULTS_DIR.name}/` yet. Make them with "
-                "`prunepath sweep --checkpoint default --taus 0.5 0.7 0.9 --out results/sweep_default`.")]
+                "No committed sweep results under `results/sweeps/` yet. Make them with "
+                "`prunepath sweep --checkpoint default --taus 0.5 0.7 0.9`.")]
         train = getattr(self.explorer.model, "prunepath_train_info", None)  # this checkpoint's sweeps first
         return [pn.pane.Plotly(f) for f in sweep_figures(rows, tau, fraction, train=train)[:6]]
 

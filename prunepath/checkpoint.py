@@ -71,6 +71,16 @@ def save(model, directory: str | os.PathLike, train_info: dict | None = None, fu
 
 def read_meta(directory: str | os.PathLike) -> dict:
     path = checkpoint_folder(directory) / "prunepath.json"
+    if path.parent.is_file():
+        raise CheckpointError(
+            f"{path.parent} is a file; a checkpoint is a folder (with prunepath.json). Fix: pass the folder, "
+            "'default', or make one with `prunepath moefy --out DIR`"
+        )
+    if not path.parent.exists():
+        raise CheckpointError(
+            f"checkpoint {path.parent} is missing: no such folder. Fix: check the path, pass 'default' for the "
+            "packaged checkpoint, or make one with `prunepath moefy --out DIR` or `prunepath train`"
+        )
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
@@ -123,7 +133,8 @@ def load(
     if meta["fingerprint"] and fp != meta["fingerprint"]:
         raise CheckpointError(
             f"checkpoint {folder} was made on base model {meta['base']!r} (fingerprint {meta['fingerprint']}), "
-            f"but the model given has fingerprint {fp} ({model_reference(model)!r}); load it with its own base model"
+            f"but the model given has fingerprint {fp} ({_origin(model)}): other weights. Fix: load it with its "
+            f"own base model (base=None uses the recorded {meta['base']!r})"
         )
     try:
         config = MoefyConfig.from_dict(meta["moefy"])
@@ -135,22 +146,29 @@ def load(
         if f"layers.{i}.perm" not in tensors:
             raise CheckpointError(f"{folder}: no permutation for layer {i}; the checkpoint is incomplete")
         perms.append(tensors[f"layers.{i}.perm"])
+    _check_expert_size(folder, meta, perms, tensors)
     try:
         moefy(model, config, splits=perms, progress=False)
     except ValueError as e:
-        raise CheckpointError(f"checkpoint {folder} does not fit model {model_reference(model)!r}: {e}") from None
+        raise CheckpointError(f"checkpoint {folder} does not fit model {_origin(model)}: {e}") from None
     for i, (f, layer) in enumerate(zip(prunepath_ffns(model), meta["layers"])):
         prefix = f"layers.{f.layer_idx}.router."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             f.router.load_state_dict(state)
         except RuntimeError as e:
-            raise CheckpointError(f"router of layer {f.layer_idx} does not match the checkpoint: {e}") from None
+            cause = " ".join(str(e).split())[:300]
+            raise CheckpointError(
+                f"the router of layer {f.layer_idx} in {folder} does not fit the one prunepath.json describes "
+                f"(router {config.router!r}, {f.n_experts} experts of {config.expert_size}): {cause}. Fix: undo the "
+                "edit to prunepath.json, or re-save the checkpoint from the model that made it"
+            ) from None
         try:
             set_rule(model, parse_rule(layer["rule"]), layer=i)
             set_gate(model, layer["gate"], layer=i)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{folder}/prunepath.json: layer {i}'s routing is not readable ({e})") from None
+            raise CheckpointError(f"{folder}/prunepath.json: layer {i}'s routing is not readable ({e}). Fix: undo "
+                                  "the edit, or re-save the checkpoint") from None
     if meta.get("full_weights") and full_weights:
         try:
             load_safetensors_model(model, str(folder / "model.safetensors"))
@@ -169,6 +187,35 @@ def load(
     model.prunepath_adapter = str(folder / "adapter") if merged else None  # folded into the weights above
     model.prunepath_calibration = _calibration(meta, folder, merged)
     return model.eval(), tokenizer
+
+
+def _origin(model) -> str:
+    """Where a model came from, for messages; a model built in memory has no reference and that is fine here."""
+    ref = getattr(model.config, "prunepath_base", None) or getattr(model.config, "_name_or_path", None)
+    return repr(str(ref)) if ref else f"a {type(model).__name__} of unrecorded origin"
+
+
+def _check_expert_size(folder: Path, meta: dict, perms: list[torch.Tensor], tensors: dict) -> None:
+    """The recorded expert size G must split each layer's d_ff into as many experts as its router scores.
+
+    Every router weight has the expert count E as its first dimension ([E, D], [E, E], bias [E]).
+    """
+    g = meta["moefy"].get("expert_size")
+    for i, perm in enumerate(perms):
+        d_ff = perm.numel()
+        counts = {t.shape[0] for k, t in tensors.items() if k.startswith(f"layers.{i}.router.") and t.dim()}
+        if len(counts) != 1:
+            continue  # no router tensors (or inconsistent ones): loading the router reports it
+        experts = counts.pop()
+        if not isinstance(g, int) or g < 1 or d_ff != g * experts:
+            right = d_ff // experts if d_ff % experts == 0 else None
+            raise CheckpointError(
+                f"{folder / 'prunepath.json'} says expert_size {g!r}, but layer {i} has {d_ff} neurons and a router "
+                f"over {experts} experts, so its expert size is {right or 'not a whole number'}: the file was edited "
+                "or mixes two checkpoints. Fix: "
+                + (f"set \"expert_size\": {right} in prunepath.json again, or " if right else "")
+                + "convert anew with `prunepath moefy --expert-size G --out DIR` (its routers must then be trained)"
+            )
 
 
 def _calibration(meta: dict, folder: Path, merged: bool) -> dict | None:

@@ -5,6 +5,13 @@
     prunepath route  "Some prompt" --tau 0.5 0.9   experts kept per token, as a table
     prunepath train | eval | sweep | calibrate | generate | bench | selfdata | extract-adapter   (see each --help)
 
+Also `python -m prunepath ...`. A model is an alias (smollm2-135m-instruct), a local .gguf file, a
+save_pretrained directory or a hub id. "dense" names the base model alone, without routers
+(`eval --checkpoint dense`); the routing rule `--rule dense` instead keeps every expert of a PrunePath model,
+each still weighted by its router's gate (the base model exactly only with `--gate one`).
+Exit status: 0 done, 2 a usage or input error (the message names the cause and the fix), 1 a failure
+inside PrunePath (a bug: please report it with PRUNEPATH_DEBUG=1 to show the traceback).
+
 Subcommands from other modules register themselves through their `add_cli(subparsers)`.
 """
 
@@ -26,6 +33,7 @@ _PLUGINS = {
     "bench": ("prunepath.bench", "benchmarks: split, ffn, decode, explorer"),
     "selfdata": ("prunepath.train.selfdata", "the dense model's own answers to instructions, as training data"),
     "extract-adapter": ("prunepath.train.extract", "a full fine-tune's weight changes as a small LoRA adapter (SVD)"),
+    "report": ("prunepath.report", "tables and figures from the results files; the README's results table"),
 }
 
 
@@ -66,7 +74,9 @@ def _add_convert_args(p: argparse.ArgumentParser) -> None:
         choices=["zero", "centroid"],
         help="zero as the paper (untrained routers then keep experts at random), or cluster centres",
     )
-    p.add_argument("--rule", default="mass:0.9", help="routing rule spec, e.g. mass:0.9, mass-incl:0.9, topk:8")
+    p.add_argument("--rule", default="mass:0.9",
+                   help="routing rule spec, e.g. mass:0.9, mass-incl:0.9, topk:8; 'dense' keeps every expert, still "
+                   "weighted by its gate (for the base model without routers use --checkpoint dense in eval)")
     p.add_argument("--gate", default="sigmoid", choices=list(GATE_KINDS))
     p.add_argument("--seed", type=int, default=0)
 
@@ -123,15 +133,19 @@ def cmd_info(args) -> int:
 
 
 def route_table(model, tokenizer, prompt: str, taus: list[float]) -> tuple[list[str], dict[float, object]]:
-    """Per-token expert counts for `prompt` at each τ -> (tokens, {τ: counts [L, T]})."""
+    """Per-token expert counts for `prompt` at each τ -> (token labels, {τ: counts [L, T]}).
+
+    Labels are readable in any script: byte pieces of one character are decoded together (prunepath.tokens).
+    """
     import torch
 
     import prunepath
+    from prunepath.tokens import token_texts
 
     if not prompt.strip():
         raise ValueError("the prompt is empty: give some text to route")
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    tokens = [tokenizer.decode([t]) for t in ids[0]]
+    tokens = [t.label() for t in token_texts(tokenizer, ids[0])]
     out = {}
     for tau in taus:
         prunepath.set_tau(model, tau)
@@ -142,22 +156,27 @@ def route_table(model, tokenizer, prompt: str, taus: list[float]) -> tuple[list[
 
 
 def cmd_route(args) -> int:
+    from prunepath.tokens import display_width, pad
+
     for t in args.tau:  # checked before the model loads: bad input costs nothing
         if not t > 0:
-            raise SystemExit(f"error: τ must be > 0 (got {t}); τ > 1 keeps every expert")
+            raise ValueError(f"τ must be > 0 (got {t}). Fix: give τ in (0, 1] (τ > 1 keeps every expert)")
     import prunepath
 
     model, tok = _load(args)
     tokens, counts = route_table(model, tok, args.prompt, args.tau)
     e = prunepath.prunepath_ffns(model)[0].n_experts
-    head = f"{'#':>3}  {'token':<16}" + "".join(f"  τ={t:<5} mean/min/max" for t in args.tau)
+    width = max(16, *map(display_width, tokens))
+    head = f"{'#':>3}  {pad('token', width)}" + "".join(f"  τ={t:<5} mean/min/max" for t in args.tau)
     print(f"experts kept per token (of {e} per layer; mean/min/max over {counts[args.tau[0]].shape[0]} layers)")
+    if any(" 1/" in tk for tk in tokens):
+        print("'x' k/n: the k-th of n tokens that each hold some of the bytes of the text x")
     print(head)
     for i, tk in enumerate(tokens):
         cells = "".join(
             f"  {c[:, i].float().mean():11.1f}/{int(c[:, i].min()):>2}/{int(c[:, i].max()):>2}" for c in counts.values()
         )
-        print(f"{i:>3}  {tk!r:<16}{cells}")
+        print(f"{i:>3}  {pad(tk, width)}{cells}")
     for t, c in counts.items():
         print(f"τ={t}: mean experts kept {c.float().mean():.1f} of {e}, active FFN fraction {c.float().mean() / e:.1%}")
     return 0
@@ -174,7 +193,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         help="convert a model into experts + routers and save a checkpoint",
         description="Split every FFN into experts, attach routers and save the PrunePath checkpoint.",
     )
-    m.add_argument("--model", default="smollm2-135m-instruct", help="model name, hub id or local directory")
+    m.add_argument("--model", default="smollm2-135m-instruct",
+                   help="alias, local .gguf file, save_pretrained directory or hub id")
     m.add_argument("--out", required=True, help="checkpoint folder to write")
     m.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens for --split coact")
     _add_convert_args(m)
@@ -187,7 +207,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=text, description=text)
         src = q.add_mutually_exclusive_group()
         src.add_argument("--checkpoint", default="default", help="PrunePath checkpoint folder or 'default'")
-        src.add_argument("--model", help="convert this model on the fly instead (untrained routers)")
+        src.add_argument("--model", help="convert this model (alias, .gguf file, directory or hub id) on the fly "
+                         "instead (untrained routers)")
         _add_convert_args(q)
         if name == "route":
             q.add_argument("prompt", help="text to route")
@@ -206,17 +227,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
+    """Run one command; returns the exit status (0 done, 2 a user's error: see the module docstring)."""
+    args = build_parser(argv).parse_args(argv)  # argparse itself exits with 2 on a bad command line
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # a command's own exit status (or argparse's)
+            raise
+        message = e.code.removeprefix("error: ")  # a command refusing its input in words: a user's error
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: a path that is missing, unreadable or unwritable
         # Bad input gets one clear line, not a traceback; PRUNEPATH_DEBUG=1 shows the traceback.
         import os
 
         if os.environ.get("PRUNEPATH_DEBUG"):
             raise
-        print(f"prunepath {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        message = str(e)
+        if isinstance(e, OSError) and e.filename and e.strerror:  # the bare "[Errno 2] ..." names no fix
+            message = f"{e.filename}: {e.strerror}. Fix: check the path, and that you may read or write there"
+    print(f"prunepath {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -274,6 +274,11 @@ def _file_task(spec_str: str, split: str):
     _require_fields(ds, fields + (params["label"],), where)
     if params.get("labels"):
         names = tuple(params["labels"].split(","))
+        if len(set(names)) < len(names) or not all(n.strip() for n in names):
+            raise DataError(
+                f"'{spec_str}': &labels={params['labels']} must name each class once, in the order of the label "
+                "values (0, 1, 2, ... or their sorted order). Fix: one distinct, non-empty word per class"
+            )
     else:
         # Labels of every split file that exists, so train and test agree on the integer mapping.
         values = set()

@@ -1,20 +1,18 @@
-"""What the explorer shows besides the live prompt: committed sweep curves, recorded GPU benchmarks,
-and live decode speed. Plain functions, no GUI import.
+"""What the explorer shows besides the live prompt: figures of the committed sweep curves, and live decode
+speed. Plain functions, no GUI import.
 
-Sweeps (`prunepath sweep`, `prunepath.evaluate.sweep`) write `results/<stem>.json` = {"meta": ..., "rows": [...]}, one
-number per row: method, knob, active_fraction, task, metric, value. Benchmarks write JSON under
-`results/bench/` with the device and the date; we show what they recorded and never retype a number.
+The rows and the recorded benchmarks come from `prunepath.results` (`sweep_rows`, `decode_benchmarks`): one
+number per row (method, knob, active_fraction, task, metric, value), each with its file, device and date; we
+show what they recorded and never retype a number.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -25,46 +23,6 @@ from prunepath.routing.control import set_gate
 # Methods whose knob is τ: their rows trace the curve the τ slider moves along.
 TAU_METHODS = ("prunepath", "prunepath-tau")
 LOWER_IS_BETTER = ("perplexity", "nll")
-
-
-def load_sweep_rows(results_dir: Path) -> list[dict]:
-    """Every sweep row under `results_dir`, with its source file in row["source"].
-
-    Not results/bench, nor the files that hold several checkpoints' rows: a training run's snapshots
-    (`curve_*`) or the default checkpoint's training stages (`stages_*`). row["trained"] lists the training
-    records (`prunepath.json` → `train`) of the checkpoints the file's runs measured, so a figure can say
-    whether it describes the checkpoint now loaded (`sweep_figures(..., train=...)`).
-    """
-    rows = []
-    # The main sweeps (top level of results/) first, then those in sub-folders (e.g. results/h200/).
-    paths = sorted(Path(results_dir).glob("**/*.json"), key=lambda p: (len(p.relative_to(results_dir).parts), str(p)))
-    for path in paths:
-        if "bench" in path.relative_to(results_dir).parts[:-1] or path.name.startswith(("bench", "curve_", "stages_")):
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # a half-written file from a sweep in progress: skip it, show the rest
-        meta = data.get("meta", {}) if isinstance(data, dict) else {}
-        # Each figure names the sweep file and the checkpoint it measured: it may not be the one loaded.
-        source = str(path.relative_to(results_dir))
-        if isinstance(meta, dict) and meta.get("checkpoint"):
-            source += f" · checkpoint {meta['checkpoint']}, {meta.get('device', '?')} {meta.get('dtype', '')}"
-        trained = _trained(meta)
-        for r in data.get("rows", []) if isinstance(data, dict) else []:
-            if isinstance(r, dict) and {"method", "task", "metric", "value", "active_fraction"} <= r.keys():
-                if isinstance(r["value"], (int, float)) and isinstance(r["active_fraction"], (int, float)):
-                    rows.append({**r, "source": source, "trained": trained})
-    return rows
-
-
-def _trained(meta) -> list[dict]:
-    """The training records a sweep file's meta holds: its own, and each appended run's."""
-    if not isinstance(meta, dict):
-        return []
-    runs = meta.get("runs") if isinstance(meta.get("runs"), list) else []
-    found = [meta.get("train")] + [run.get("train") for run in runs if isinstance(run, dict)]
-    return [t for t in found if isinstance(t, dict) and t]
 
 
 def _interp(x: float, xs: list[float], ys: list[float]) -> float | None:
@@ -155,41 +113,6 @@ def sweep_figures(rows: list[dict], tau: float | None, active_fraction: float | 
 
 # ---------------------------------------------------------------------------------------------------
 # decode speed
-
-
-@dataclass(frozen=True)
-class RecordedBench:
-    """One recorded benchmark file: where it ran, when, and its tokens/s figures."""
-
-    source: str
-    device: str
-    date: str
-    figures: tuple[tuple[str, float], ...]  # (what, tokens/s)
-
-
-def recorded_benchmarks(bench_dir: Path, limit: int = 8) -> list[RecordedBench]:
-    """Decode tokens/s recorded under results/bench/decode*.json, each with its device and date.
-
-    The decode benchmark (prunepath bench decode) writes {"device", "date", "model", "rows": [{"variant",
-    "tokens_per_s", ...}]}; other files under results/bench (kernel micro-benchmarks) are not decode
-    speed and are skipped.
-    """
-    out = []
-    for path in sorted(Path(bench_dir).glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        rows = data.get("rows") if isinstance(data, dict) else None
-        if not isinstance(rows, list):
-            continue
-        figs = [(str(r.get("variant") or r.get("rule") or i), float(r["tokens_per_s"]))
-                for i, r in enumerate(rows) if isinstance(r, dict) and isinstance(r.get("tokens_per_s"), (int, float))]
-        if figs:
-            what = f"{path.name} ({data.get('model', '?')}, {data.get('dtype', '?')})"
-            out.append(RecordedBench(what, str(data.get("device") or "unknown device"),
-                                     str(data.get("date") or "unknown date"), tuple(figs[:limit])))
-    return out
 
 
 @dataclass(frozen=True)

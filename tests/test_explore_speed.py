@@ -82,17 +82,17 @@ def test_recorded_curves_read_both_schemas_and_skip_broken_files(tmp_path):
     (tmp_path / "decode_llama-8b_h200.json").write_text(json.dumps(new))
     (tmp_path / "decode_default_h200.json").write_text(json.dumps(old))
     (tmp_path / "decode_broken_h200.json").write_text("{not json")
-    curves = recorded_curves(tmp_path)
+    curves = recorded_curves(sorted(tmp_path.glob("*.json")) + [tmp_path / "decode_missing_h200.json"])
     assert [c.label for c in curves] == ["default (576×1536) · NVIDIA H200 · 2026-11-28",
                                          "llama-8b (4096×14336) · NVIDIA H200 · 2026-12-03"]
     assert curves[0].points == ((0.36, 318.0), (1.0, 317.0))
     assert curves[1].points == ((0.25, 260.0), (1.0, 130.0))
-    assert recorded_curves(tmp_path / "missing") == []
+    assert recorded_curves([]) == []
 
 
 def test_the_section_accumulates_live_points_and_marks_the_current_one(tmp_path):
     model = _converted()
-    section = SpeedSection(tmp_path)
+    section = SpeedSection([])
     section.update(model, _tokenizer, routing.TopK(2), n_tokens=1)
     fig, text = section.update(model, _tokenizer, routing.TopK(4), n_tokens=1)
     live = next(t for t in fig["data"] if t["name"].startswith("live"))

@@ -149,7 +149,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 def test_unknown_names(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)  # as on an offline machine
-    with pytest.raises(ModelOfflineError, match="smollm2-135m-instruct.*local directory"):
+    with pytest.raises(ModelOfflineError, match="smollm2-135m-instruct.*directory written by save_pretrained"):
         load_model("no-such-model-xyz")
     with pytest.raises(ModelOfflineError, match="hub cannot be reached"):
         load_model("some-org/some-model")

@@ -26,7 +26,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
         help="run a benchmark (split, ffn, decode, explorer, load)",
-        description=f"Run a benchmark script; results go to results/*.json.\n\n{lines}\n\n"
+        description=f"Run a benchmark script; results go to results/bench/<kind>_<model>_<device>.json.\n\n{lines}\n\n"
         "Arguments after NAME go to the benchmark: `prunepath bench split --help`.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

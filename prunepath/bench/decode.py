@@ -15,19 +15,18 @@ Models (all bf16 on CUDA; fp32 on CPU, where it only checks that everything runs
 Timing: `Decoder.time_decode` (CUDA events around 128 graph replays after 8 warm-up steps, median
 of 3). Peak memory is `torch.cuda.max_memory_allocated` over the run (weights included).
 
-    python -m prunepath.bench.decode --model llama-8b --out results/bench/decode_llama8b.json
+    python -m prunepath.bench.decode --model llama-8b         # -> results/bench/decode_llama-8b_<device>.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
+from prunepath import results
 from prunepath.bench.ffn import environment
 from prunepath.decode.loop import DecodeConfig, Decoder
 from prunepath.ffn.module import prunepath_ffns
@@ -217,7 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate (default model)")
-    p.add_argument("--out", default=None, help="JSON path (default results/bench/decode_MODEL.json)")
+    p.add_argument("--out", default=None, help="JSON path (default results/bench/decode_MODEL_DEVICE.json)")
     p.add_argument("--kept", default="0.25,0.5,0.75,1", help="CPU, --model default: kept fractions (per-layer τ)")
     p.add_argument("--rounds", type=int, default=8, help="CPU: rounds of the variants in turn (runs per row)")
     p.add_argument("--chunk", type=int, default=8, help="CPU: tokens per variant per round")
@@ -243,9 +242,8 @@ def main(argv=None) -> int:
               "prompt_len": args.prompt_len, "rows": rows}
     if args.model == "default":
         result["checkpoint"] = args.checkpoint  # which PrunePath checkpoint ("default" is whichever is packaged)
-    out = Path(args.out or f"results/bench/decode_{args.model}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = results.write_bench(args.out or results.bench_path(
+        "decode", result["device"] if str(args.device).startswith("cuda") else "cpu", args.model), result)
     print(f"wrote {out}")
     return 0
 

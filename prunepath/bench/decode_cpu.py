@@ -30,7 +30,6 @@ write) of 256 MiB with the same threads.
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import statistics
 import time
@@ -128,6 +127,7 @@ def run(args) -> int:
     """Measure and write the file of record (args from prunepath.bench.decode's parser; args.fractions
     the kept fractions)."""
     import prunepath
+    from prunepath import results
     from prunepath.decode.cpu_experts import CPUExpertPath
     from prunepath.decode.loop import DecodeConfig, Decoder, encode_prompt, load_for_decode
     from prunepath.ffn.module import prunepath_ffns
@@ -236,9 +236,8 @@ def run(args) -> int:
                         + ("process CPU time" if clock is time.process_time else "wall-clock time"),
               "threads": torch.get_num_threads(),
               "rows": rows}
-    out = Path(args.out or "results/bench/decode_default_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(args.out) if args.out else results.bench_path("decode", "cpu", "default")
+    results.write_bench(out, result)
     for row in rows:
         print(f"{row['variant']:24s} kept {row['kept_fraction']:.3f}  {row['tokens_per_s']:6.2f} tok/s  "
               f"{row['ms_per_token']:6.1f} ms (p20 {row['ms_p20']:.1f}, p80 {row['ms_p80']:.1f})  "

@@ -10,13 +10,12 @@ Median and p20/p80 of N moves after warm-up. Target: < 300 ms uncached for a 64-
 2-core CPU. The machine's load average is recorded beside the figures: on a shared machine other
 processes compete for the same two cores.
 
-Writes results/bench_explorer.json with CPU model, thread count, versions, date.
+Writes results/bench/explorer_default_cpu.json (prunepath.results) with CPU model, thread count, versions, date.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from prunepath import results
 from prunepath.bench.split import cpu_name
 
 TEXT = ("The explorer routes this prompt through every layer of the model and counts, for each token, how "
@@ -125,12 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--tokens", type=int, default=64, help="prompt length in tokens (default 64)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as the app, cores // 2)")
-    p.add_argument("--out", default="results/bench_explorer.json")
+    p.add_argument("--out", default=None, help="JSON path (default results/bench/explorer_<checkpoint>_cpu.json)")
     args = p.parse_args(argv)
     res = run(args.checkpoint, args.n, args.warmup, args.tokens, args.threads)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    out = results.write_bench(args.out or results.bench_path("explorer", "cpu", Path(args.checkpoint).name), res)
     u, c = res["uncached"], res["cached"]
     print(f"{res['device']}, {res['torch_threads']} threads, load average {res['load_average']}")
     print(f"slider move, {res['prompt_tokens']} tokens, {res['layers']} layers: uncached median {u['p50_ms']:.0f} ms "

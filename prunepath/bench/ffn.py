@@ -14,20 +14,20 @@ Weights are rotated over several copies so that every call streams from HBM, not
 Correctness first: each configuration's output is compared with a float64 reference before timing.
 Results: JSON with device, versions, date (and the tuning sweep) under results/bench/.
 
-    python -m prunepath.bench.ffn --out results/bench/ffn_h200.json
+    python -m prunepath.bench.ffn                # -> results/bench/ffn_<device>.json, e.g. ffn_h200.json
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import platform
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from prunepath import results
 
 SHAPES = {  # name: (D, F)
     "default-576x1536": (576, 1536),
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--fractions", default="0.125,0.25,0.5,0.75,1.0")
     p.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
-    p.add_argument("--out", default="results/bench/ffn.json")
+    p.add_argument("--out", default=None, help="JSON path (default results/bench/ffn_DEVICE.json)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("prunepath bench ffn needs a CUDA device (the kernels' timings mean nothing in the interpreter)")
@@ -256,9 +256,7 @@ def main(argv=None) -> int:
     if args.sweep:
         result["breakdown"] = breakdown()
         result["sweep"] = sweep(bw)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = results.write_bench(args.out or results.bench_path("ffn", env["device"]), result)
     print(f"wrote {out}")
     return 0
 

@@ -5,7 +5,7 @@
 Each run is a fresh Python process (so nothing is memoised): it times `import prunepath` and then
 `prunepath.load_model()` separately. The first call builds the cache if it is missing (de-quantising
 the GGUF, ~20 s) and is reported apart. Target (issue 2): a second load under 5 s on 2 cores.
-Writes results/bench_load.json with CPU, cores, versions, date and load average.
+Writes results/bench/load_default_cpu.json (prunepath.results) with CPU, cores, versions, date and load average.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
 
+from prunepath import results
 from prunepath.bench.split import cpu_name
 
 _CHILD = (
@@ -35,7 +35,7 @@ def _run_once() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="prunepath bench load", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="results/bench_load.json")
+    p.add_argument("--out", default=None, help="JSON path (default results/bench/load_default_cpu.json)")
     args = p.parse_args(argv)
     import torch
     import transformers
@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         "target_s": 5.0,
         "meets_target": statistics.median(loads) < 5.0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = results.write_bench(args.out or results.bench_path("load", "cpu", "default"), result)
     print(
         f"second load: median {result['load_s']['median']:.2f} s (import prunepath {result['import_s_median']:.2f} s); "
-        f"target < 5 s: {'met' if result['meets_target'] else 'missed'} -> {args.out}"
+        f"target < 5 s: {'met' if result['meets_target'] else 'missed'} -> {out}"
     )
     return 0
 

@@ -14,14 +14,13 @@ report the same number on its real gate rows (layers 0, 15, 29), where the struc
 
 Also one co-activation split per case (METIS on synthetic activations of 2048 tokens), for its time.
 
-Writes results/bench_split.json with the CPU model, cores, threads, versions, date and load average
-(the machine may be shared: the load average says how much to trust the times).
+Writes results/bench/split_cpu.json (prunepath.results) with the CPU model, cores, threads, versions, date and
+load average (the machine may be shared: the load average says how much to trust the times).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prunepath import results
 from prunepath.ffn.split import split_neurons
 
 CASES = [(1536, 576, 32), (14336, 4096, 32)]  # (F, D, G)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the small case, 3 repeats unless given, no real model")
     ap.add_argument("--no-real", action="store_true", help="skip the default model's gate rows")
     ap.add_argument("--no-coact", action="store_true", help="skip the (single, untimed-quality) co-activation run")
-    ap.add_argument("--out", default="results/bench_split.json")
+    ap.add_argument("--out", default=None, help="JSON path (default results/bench/split_cpu.json)")
     args = ap.parse_args(argv)
     cases = CASES[:1] if args.quick else CASES
     repeats = args.repeats or (3 if args.quick else 5)
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['kmeans_mean_cos']:.4f} vs random {r['random_mean_cos']:.4f}")
     result["load_average_after"] = list(os.getloadavg())
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = results.write_bench(args.out or results.bench_path("split", "cpu"), result)
     print(f"wrote {out}")
     return 0
 

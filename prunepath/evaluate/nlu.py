@@ -125,7 +125,14 @@ def label_logprobs(model, tokenizer, prompts: list[str], words: tuple[str, ...],
     """
     word_ids = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
     if any(len(w) == 0 for w in word_ids):
-        raise ValueError(f"a label word tokenizes to nothing: {words}")
+        raise ValueError(f"a label word tokenizes to nothing: {words}. Fix: name the classes with words "
+                         "(&labels=WORD,WORD,... in a file spec)")
+    first: dict[tuple, str] = {}  # token ids -> the first word that tokenizes to them
+    for w, ids in zip(words, word_ids):
+        if first.setdefault(tuple(ids), w) != w or words.count(w) > 1:
+            raise ValueError(f"label words {first[tuple(ids)]!r} and {w!r} are the same tokens, so their classes "
+                             "cannot be told apart. Fix: give every class its own word (&labels=WORD,WORD,... in "
+                             "a file spec, in the order of the label values)")
     ctx = scoring.encode_all(tokenizer, tuple(prompts))
     return scoring.word_logprobs(model, ctx, word_ids, _pad_id(tokenizer), batch_size, rec, batch_tokens,
                                  share_prefix)

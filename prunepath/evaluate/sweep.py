@@ -1,6 +1,6 @@
 """Sparsity–accuracy sweeps on one checkpoint, and automatic τ calibration (PAPER.md §3, §5).
 
-    prunepath sweep --checkpoint default --fractions 0.25 0.5 0.75 --tasks wikitext2 sst2 rte --out results/x
+    prunepath sweep --checkpoint default --fractions 0.25 0.5 0.75 --tasks wikitext2 sst2 rte
     prunepath calibrate --checkpoint default --target 0.5
 
 The sweep turns τ on one checkpoint (`--taus`) and, at each matched mean active FFN fraction
@@ -10,10 +10,10 @@ calibration text to the target fraction, then every task is evaluated with the e
 
     method, knob, target_fraction, active_fraction, mean_experts, task, metric, value, n, protocol
 
-plus the per-token expert-count quantiles. They are appended to <out>.json / <out>.csv as they come, so
-an interrupted sweep resumes where it stopped; `<out>.html` is a plotly figure of each metric versus the
-measured active fraction. Active fraction is measured during each evaluation (not the calibration
-value); for neuron pruning it is the kept-neuron fraction.
+plus the per-token expert-count quantiles. They are appended to one JSON file as they come (by default
+results/sweeps/<checkpoint>_<tasks>_<device>.json, through `prunepath.results`), so an interrupted sweep
+resumes where it stopped; `prunepath report` makes its table, CSV and figure. Active fraction is
+measured during each evaluation (not the calibration value); for neuron pruning it is the kept-neuron fraction.
 
 Cost. A sweep evaluates the same texts under every (method, knob), so what does not depend on the
 model is done once per process: tokenised test text and prompts, task rows and demonstrations
@@ -31,8 +31,6 @@ Shape legend: B sequences, T tokens, L layers.
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,32 +38,13 @@ from pathlib import Path
 
 import torch
 
-from prunepath import routing
+from prunepath import results, routing
 from prunepath.evaluate import baselines
-from prunepath.evaluate.sweep_report import _fmt, write_figure, write_table
 from prunepath.ffn.module import prunepath_ffns
+from prunepath.report import format_knob
 from prunepath.routing import calibrate
 from prunepath.routing.control import set_gate
 
-COLUMNS = (
-    "method",
-    "knob",
-    "target_fraction",
-    "active_fraction",
-    "mean_experts",
-    "task",
-    "metric",
-    "value",
-    "n",
-    "protocol",
-    "experts_p10",
-    "experts_p50",
-    "experts_p90",
-    "rule",
-    "dtype",
-    "device",
-    "date",
-)
 METRICS = {"wikitext2": ("perplexity", "next_token_accuracy"), "ifeval": None, "alpaca": None}
 
 
@@ -118,7 +97,7 @@ def _rows(res: dict, method: str, knob, target, static_fraction: float | None, g
 
 
 class Sweep:
-    """Rows accumulate in <out>.json (list) and <out>.csv; finished (method, knob, task) are skipped."""
+    """Rows accumulate in <out>.json (prunepath.results writes it); finished (method, knob, task) are skipped."""
 
     def __init__(self, out: str | Path, meta: dict):
         self.out = Path(out)
@@ -127,9 +106,9 @@ class Sweep:
         self.rows: list[dict] = []
         self.meta = dict(meta)
         if self.json.is_file():  # resume / extend: keep the rows, the first run's meta, and every run's meta
-            old = json.loads(self.json.read_text())
-            self.rows = old.get("rows", [])
-            self.meta = old.get("meta", {}) or dict(meta)
+            old = results.load_sweep(self.json)
+            self.rows = old.rows
+            self.meta = old.meta or dict(meta)
         self.meta.setdefault("runs", []).append({k: v for k, v in meta.items() if k != "runs"})
 
     def done(self, method, target, task) -> bool:
@@ -137,11 +116,7 @@ class Sweep:
 
     def add(self, rows: list[dict]) -> None:
         self.rows.extend(rows)
-        self.json.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1) + "\n")
-        with open(self.out.with_suffix(".csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(self.rows)
+        results.write_sweep(self.json, self.meta, self.rows)
 
 
 @dataclass(frozen=True)
@@ -179,8 +154,8 @@ def run_sweep(model, tok, out, config: SweepConfig = SweepConfig(), progress: bo
               meta: dict | None = None) -> Sweep:
     """Evaluate every (method, fraction) and every τ of `config` on every task; returns the Sweep with its rows.
 
-    out: the results path without suffix (.json, .csv, .html and .md are written beside it); a run that
-    stopped resumes from the rows already in out.json. meta: recorded with the rows (device, checkpoint...).
+    out: the sweep's file (`.json` is added; `prunepath report` makes its table, CSV and figure); a run that
+    stopped resumes from the rows already in it. meta: recorded with the rows (device, checkpoint...).
     """
     from prunepath.data import calibration_batches
     from prunepath.evaluate.tasks import evaluate_task
@@ -226,7 +201,8 @@ def run_sweep(model, tok, out, config: SweepConfig = SweepConfig(), progress: bo
             if progress:
                 main = rows[0]
                 print(
-                    f"[{time.time() - t0:6.1f}s] {method:<14} knob={_fmt(knob):<8} frac={main['active_fraction']:.3f} "
+                    f"[{time.time() - t0:6.1f}s] {method:<14} knob={format_knob(knob):<8} "
+                    f"frac={main['active_fraction']:.3f} "
                     f"{task}: {main['metric']}={main['value']:.4f}",
                     flush=True,
                 )
@@ -234,8 +210,6 @@ def run_sweep(model, tok, out, config: SweepConfig = SweepConfig(), progress: bo
             set_gate(model, gate)
         del m
     sw.add([])  # writes the meta (expert-count distributions) even when every row was already done
-    write_figure(sw.rows, Path(out).with_suffix(".html"), sw.meta)
-    write_table(sw.rows, Path(out).with_suffix(".md"))
     return sw
 
 

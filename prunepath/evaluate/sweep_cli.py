@@ -9,10 +9,11 @@ from pathlib import Path
 
 from prunepath.evaluate import baselines
 from prunepath.evaluate.sweep import SweepConfig, _load, _meta, run_sweep
+from prunepath.results import sweep_path
 from prunepath.routing.calibrate import calibrate_tau, check_target
 
 # Measured on default v4 (26 SST-2 rows, 2026-11-29): a 2-core CPU and an H200 disagree by 2.7 points on average
-# and up to 9.6 in bf16, by 0.05 on average and at most 0.46 in fp32 (results/h200/README.md).
+# and up to 9.6 in bf16, by 0.05 on average and at most 0.46 in fp32 (the sweeps of default v4, results/HISTORY.md).
 BF16_PROMPT_WARNING = (
     "prunepath sweep: the prompt protocol in bf16 ranks nothing between sparse methods. Their label-word scores lie "
     "close together and bf16 rounding flips decisions: the same SST-2 rows moved by up to 9.6 points between two "
@@ -30,11 +31,14 @@ def run_sweep_cli(args) -> int:
         print(BF16_PROMPT_WARNING, file=sys.stderr)
     model, tok = _load(args)
     opts["wikitext2"] = {"context": args.context, "stride": args.context}
+    out = Path(args.out) if args.out else sweep_path(
+        Path(args.checkpoint).name + args.tag, "-".join(args.tasks) + (f"-{args.protocol}" if len(opts) > 1 else ""),
+        args.device)
     config = SweepConfig(fractions=args.fractions, taus=args.taus, methods=args.methods, tasks=args.tasks,
                          limit=args.limit, wt_tokens=args.wt_tokens, calib_tokens=args.calib_tokens, task_opts=opts,
                          tag=args.tag)
-    sw = run_sweep(model, tok, args.out, config, meta=_meta(args, model))
-    print(f"{len(sw.rows)} rows -> {Path(args.out).with_suffix('.json')}, .csv, .html")
+    sw = run_sweep(model, tok, out, config, meta=_meta(args, model))
+    print(f"{len(sw.rows)} rows -> {sw.json}; tables and figures: prunepath report {sw.json}")
     return 0
 
 
@@ -92,7 +96,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--demo-sets", type=int, default=1,
                    help="prompt protocol: average this many demonstration sets per row (K times the forwards); "
                         "rows then record each set's accuracy and two split-half ensembles")
-    p.add_argument("--out", default="results/sweep_default", help="output stem: .json, .csv, .html")
+    p.add_argument("--out", default=None, help="the sweep's JSON file (default: results/sweeps/"
+                   "<checkpoint>_<tasks>-<protocol>_<device>.json); an existing one is resumed and extended")
     p.add_argument("--tag", default="", help="suffix for method names, to add another checkpoint's rows to --out")
     _common(p)
     p.set_defaults(func=run_sweep_cli)

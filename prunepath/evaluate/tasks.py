@@ -3,8 +3,12 @@ says what the routers did: rule and knob, experts kept per token, active FFN fra
 
 Tasks (`evaluate_task`, `prunepath eval --task ...`):
 - `wikitext2`: test perplexity with HF's strided sliding window, plus next-token accuracy (here).
-- `sst2`, `rte`, `boolq`, `jsonl:PATH?text=..&label=..`, `csv:...`: classification accuracy under a
-  stated protocol — calibrated k-shot label-word scoring, or a linear probe (see `prunepath.evaluate.nlu`).
+- `sst2`, `rte`, `boolq`, `jsonl:PATH?text=F&label=F[&text_pair=F][&labels=W0,W1,...]`, `csv:...`:
+  classification accuracy, any number of classes, under a stated protocol — calibrated k-shot label-word
+  scoring, or a linear probe (see `prunepath.evaluate.nlu`). The label words are the class names: for a
+  file, its label values (0, 1, 2 -> words " 0", " 1", " 2") unless `&labels=` names the classes in the
+  order of their values (ints 0..C-1, else sorted); words score better than digits, e.g.
+  `&labels=negative,positive`.
 - `ifeval`, `alpaca`: instruction following, IFEval scored offline and ROUGE-L (see `prunepath.evaluate.ifeval`).
 
 Every result is an `EvalResult`: metrics, n, protocol, dataset/split, settings, and `routing` — for a
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from prunepath.evaluate.perplexity import perplexity
 from prunepath.evaluate.result import EvalResult
@@ -61,6 +66,14 @@ def evaluate_task(model, tokenizer, task: str, limit: int | None = None, **opts)
     family = check_task(task)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    needs_lm = family != "nlu" or opts.get("protocol", "prompt") == "prompt"
+    if needs_lm and hasattr(model, "can_generate") and not model.can_generate():
+        what = "perplexity" if family == "lm" else "generation" if family == "gen" else "label-word scoring"
+        raise ValueError(
+            f"{type(model).__name__} is not a causal language model (an encoder, or a model loaded without its LM "
+            f"head), so {what} cannot run on it. Fix: classify with --protocol probe (the final hidden states), "
+            "or evaluate a decoder model"
+        )
     if family == "lm":
         from prunepath import data
 
@@ -76,8 +89,9 @@ def evaluate_task(model, tokenizer, task: str, limit: int | None = None, **opts)
 
 def check_tau(tau: float) -> float:
     if not (math.isfinite(tau) and 0 < tau <= 2):
-        hint = f"; did you mean {tau / 100:g}?" if 2 < tau <= 100 else ""
-        raise ValueError(f"τ must be in (0, 2] (τ > 1 keeps every expert), got {tau}{hint}")
+        hint = f" (did you mean {tau / 100:g}?)" if 2 < tau <= 100 else ""
+        raise ValueError(f"τ must be in (0, 2] (τ > 1 keeps every expert), got {tau:g}. Fix: give the share of "
+                         f"router probability mass to keep, e.g. --tau 0.9{hint}")
     return tau
 
 
@@ -111,18 +125,29 @@ def run(args) -> int:
         check_tau(args.tau)
     if args.fraction is not None and (args.tau is not None or args.rule is not None):
         raise ValueError("give one of --tau, --rule or --fraction: --fraction sets a per-layer τ itself")
+    if check_task(args.task) == "nlu":  # read the task (labels, fields) before the model: bad input costs nothing
+        from prunepath.evaluate import nlu
+
+        nlu.task_splits(args.task, args.seed or 0)
     model, tok = load_for_eval(args)
     opts = {k: getattr(args, k) for k in task_opts if getattr(args, k) is not None}
     res = evaluate_task(model, tok, args.task, limit=args.limit, **opts).to_dict()
     if args.fraction is not None and res.get("routing"):
         res["routing"]["calibrated_fraction"] = args.fraction  # per-layer τ stored in the checkpoint
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+        from prunepath.results import write_json
+
+        write_json(args.out, res, indent=2)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
     print(f"{res['task']} ({res['dataset']}/{res['split']}, n={res['n']}) — {res['protocol']}")
+    words = (res.get("settings") or {}).get("label_words")
+    if words:  # classification: say which classes were scored, so a wrong class count is never silent
+        print(f"  {len(words)} classes, label words {', '.join(map(repr, words))}")
+        if all(w.strip().lstrip("-").isdigit() for w in words) and "label-word" in res["protocol"]:
+            print("  note: the label words are the file's label values; name the classes with "
+                  "&labels=WORD,WORD,... in the task spec (words usually score better than digits)", file=sys.stderr)
     for k, v in res["metrics"].items():
         print(f"  {k:<24} {v:.4f}" if isinstance(v, float) else f"  {k:<24} {v}")
     for k in ("per_set_accuracy", "split_half_accuracy"):  # --demo-sets K: the spread between sets
@@ -141,14 +166,19 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("eval", help=text, description=text + ". " + (__doc__ or "").split("\n\n")[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True,
-                   help="wikitext2 | sst2 | rte | boolq | ifeval | alpaca | jsonl:PATH?text=F&label=F | csv:")
+                   help="wikitext2 | sst2 | rte | boolq | ifeval | alpaca | a labelled file "
+                   "jsonl:PATH?text=F&label=F[&text_pair=F][&labels=W0,W1,...] (also csv:, tsv:; any number of "
+                   "classes; &labels= gives the label words of the classes in order, see above)")
     p.add_argument("--checkpoint", default=None,
-                   help="PrunePath folder, 'default' or 'dense' (default: 'default'; dense with --model)")
+                   help="PrunePath folder, 'default', or 'dense' = the base model alone, without routers "
+                   "(default: 'default'; 'dense' when only --model is given)")
     p.add_argument("--model", default=None, help="dense model name/path; with --checkpoint, its base model")
     p.add_argument("--no-adapter", dest="adapter", action="store_false",
                    help="leave the checkpoint's LoRA adapter out: its routers on the untouched base model")
     p.add_argument("--tau", type=float, default=None, help="cumulative-mass budget τ (PrunePath models)")
-    p.add_argument("--rule", default=None, help="routing rule spec instead, e.g. topk:8, mass-incl:0.9")
+    p.add_argument("--rule", default=None,
+                   help="routing rule spec instead, e.g. topk:8, mass-incl:0.9; 'dense' keeps every expert, still "
+                   "weighted by its gate (not the base model: that is --checkpoint dense)")
     p.add_argument("--fraction", type=float, default=None,
                    help="route by the checkpoint's stored per-layer τ for this active fraction "
                    "(made by `prunepath calibrate --save`)")

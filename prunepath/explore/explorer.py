@@ -41,6 +41,7 @@ from prunepath.explore.loading import ExplorerError, load_for_explorer
 from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.control import set_gate, set_rule, set_tau
 from prunepath.routing.stats import record
+from prunepath.tokens import token_texts
 
 RULES = ("mass", "mass-layer", "topk", "threshold", "dense")
 RULE_NAMES = {"mass": "cumulative mass τ (PrunePath)", "mass-layer": "per-layer τ (PrunePath), matched",
@@ -53,8 +54,6 @@ EXAMPLES = {
     "Paris": "The capital of France is Paris. The capital of Germany is",
     "Recipe": "To make a simple tomato sauce, first heat some olive oil in a pan, then",
 }
-# Where the page reads committed results from; the repository's own results/ by default.
-RESULTS_DIR = Path(os.environ.get("PRUNEPATH_RESULTS", Path(__file__).resolve().parents[2] / "results"))
 
 
 def configure_threads(n: int | None = None) -> int:
@@ -220,11 +219,13 @@ class Explorer:
         return ids, note
 
     def labels(self, ids: torch.Tensor) -> tuple[str, ...]:
-        """One readable label per token (spaces and newlines made visible)."""
+        """One readable label per token (spaces and newlines made visible), in any script: the byte pieces of
+        one character are decoded together and labelled with their place ('語 1/3', see prunepath.tokens)."""
         out = []
-        for t in ids.tolist():
-            s = self.tokenizer.decode([t])
-            out.append(s.replace("\n", "↵").replace("\t", "⇥") if s.strip() else s.replace(" ", "␣") or "∅")
+        for piece in token_texts(self.tokenizer, ids):
+            s = piece.text
+            s = s.replace("\n", "↵").replace("\t", "⇥") if s.strip() else s.replace(" ", "␣") or "∅"
+            out.append(f"{s} {piece.part}/{piece.parts}" if piece.part else s)
         return tuple(out)
 
     # -- routing --------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ reads weights at the memory's pace; `launch_bound_note` says when that cannot ha
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -170,13 +169,21 @@ def _fraction(row: dict) -> float | None:
     return 1.0 if str(row.get("variant", "")).startswith("dense") else None
 
 
-def recorded_curves(bench_dir: str | Path, pattern: str = "decode_*_h200.json") -> list[RecordedCurve]:
-    """Our decode loop's tokens/s against the kept fraction from each recorded file (the transformers
-    baselines and the masking torch path left out); missing, unreadable or empty files are skipped."""
-    curves = []
-    for path in sorted(Path(bench_dir).glob(pattern)):
+def recorded_curves(paths: list[Path] | None = None) -> list[RecordedCurve]:
+    """Our decode loop's tokens/s against the kept fraction from each recorded H200 file (default: the
+    results/bench/decode_*_h200.json of record; the transformers baselines and the masking torch path left
+    out); missing, unreadable or empty files are skipped, and no results folder gives no curves."""
+    from prunepath import results
+
+    if paths is None:
         try:
-            data = json.loads(path.read_text())
+            paths = [p for p in results.list_bench("decode") if p.name.endswith("_h200.json")]
+        except results.ResultsNotFoundError:
+            return []
+    curves = []
+    for path in paths:
+        try:
+            data = results.read_json(path)
         except (OSError, ValueError):
             continue
         rows = data.get("rows") if isinstance(data, dict) else None
@@ -236,8 +243,8 @@ def speed_figure(live: list[SpeedPoint], current: SpeedPoint | None, curves: lis
 class SpeedSection:
     """The figure's state for one explorer page: live points measured so far (per routing label)."""
 
-    def __init__(self, bench_dir: str | Path):
-        self.bench_dir = Path(bench_dir)
+    def __init__(self, recorded: list[Path] | None = None):
+        self.recorded = recorded  # the H200 files to draw (None: those of record)
         self.points: dict[str, SpeedPoint] = {}
 
     def update(self, model, tokenizer, rule, n_tokens: int = 8) -> tuple[dict, str]:
@@ -245,7 +252,7 @@ class SpeedSection:
         live = live_speed(model, tokenizer, rule, n_tokens=n_tokens)
         self.points["dense"] = live.dense
         self.points[live.routed.label] = live.routed
-        fig = speed_figure(list(self.points.values()), live.routed, recorded_curves(self.bench_dir), live.device)
+        fig = speed_figure(list(self.points.values()), live.routed, recorded_curves(self.recorded), live.device)
         text = (f"**Live on {live.device}** (our decode loop, batch 1, {2 * n_tokens} tokens each, measured in "
                 f"{live.seconds:.1f} s): dense **{live.dense.tokens_per_s:.1f}** tokens/s, `{live.routed.label}` at "
                 f"{live.routed.active_fraction:.0%} active **{live.routed.tokens_per_s:.1f}** tokens/s "

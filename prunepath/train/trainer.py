@@ -22,7 +22,7 @@ the paper's sigmoid gate starts at sigmoid(0) = 0.5 (halving every FFN) and, wit
 sigmoid(z) in ~(0.3, 0.7); the linear router has no bias, so pushing every kept gate towards 1 is
 something only the full fine-tune of the paper can absorb. Unit gates make the kept experts exact.
 
-Two options of the `lm` objective, both measured on an H200 (results/h200/README.md):
+Two options of the `lm` objective, both measured on an H200 (results/training/tau_*.json):
 
 * `--teacher dense`: the task loss becomes KL(dense model ‖ sparse model) (or a mix with cross-entropy,
   `--kd-weight`); the teacher is the same model with every expert on, unit gates and no adapter.

@@ -1,0 +1,7 @@
+"""`python -m prunepath ...`: the same command line as the `prunepath` script."""
+
+import sys
+
+from prunepath.cli import main
+
+sys.exit(main())
