@@ -1,5 +1,7 @@
 # PrunePath: every command a new user needs, from a fresh clone.
 #   make test       install into .venv and run the whole test suite (what CI runs)
+#   make test-fast  the tests that need neither the real default model (`slow`) nor a browser: minutes
+#   make test-gpu   the `gpu` tests on a CUDA machine, the Triton kernels compiled (not interpreted)
 #   make explorer   start the explorer (panel serve explorer.py) on the default checkpoint
 #   make book       build the Jupyter Book into book/_build/html, executing every notebook
 #   make route      per-token expert counts for a prompt at τ = 0.5 and 0.9
@@ -15,10 +17,9 @@ SHARED_DATA := $(wildcard $(abspath $(CURDIR)/../shared/data))
 ifneq ($(SHARED_DATA),)
 export PRUNEPATH_DATA ?= $(SHARED_DATA)
 endif
-export PLOTLY_RENDERER ?= plotly_mimetype+notebook
 PORT ?= 5006
 
-.PHONY: install test test-fast lint explorer book route clean
+.PHONY: install test test-fast test-gpu lint explorer book route clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +38,10 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -ra -m "not slow and not browser"
+
+test-gpu: install
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA device (none is visible); run make test-fast or make test here')"
+	PRUNEPATH_GPU_TESTS=1 $(BIN)/pytest -q -ra -m gpu
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,35 +1,37 @@
-"""Fused decode FFN over the active experts only: router -> gate/up (+selection) -> down -> reduce.
+"""Fused decode FFN over the kept experts only: route+select -> gate/up -> down+reduce, three launches.
 
 Shapes: N = B*T rows (<= 8), D hidden, F ffn = E*G, E experts, G expert size, C = ceil(E / SLOTS).
 
-Decode is memory-bound: the time is the weight bytes read. A kept fraction a of the experts should
-cost about a of the dense FFN's bytes. Four launches, no host synchronisation, no atomics:
+Decode is memory-bound: the time is the weight bytes read, 3 * kept * G * D * 2 B for a gated FFN in
+bf16, plus the router's E * D * 2 B. A kept fraction a of the experts should cost about a of the dense
+FFN's time. The launches, with no host synchronisation:
 
-1. `_router_kernel` (route.py): fp32 partial logits [S, N, E] over a grid of E blocks x D slices.
-2. `_gate_up_kernel`, grid E * (G / BG): each program owns BG neurons of one expert. It first decides
-   its expert for every token (route.`_select_expert`, O(E)); if no token keeps the expert it exits
-   before touching a weight byte. Otherwise it streams BG rows of W_gate and W_up (contiguous
-   [BLOCK_K] segments), applies act(gate) * up * g_token in fp32, and writes h [N, F] for those
-   neurons (0 for tokens that dropped the expert). Programs with rb == 0 also write mask / gates /
-   logits [N, E] and the union flag [E].
-3. `_down_kernel` (batches, or E >= 128), grid C x (D / BLOCK_D): each program compacts the union flags itself (a cumsum
-   over E in registers) and sums the contribution h[:, e] @ W_out[e] ([G, BLOCK_D] contiguous tiles)
-   of SLOTS *active* experts into an fp32 partial [C, N, D]; programs past ceil(count / SLOTS) exit.
-   Split-K with a second pass instead of bf16 atomics (PAPER §7): deterministic, fp32 accumulation,
-   no zero-fill launch. `_down_by_id_kernel` (one token, E < 128) walks expert ids instead and masks
-   the inactive ones: no compaction latency, which wins when the whole FFN is a few microseconds,
-   but a ~18 us fixed cost at the Llama-3-8B shape (prunepath/bench/NOTES.md).
-4. `_reduce_kernel` / `_reduce_all_kernel`: y = sum of the written partials (+ bias), cast to the
-   model dtype.
+1. `select._router_select_kernel`: router GEMV over (E blocks) x (S slices of D); the last program to
+   finish makes the routing decision for every token and writes the compacted list of kept experts
+   (the union over the N rows): ids [E], count [1].
+2. `_gate_up_kernel`, grid E * (G / BG): program p owns BG neurons of the expert in slot p // (G / BG)
+   of that list (programs past the kept count exit at once, so the first count * G / BG programs,
+   all streaming, are the ones the scheduler spreads over the SMs). It streams BG rows of W_gate and
+   W_up over the whole of D (no split-K, so the activation needs no second pass), applies
+   act(gate) * up * g_token in fp32 and writes h [N, slot, G].
+3. `_down_kernel`, grid C x (D / BLOCK_D): program (c, d) adds the down contributions of slots
+   c*SLOTS .. c*SLOTS+SLOTS-1 (expert ids read from the list: contiguous [G, BLOCK_D] tiles of the
+   transposed down weight, every slot's loads issued together) over BLOCK_D output columns into an
+   fp32 accumulator with atomic adds, then takes a ticket for its column block; the last program of
+   a column block casts the sums to the model dtype (+ bias), writes y and zeroes the accumulator and
+   the ticket for the next call. The reduce is folded in: no partials pass, no zero-fill launch. The
+   fp32 atomic order varies between runs, so y may differ in the last bit of the fp32 sum (before the
+   cast to bf16) from run to run.
 
-Batches (N <= 8): an expert is streamed once if *any* token keeps it (the union), so the cost follows
-the union's size. One token uses a GEMV path (fp32 FMA, no padding); 2..8 tokens a tensor-core path
-with rows padded to 16.
+Batches (N <= 8): an expert is streamed once if *any* row keeps it (the union); rows that dropped it
+have gate 0. One row uses a GEMV path (fp32 FMA, no padding); 2..8 rows a tensor-core path with rows
+padded to 16 (tf32 dots of upcast half operands: exact products, fp32 sums).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,15 +39,8 @@ import triton
 import triton.language as tl
 
 from .layout import ExpertLayout, _reference_act, next_pow2
-from .route import (
-    GATE_CODES,
-    TL_DTYPES,
-    RouterConfig,
-    _select_expert,
-    dot_precision,
-    router_partial_logits,
-    token_block,
-)
+from .route import GATE_CODES, TL_DTYPES, dot_precision, token_block
+from .select import _router_select_kernel
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -64,32 +59,20 @@ def _act(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, rpart_ptr, param_ptr,
-                    h_ptr, mask_ptr, gate_ptr, logit_ptr, flag_ptr, N, E, D,
-                    G: tl.constexpr, BG: tl.constexpr, RS: tl.constexpr, BN: tl.constexpr,
-                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, RULE: tl.constexpr, GATE: tl.constexpr,
-                    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    ROUND_TO: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    e = pid // (G // BG)
-    rb = pid % (G // BG)
-    keep, g, ze = _select_expert(rpart_ptr, param_ptr, e, N, E, RS, BN, BLOCK_E, RULE, GATE, ROUND_TO)
-    any_keep = tl.max(keep.to(tl.int32), axis=0)
+def _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, h_ptr, j, rb, N, E,
+                  D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                  BLOCK_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """h[:, slot j, rows rb*BG ..] = act(x W_gate^T) * (x W_up^T) * g for BG neurons of kept expert j."""
+    e = tl.load(ids_ptr + j)
+    rows = e * G + rb * BG + tl.arange(0, BG)  # [BG] neuron indices in [0, F)
     n_offs = tl.arange(0, BN)
     nm = n_offs < N
-    if rb == 0:
-        tl.store(mask_ptr + n_offs * E + e, keep.to(tl.int8), mask=nm)
-        tl.store(gate_ptr + n_offs * E + e, g, mask=nm)
-        tl.store(logit_ptr + n_offs * E + e, ze, mask=nm)
-        tl.store(flag_ptr + e, any_keep)
-    if any_keep == 0:
-        return  # no token wants this expert: none of its bytes are read
-    rows = e * G + rb * BG + tl.arange(0, BG)  # [BG] neuron indices in [0, F)
     if BN == 1:
-        # GEMV: accumulate elementwise products, reduce over K once at the end
-        accg = tl.zeros((BG, BLOCK_K), dtype=tl.float32)
+        # D is a compile-time constant: the K loop unrolls and every tile's loads can be issued up front
+        accg = tl.zeros((BG, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
         accu = tl.zeros((BG, BLOCK_K), dtype=tl.float32)
-        for k in range(0, D, BLOCK_K):
+        for k in tl.static_range(0, D, BLOCK_K):
             k_offs = k + tl.arange(0, BLOCK_K)
             km = k_offs < D
             xv = tl.load(x_ptr + k_offs, mask=km, other=0.0).to(tl.float32)  # [BLOCK_K]
@@ -104,7 +87,7 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, rpart_ptr, param_ptr,
     else:
         hg = tl.zeros((BN, BG), dtype=tl.float32)
         hu = tl.zeros((BN, BG), dtype=tl.float32)
-        for k in range(0, D, BLOCK_K):
+        for k in range(0, D, BLOCK_K):  # tensor-core tiles: a pipelined loop, not an unrolled one
             k_offs = k + tl.arange(0, BLOCK_K)
             km = k_offs < D
             xt = tl.load(x_ptr + n_offs[:, None] * D + k_offs[None, :], mask=nm[:, None] & km[None, :],
@@ -120,180 +103,186 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, rpart_ptr, param_ptr,
     a = _act(hg, ACT)
     if GATED:
         a = a * hu
-    h = a * g[:, None]  # [BN, BG]; 0 for tokens that dropped the expert
-    tl.store(h_ptr + n_offs[:, None] * (E * G) + rows[None, :], h, mask=nm[:, None])
+    g = tl.load(gate_ptr + n_offs * E + e, mask=nm, other=0.0)  # [BN]; 0 for rows that dropped e
+    tl.store(h_ptr + n_offs[:, None] * (E * G) + j * G + rb * BG + tl.arange(0, BG)[None, :], a * g[:, None],
+             mask=nm[:, None])
 
 
 @triton.jit
-def _down_tile(acc, h_ptr, w_out_ptr, e, on, g_offs, d_offs, dm, n_offs, nm, E, D,
-               G: tl.constexpr, BN: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Add expert e's down contribution h[:, e] @ W_out[e] over the BLOCK_D columns d_offs to acc and
-    return it. Tile rows (neurons) where `on` is false are masked off (no memory traffic), so an empty
-    slot or an inactive expert adds 0. acc is [BLOCK_G, BLOCK_D] elementwise products for one token
-    (GEMV; the caller sums over G once at the end), else [BN, BLOCK_D]."""
-    w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
-                mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    if BN == 1:
-        hv = tl.load(h_ptr + e * G + g_offs, mask=on, other=0.0)  # [BLOCK_G] fp32
-        acc += w.to(tl.float32) * hv[:, None]
-    else:
-        ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + e * G + g_offs[None, :],
-                     mask=nm[:, None] & on[None, :], other=0.0)  # [BN, BLOCK_G]
-        acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
-    return acc
-
-
-@triton.jit
-def _down_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
-                 G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Program (c, d) sums the down contribution of active experts c*SLOTS .. c*SLOTS+SLOTS-1 *in
-    compacted order* over its BLOCK_D columns: every program streams SLOTS full tiles (balanced, no
-    skipped slots), and programs past the active count exit at once."""
-    c = tl.program_id(0)
-    e_offs = tl.arange(0, BLOCK_E)
-    fl = tl.load(flag_ptr + e_offs, mask=e_offs < E, other=0)  # [E] union flags
-    count = tl.sum(fl, axis=0)
-    lo = c * SLOTS
-    if lo >= count:
-        return
-    rank = tl.cumsum(fl, axis=0)  # [E] 1-based position of each active expert in the compacted list
-    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dm = d_offs < D
-    g_offs = tl.arange(0, BLOCK_G)
-    gm = g_offs < G
-    n_offs = tl.arange(0, BN)
-    nm = n_offs < N
-    if BN == 1:
-        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # GEMV: elementwise products, summed at the end
-    else:
-        acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
-    for s in range(SLOTS):
-        j = lo + s  # compacted slot; its expert id is the active expert of rank j + 1
-        e = tl.sum(tl.where((fl != 0) & (rank == j + 1), e_offs, 0), axis=0)
-        on = gm & ((g_offs * 0 + j) < count)  # [BLOCK_G]; the last chunk may be partly empty
-        acc = _down_tile(acc, h_ptr, w_out_ptr, e, on, g_offs, d_offs, dm, n_offs, nm, E, D,
-                         G=G, BN=BN, DOT_PREC=DOT_PREC)
-    if BN == 1:
-        acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_D]
-    tl.store(dpart_ptr + c * N * D + n_offs[:, None] * D + d_offs[None, :], acc,
-             mask=nm[:, None] & dm[None, :])
-
-
-@triton.jit
-def _reduce_kernel(dpart_ptr, b_out_ptr, y_ptr, flag_ptr, N, D, E,
-                   SLOTS: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BN: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y = sum over the ceil(count / SLOTS) written partials (+ bias), in the model dtype."""
-    e_offs = tl.arange(0, BLOCK_E)
-    count = tl.sum(tl.load(flag_ptr + e_offs, mask=e_offs < E, other=0), axis=0)
+def _down_item(h_ptr, w_out_ptr, ids_ptr, ready_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, c, db, count,
+               N, E, D, G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
+               BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, WAIT: tl.constexpr,
+               RB: tl.constexpr):
+    """Down contributions of kept slots c*SLOTS .. c*SLOTS+SLOTS-1 over columns db*BLOCK_D ..; the last
+    chunk of the column block to arrive writes y. WAIT: spin until the slots' h is written (fused kernel)."""
     n_chunks = (count + SLOTS - 1) // SLOTS
-    d_offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n_offs = tl.arange(0, BN)
-    m = (n_offs[:, None] < N) & (d_offs[None, :] < D)
-    off = n_offs[:, None] * D + d_offs[None, :]
-    acc = tl.zeros((BN, BLOCK_R), dtype=tl.float32)
-    for c in range(0, n_chunks):
-        acc += tl.load(dpart_ptr + c * N * D + off, mask=m, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_out_ptr + d_offs, mask=d_offs < D, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _down_by_id_kernel(h_ptr, w_out_ptr, flag_ptr, dpart_ptr, N, E, D,
-                 G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
-                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Id-order variant: program (c, d) covers expert ids c*SLOTS .. c*SLOTS+SLOTS-1 and masks the
-    inactive ones (no traffic for them). No compaction: the lowest latency for small E (the default
-    576 x 1536 model: 15-16.5 us against 18-20 for the compacted kernel, H200)."""
-    c = tl.program_id(0)
-    d_offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_offs = db * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d_offs < D
-    g_offs = tl.arange(0, BLOCK_G)
-    gm = g_offs < G
     n_offs = tl.arange(0, BN)
     nm = n_offs < N
-    if BN == 1:
-        acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # GEMV: elementwise products, summed at the end
+    out_m = nm[:, None] & dm[None, :]
+    acc_offs = n_offs[:, None] * D + d_offs[None, :]
+    if n_chunks == 0:  # no expert kept by any row: y = bias (or 0), written by the first chunk
+        if c == 0:
+            y0 = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
+            if HAS_BIAS:
+                y0 += tl.load(b_out_ptr + d_offs, mask=dm, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + acc_offs, y0.to(y_ptr.dtype.element_ty), mask=out_m)
     else:
-        acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
-    # Unrolled, branch-free: an inactive expert's loads are masked off (no memory traffic), so the
-    # compiler can issue every slot's flag and tile loads up front instead of one round trip each.
-    for i in tl.static_range(SLOTS):
-        e = c * SLOTS + i
-        f = tl.load(flag_ptr + e, mask=e < E, other=0)
-        on = gm & ((g_offs * 0 + f) != 0)  # [BLOCK_G] row valid and expert active
-        acc = _down_tile(acc, h_ptr, w_out_ptr, e, on, g_offs, d_offs, dm, n_offs, nm, E, D,
-                         G=G, BN=BN, DOT_PREC=DOT_PREC)
-    if BN == 1:
-        acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_D]
-    tl.store(dpart_ptr + c * N * D + n_offs[:, None] * D + d_offs[None, :], acc,
-             mask=nm[:, None] & dm[None, :])
+        g_offs = tl.arange(0, BLOCK_G)
+        gm = g_offs < G
+        if BN == 1:
+            acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)  # elementwise products, summed at the end
+        else:
+            acc = tl.zeros((BN, BLOCK_D), dtype=tl.float32)
+        for s in tl.static_range(SLOTS):
+            j = c * SLOTS + s
+            e = tl.load(ids_ptr + tl.minimum(j, count - 1))  # a valid id; empty slots are masked below
+            on = gm & ((g_offs * 0 + j) < count)  # [BLOCK_G]; the last chunk may be partly empty (no traffic)
+            w = tl.load(w_out_ptr + e * G * D + g_offs[:, None] * D + d_offs[None, :],
+                        mask=on[:, None] & dm[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+            if WAIT:  # the weights are on their way; now wait for this slot's h (all RB row blocks)
+                if j < count:
+                    r = tl.atomic_add(ready_ptr + j, 0, sem="acquire", scope="gpu")
+                    spins = r * 0
+                    while (r < RB) & (spins < 1000000):
+                        r = tl.atomic_add(ready_ptr + j, 0, sem="acquire", scope="gpu")
+                        spins += 1
+                tl.debug_barrier()
+            if BN == 1:
+                hv = tl.load(h_ptr + j * G + g_offs, mask=on, other=0.0, cache_modifier=".cg")  # [BLOCK_G]
+                acc += w.to(tl.float32) * hv[:, None]
+            else:
+                ht = tl.load(h_ptr + n_offs[:, None] * (E * G) + j * G + g_offs[None, :],
+                             mask=nm[:, None] & on[None, :], other=0.0, cache_modifier=".cg")  # [BN, BLOCK_G]
+                acc = tl.dot(ht, w.to(tl.float32), acc, input_precision=DOT_PREC)
+        if BN == 1:
+            acc = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_D]
+        tl.atomic_add(acc_ptr + acc_offs, acc, mask=out_m, sem="relaxed", scope="gpu")
+        # The last chunk of this column block to arrive writes y (barrier + release ticket, as in select.py).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + db, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_chunks - 1:
+            tl.debug_barrier()
+            y = tl.load(acc_ptr + acc_offs, mask=out_m, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_out_ptr + d_offs, mask=dm, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + acc_offs, y.to(y_ptr.dtype.element_ty), mask=out_m)
+            tl.store(acc_ptr + acc_offs, tl.zeros((BN, BLOCK_D), dtype=tl.float32), mask=out_m)
+            tl.store(ticket_ptr + db, 0)
 
 
 @triton.jit
-def _reduce_all_kernel(dpart_ptr, b_out_ptr, y_ptr, N, D, n_chunks,
-                   BN: tl.constexpr, BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr):
-    d_offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n_offs = tl.arange(0, BN)
-    m = (n_offs[:, None] < N) & (d_offs[None, :] < D)
-    off = n_offs[:, None] * D + d_offs[None, :]
-    acc = tl.zeros((BN, BLOCK_R), dtype=tl.float32)
-    for c in range(0, n_chunks):
-        acc += tl.load(dpart_ptr + c * N * D + off, mask=m, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_out_ptr + d_offs, mask=d_offs < D, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + off, acc.to(y_ptr.dtype.element_ty), mask=m)
+def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, count_ptr, h_ptr, N, E,
+                    D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Two-launch form, launch 2: program p = (slot p // (G / BG), row block); past the count: exit."""
+    pid = tl.program_id(0)
+    j = pid // (G // BG)
+    if j < tl.load(count_ptr):
+        _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, h_ptr, j, pid % (G // BG), N, E,
+                      D=D, G=G, BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS,
+                      DOT_PREC=DOT_PREC)
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_out_ptr, ids_ptr, count_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, N, E, D,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, SLOTS: tl.constexpr, BN: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Two-launch form, launch 3: program (chunk, column block); chunks past the kept count exit."""
+    count = tl.load(count_ptr)
+    c = tl.program_id(0)
+    if c < tl.maximum((count + SLOTS - 1) // SLOTS, 1):
+        _down_item(h_ptr, w_out_ptr, ids_ptr, count_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, c, tl.program_id(1),
+                   count, N, E, D, G=G, BLOCK_G=BLOCK_G, SLOTS=SLOTS, BN=BN, BLOCK_D=BLOCK_D, HAS_BIAS=HAS_BIAS,
+                   DOT_PREC=DOT_PREC, WAIT=False, RB=1)
+
+
+@triton.jit
+def _fused_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, count_ptr, h_ptr, ready_ptr,
+                  w_out_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, N, E,
+                  D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr,
+                  ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS_IN: tl.constexpr, BLOCK_G: tl.constexpr,
+                  SLOTS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS_OUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One persistent launch for gate/up and down: every program first streams its gate/up items (slot,
+    row block) in turn, publishing each slot's progress in ready[slot], then its down items (chunk, column
+    block), each spinning until its slots' h is complete. The grid is small enough that every program is
+    resident at once (launcher), so a waiting program never blocks one it waits for."""
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    count = tl.load(count_ptr)
+    RB = G // BG
+    for i in range(pid, count * RB, P):
+        _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, h_ptr, i // RB, i % RB, N, E,
+                      D=D, G=G, BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS_IN,
+                      DOT_PREC=DOT_PREC)
+        tl.debug_barrier()
+        tl.atomic_add(ready_ptr + i // RB, 1, sem="release", scope="gpu")
+    n_db = (D + BLOCK_D - 1) // BLOCK_D
+    n_down = tl.maximum((count + SLOTS - 1) // SLOTS, 1) * n_db
+    for i in range(pid, n_down, P):
+        _down_item(h_ptr, w_out_ptr, ids_ptr, ready_ptr, acc_ptr, ticket_ptr, b_out_ptr, y_ptr, i // n_db,
+                   i % n_db, count, N, E, D, G=G, BLOCK_G=BLOCK_G, SLOTS=SLOTS, BN=BN, BLOCK_D=BLOCK_D,
+                   HAS_BIAS=HAS_BIAS_OUT, DOT_PREC=DOT_PREC, WAIT=True, RB=RB)
 
 
 # ----------------------------------------------------------------------------- launcher
 @dataclass(frozen=True)
 class FFNConfig:
-    """Tile sizes; `for_batch` picks the GEMV (N = 1) or tensor-core (N > 1) defaults."""
+    """Tile sizes; `for_batch` picks the GEMV (N = 1) or tensor-core (N > 1) defaults.
 
-    block_g: int = 8  # neurons per gate/up program (a divisor of G)
-    block_k: int = 512  # K tile of the gate/up stream
-    # 8 active experts x 128 columns per down program: the best of the H200 sweep at Llama-3-8B, 25%
-    # kept (46 us against 49-57 for 2-4 slots or 256 columns); see prunepath/bench/NOTES.md
-    slots: int = 8  # active experts per down program (split-K chunk)
-    block_d: int = 128  # output columns per down program
-    block_d_by_id: int = 256  # columns per program of the id-order down kernel (v2's measured tile)
-    # compacted down (None = auto: batches, or E >= 128) or id-order down (small E, one token)
-    compact: bool | None = None
-    block_r: int = 64  # columns per reduce program
-    num_warps: int = 4
-    # K tile 512 -> at most 2 router slices at D = 4096: every gate/up program sums the slices' logits
-    # for its selection, so fewer slices is cheaper there (measured: 53 -> 50 us, Llama-3-8B, 25%)
-    router: RouterConfig = RouterConfig(block_k=512)
+    Batch-1 defaults from the H200 sweep at the Llama-3-8B FFN (prunepath/bench/NOTES.md).
+    """
+
+    block_g: int = 4  # neurons per gate/up item (a power-of-two divisor of G)
+    block_k: int = 1024  # K tile of the gate/up stream
+    slots: int = 4  # kept experts per down item
+    block_d: int = 512  # output columns per down item
+    num_warps: int = 4  # gate/up and down programs
+    router_block_e: int = 2  # experts per router program
+    router_block_k: int = 1024  # one K tile per router program: its loads all in flight at once
+    router_split: int = 4  # slices of D in the router grid
+    # gate/up and down in one persistent launch: measured slower than two launches on the H200 (37.2 against
+    # 40.2 us at 25 % kept, 59.7 against 65.9 at 50 %; prunepath/bench/NOTES.md v6), so off by default
+    fused: bool = False
+    ctas_per_sm: int = 2  # programs per multiprocessor of the persistent launch
 
     @staticmethod
     def for_batch(n: int) -> FFNConfig:
         if n == 1:
             return FFNConfig()
-        # one program per expert (block_g = G = 32): the selection is done once per expert, not twice
-        # (measured on an H200, Llama-3-8B shape, 8 rows, 25%: 111 -> 77 us)
-        return FFNConfig(block_g=32, block_k=128, slots=8, block_d=128,
-                         router=RouterConfig(block_e=16, block_k=256, split=2))
+        # tensor-core tiles need 16 neurons and 16 router experts per program
+        return FFNConfig(block_g=16, block_k=256, slots=8, block_d=128, router_block_e=16,
+                         router_block_k=512, router_split=4)
 
 
 class Scratch:
-    """Intermediate buffers for N <= n_max rows; shared by every FFN of one shape (layers run in turn)."""
+    """Intermediate buffers for N <= n_max rows; shared by every FFN of one shape (layers run in turn).
+
+    `acc`, `tickets` and `router_ticket` are state the kernels leave zeroed after each call.
+    """
 
     _pool: dict = {}
 
-    def __init__(self, layout: ExpertLayout, n_max: int = 8):
+    def __init__(self, layout: ExpertLayout, n_max: int = 8, max_split: int = 8):
         E, G, D = layout.n_experts, layout.expert_size, layout.d_model
         dev = layout.device
         f32 = dict(device=dev, dtype=torch.float32)
+        i32 = dict(device=dev, dtype=torch.int32)
         self.n_max = n_max
-        self.rpart = torch.empty(8 * n_max * E, **f32)  # router partials [S, N, E]
-        self.h = torch.empty(n_max * E * G, **f32)  # [N, F]
+        self.rpart = torch.empty(max_split * n_max * E, **f32)  # router partials [S, N, E]
+        self.router_ticket = torch.zeros(1, **i32)
         self.mask = torch.empty(n_max * E, device=dev, dtype=torch.int8)  # [N, E]
         self.gates = torch.empty(n_max * E, **f32)  # [N, E]
         self.logits = torch.empty(n_max * E, **f32)  # [N, E]
-        self.flags = torch.empty(E, device=dev, dtype=torch.int32)  # [E]
-        self.dpart = torch.empty(E * n_max * D, **f32)  # down partials [C, N, D], C <= E
+        self.flags = torch.empty(E, **i32)  # [E] union flag
+        self.ids = torch.empty(E, **i32)  # [E] compacted kept experts (first `count` valid)
+        self.count = torch.empty(1, **i32)
+        self.ready = torch.zeros(E, **i32)  # [E] gate/up row blocks done per slot (fused launch)
+        self.h = torch.empty(n_max * E * G, **f32)  # [N, slot, G]
+        self.acc = torch.zeros(n_max * D, **f32)  # [N, D] fp32 sums of the down pass
+        self.tickets = torch.zeros(D, **i32)  # one per down column block
 
     @classmethod
     def shared(cls, layout: ExpertLayout) -> Scratch:
@@ -303,11 +292,13 @@ class Scratch:
         return cls._pool[key]
 
     def poison(self) -> None:
-        """Fill every buffer with garbage (tests): a read of an unwritten element then shows."""
-        for t in (self.rpart, self.h, self.gates, self.logits, self.dpart):
+        """Fill every per-call buffer with garbage (tests): a read of an unwritten element then shows."""
+        for t in (self.rpart, self.h, self.gates, self.logits):
             t.fill_(float("nan"))
         self.mask.fill_(-1)
         self.flags.fill_(-7)
+        self.ids.fill_(-7)
+        self.count.fill_(-7)
 
 
 @dataclass(frozen=True)
@@ -319,12 +310,36 @@ class FFNResult:
     active: torch.Tensor  # [E] int32 union flag
 
 
+def _interpreting() -> bool:
+    """Triton's CPU interpreter runs programs one after another: the persistent launch's waits would never
+    end there, so it takes the two-launch form."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_SMS: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SMS[key]
+
+
+def router_split(cfg: FFNConfig, D: int, E: int) -> tuple[int, int]:
+    """(S, D per slice): slices of whole K tiles, none empty."""
+    s = max(1, min(cfg.router_split, 8, triton.cdiv(D, cfg.router_block_k)))
+    d_per = triton.cdiv(triton.cdiv(D, s), cfg.router_block_k) * cfg.router_block_k
+    return triton.cdiv(D, d_per), d_per
+
+
 def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.Tensor,
                cfg: FFNConfig | None = None, scratch: Scratch | None = None,
-               out: torch.Tensor | None = None, stages: int = 4) -> FFNResult | None:
+               out: torch.Tensor | None = None, stages: int = 3) -> FFNResult | None:
     """Decode FFN for x2d [N, D] (N <= 8) with routing rule `code` and device parameter `param` [1].
 
-    stages < 4 stops after that many launches (benchmarks time the stages by difference).
+    stages < 3 stops after that many launches of the two-launch form (benchmarks time the stages by
+    difference with cfg.fused=False; stages=1 also stops the fused form after route+select).
     """
     layout.check_input(x2d)
     N, D = x2d.shape
@@ -338,48 +353,45 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
     if bg & (bg - 1) or (BN > 1 and bg < 16):
         raise ValueError(f"expert size {G} has no power-of-two divisor >= {16 if BN > 1 else 1} for the "
                          "gate/up tiles; use an expert size that is a multiple of 16 (e.g. 32)")
-    rpart = router_partial_logits(x2d, layout.w_router, cfg.router, out=scratch.rpart)
-    if stages < 2:
-        return None
-    S = rpart.shape[0]
-    h = scratch.h[: N * E * G].view(N, E * G)
+    prec = dot_precision(x2d.dtype)
     mask = scratch.mask[: N * E].view(N, E)
     gates = scratch.gates[: N * E].view(N, E)
     logits = scratch.logits[: N * E].view(N, E)
+    S, d_per = router_split(cfg, D, E)
+    be = cfg.router_block_e if BN == 1 else max(16, cfg.router_block_e)
+    _router_select_kernel[(triton.cdiv(E, be), S)](
+        x2d, layout.w_router, scratch.rpart, scratch.router_ticket, param,
+        mask, gates, logits, scratch.flags, scratch.ids, scratch.count, scratch.ready, N, E, D, d_per,
+        S=S, BE=be, BN=BN, BN2=next_pow2(N), BLOCK_K=min(cfg.router_block_k, next_pow2(d_per)),
+        BLOCK_E=next_pow2(E), RULE=code,
+        GATE=GATE_CODES[layout.gate], ROUND_TO=TL_DTYPES[x2d.dtype], DOT_PREC=prec, num_warps=4)
+    if stages < 2:
+        return None
+    h = scratch.h[: N * E * G]
     w_up = layout.w_up if layout.w_up is not None else layout.w_in
     b_in = layout.b_in if layout.b_in is not None else layout.w_in
-    prec = dot_precision(x2d.dtype)
+    y = out if out is not None else torch.empty(N, D, device=x2d.device, dtype=x2d.dtype)
+    b_out = layout.b_out if layout.b_out is not None else y
+    common = dict(D=D, G=G, BG=bg, BN=BN, BLOCK_K=min(cfg.block_k, next_pow2(D)), ACT=ACT_CODES[layout.act],
+                  GATED=layout.kind == "gated", DOT_PREC=prec)
+    if cfg.fused and not _interpreting():
+        items = E * (G // bg)
+        grid = min(items, _sm_count(x2d.device) * cfg.ctas_per_sm)
+        _fused_kernel[(grid,)](
+            x2d, layout.w_in, w_up, b_in, gates, scratch.ids, scratch.count, h, scratch.ready, layout.w_out,
+            scratch.acc, scratch.tickets, b_out, y, N, E, HAS_BIAS_IN=layout.b_in is not None,
+            BLOCK_G=next_pow2(G), SLOTS=cfg.slots, BLOCK_D=cfg.block_d, HAS_BIAS_OUT=layout.b_out is not None,
+            num_warps=cfg.num_warps, **common)
+        return FFNResult(y=y, mask=mask, gates=gates, logits=logits, active=scratch.flags)
     _gate_up_kernel[(E * (G // bg),)](
-        x2d, layout.w_in, w_up, b_in, rpart, param, h, mask, gates, logits, scratch.flags, N, E, D,
-        G=G, BG=bg, RS=S, BN=BN, BLOCK_E=next_pow2(E), BLOCK_K=cfg.block_k, RULE=code,
-        GATE=GATE_CODES[layout.gate], ACT=ACT_CODES[layout.act], GATED=layout.kind == "gated",
-        HAS_BIAS=layout.b_in is not None, ROUND_TO=TL_DTYPES[x2d.dtype], DOT_PREC=prec,
-        num_warps=cfg.num_warps)
+        x2d, layout.w_in, w_up, b_in, gates, scratch.ids, scratch.count, h, N, E,
+        HAS_BIAS=layout.b_in is not None, num_warps=cfg.num_warps, **common)
     if stages < 3:
         return None
-    C = triton.cdiv(E, cfg.slots)
-    dpart = scratch.dpart[: C * N * D]
-    compact = cfg.compact if cfg.compact is not None else (N > 1 or E >= 128)
-    if compact:
-        _down_kernel[(C, triton.cdiv(D, cfg.block_d))](
-            h, layout.w_out, scratch.flags, dpart, N, E, D, G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots,
-            BN=BN, BLOCK_D=cfg.block_d, BLOCK_E=next_pow2(E), DOT_PREC=prec, num_warps=cfg.num_warps)
-    else:
-        _down_by_id_kernel[(C, triton.cdiv(D, cfg.block_d_by_id))](
-            h, layout.w_out, scratch.flags, dpart, N, E, D, G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots,
-            BN=BN, BLOCK_D=cfg.block_d_by_id, DOT_PREC=prec, num_warps=cfg.num_warps)
-    if stages < 4:
-        return None
-    y = out if out is not None else torch.empty(N, D, device=x2d.device, dtype=x2d.dtype)
-    b_out = layout.b_out if layout.b_out is not None else dpart
-    if compact:
-        _reduce_kernel[(triton.cdiv(D, cfg.block_r),)](
-            dpart, b_out, y, scratch.flags, N, D, E, SLOTS=cfg.slots, BLOCK_E=next_pow2(E), BN=next_pow2(N),
-            BLOCK_R=cfg.block_r, HAS_BIAS=layout.b_out is not None, num_warps=4)
-    else:
-        _reduce_all_kernel[(triton.cdiv(D, cfg.block_r),)](
-            dpart, b_out, y, N, D, C, BN=next_pow2(N), BLOCK_R=cfg.block_r,
-            HAS_BIAS=layout.b_out is not None, num_warps=4)
+    _down_kernel[(triton.cdiv(E, cfg.slots), triton.cdiv(D, cfg.block_d))](
+        h, layout.w_out, scratch.ids, scratch.count, scratch.acc, scratch.tickets, b_out, y, N, E, D,
+        G=G, BLOCK_G=next_pow2(G), SLOTS=cfg.slots, BN=BN, BLOCK_D=cfg.block_d,
+        HAS_BIAS=layout.b_out is not None, DOT_PREC=prec, num_warps=cfg.num_warps)
     return FFNResult(y=y, mask=mask, gates=gates, logits=logits, active=scratch.flags)
 
 
@@ -387,7 +399,7 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
 def expert_ffn_reference(x2d: torch.Tensor, layout: ExpertLayout, gates: torch.Tensor) -> torch.Tensor:
     """y [N, D] in float64: sum over experts of gate[n, e] * expert_e(x_n) (all experts, dense math).
 
-    Equal to the kernel's active-only sum because gates are 0 for experts a token did not keep.
+    Equal to the kernel's kept-only sum because gates are 0 for experts a token did not keep.
     """
     E, G, D = layout.w_in.shape
     x = x2d.double()

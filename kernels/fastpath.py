@@ -1,4 +1,4 @@
-"""`FastPath`: the object a `PrunePathFFN` calls (through `ffn.fast_path`) to run the decode kernels.
+"""`FastPath`: what a `PrunePathFFN` calls to run the decode kernels; `use_fast_paths(model)` installs them.
 
 Shapes: N = B*T rows, D hidden, E experts.
 
@@ -15,11 +15,12 @@ An unsupported device or dtype falls back with one warning per reason; a layout 
 the input raises (see `ExpertLayout.check_input`).
 
 The rule's parameter (tau, k, t) lives in a device tensor that is refreshed outside CUDA-graph capture,
-so `set_tau(model, ...)` followed by `sync()` changes a captured decode graph without re-capturing it.
+so `prunepath.set_tau(model, ...)` followed by `sync()` changes a captured decode graph without re-capturing it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -173,8 +174,14 @@ class FastPath:
     @property
     def rule_key(self) -> tuple:
         """What a captured graph bakes in: changing it needs a re-capture (tau does not)."""
-        code, _ = rule_code(self.ffn.rule)
-        return code, self.ffn.gate
+        code, value = rule_code(self.ffn.rule)
+        return code, self.ffn.gate, self._all_kept(code, value)
+
+    def _all_kept(self, code: int, value: float) -> bool:
+        """Whether the rule keeps (nearly) every expert: then cuBLAS is the faster path (all_kept.py)."""
+        from .all_kept import keeps_all
+
+        return keeps_all(code, value, self.ffn.router.weight.shape[0])
 
     # ------------------------------------------------------------------ the call
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,6 +193,15 @@ class FastPath:
             self.sync()
         shape = x.shape
         x2d = x.reshape(-1, layout.d_model).contiguous()  # [N, D]
+        if self._all_kept(code, value):
+            from .all_kept import all_kept_ffn
+            from .route import RULE_TOPK
+
+            y = all_kept_ffn(x2d, layout, code, value)
+            if self.ffn.recording and not _capturing():
+                kept = min(layout.n_experts, math.ceil(value)) if code == RULE_TOPK else layout.n_experts
+                self.ffn._record(torch.full((x2d.shape[0],), kept, device=x.device))
+            return y.reshape(shape)
         res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg)
         if self.ffn.recording:
             if _capturing():

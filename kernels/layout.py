@@ -8,7 +8,7 @@ What that gives a memory-bound decode kernel:
 
 * gate / up rows of one expert are one contiguous G*D block, so they are used as zero-copy views
   `[E, G, D]`: a tile [rows, BLOCK_K] reads BLOCK_K*2-byte segments (1 KiB for BLOCK_K=512),
-  not the 64-byte row pieces the authors' port read (PAPER §7).
+  not the 64-byte row pieces the authors' port read (Gu, Fu, Yuan 2026).
 * down_proj is [D, F]: one expert's columns are G=32 bf16 values, 64 bytes, in each of D rows, which
   coalesce badly. We store it transposed, `w_out` [E, G, D], so one expert's down block is again a
   contiguous G*D slab. That is a copy (one third of the FFN's bytes) unless `share_down=True`, which

@@ -3,7 +3,7 @@
 Shapes: N = B*T rows (N <= 8 for decode), D hidden, E experts, S router split over D.
 
 The authors' port runs router, softmax and a sorted cumulative sum in a single program, which is slow
-when D*E is large (PAPER §7). Here:
+when D*E is large (Gu, Fu, Yuan 2026). Here:
 
 1. `_router_kernel` spreads the GEMV over a grid of (E blocks) x (S slices of D); each program writes
    fp32 partial logits `[S, N, E]`. No atomics, so no zeroing and a deterministic sum.

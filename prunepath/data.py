@@ -1,8 +1,9 @@
 """Datasets PrunePath trains, calibrates and evaluates on, behind one small interface.
 
-Everything is read with the `datasets` library. With `PRUNEPATH_DATA` set (a folder laid out as
-../shared/data, see its MANIFEST.md) the local JSON Lines / text files are used and nothing touches
-the network; without it, the Hugging Face hub ids from the manifest are used. Arrow caches go to
+Everything is read with the `datasets` library. With `PRUNEPATH_DATA` set (a folder of offline copies:
+sst2/, rte/, boolq/, wikitext2/, lm/, instruct/, read as `TASKS` below describes) the local JSON Lines /
+text files are used and nothing touches the network; without it, the Hugging Face hub ids in `TASKS` are
+used. Arrow caches go to
 ~/.cache/huggingface (datasets' default), never into the repository.
 
 Task kinds:
@@ -125,8 +126,9 @@ def data_dir() -> Path | None:
     path = Path(value).expanduser()
     if not path.is_dir():
         raise DataNotFoundError(
-            f"PRUNEPATH_DATA={value} is not a directory. Fix: export PRUNEPATH_DATA=/path/to/shared/data "
-            f"(the folder with MANIFEST.md), or unset it to use the Hugging Face hub."
+            f"PRUNEPATH_DATA={value} is not a directory. Fix: export PRUNEPATH_DATA=/path/to/data "
+            f"(the folder of offline copies: sst2/, rte/, boolq/, wikitext2/, lm/, instruct/), or unset it to use "
+            f"the Hugging Face hub."
         )
     return path
 
@@ -151,7 +153,8 @@ def _check_split(spec: TaskSpec, split: str) -> None:
 # --------------------------------------------------------------------------- raw reading
 
 
-_FIX_DATA_DIR = "Fix: check PRUNEPATH_DATA (it should point at a folder laid out as ../shared/data)."
+_FIX_DATA_DIR = ("Fix: check PRUNEPATH_DATA (it should point at the folder of offline copies: sst2/, rte/, boolq/, "
+                 "wikitext2/, lm/, instruct/).")
 
 
 def _read_local(builder: str, path: Path, fix: str = _FIX_DATA_DIR, **kwargs):
@@ -183,21 +186,21 @@ def _read_hub(spec: TaskSpec, split: str):
     if hub_split is None:
         raise DataNotFoundError(
             f"'{spec.name}' split '{split}' has no usable hub copy (e.g. GLUE hides its test labels). "
-            f"Fix: export PRUNEPATH_DATA=/path/to/shared/data to use the local files."
+            f"Fix: export PRUNEPATH_DATA=/path/to/data (the offline copies) to use the local files."
         )
     if ":" in hub_split:
         config, hub_split = hub_split.split(":")
     if not hub_reachable():
         raise DataNotFoundError(
             f"'{spec.name}' needs the Hugging Face hub ({path}/{config or ''}) and it cannot be reached. "
-            f"Fix: export PRUNEPATH_DATA=/path/to/shared/data (the offline copies, see MANIFEST.md)."
+            f"Fix: export PRUNEPATH_DATA=/path/to/data (the folder of offline copies)."
         )
     try:
         return datasets.load_dataset(path, config, split=hub_split)
     except Exception as e:
         raise DataNotFoundError(
             f"could not load {path}/{config} split {hub_split} from the hub: {e}. "
-            f"Fix: export PRUNEPATH_DATA=/path/to/shared/data."
+            f"Fix: export PRUNEPATH_DATA=/path/to/data (the folder of offline copies)."
         ) from e
 
 

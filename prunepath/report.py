@@ -201,7 +201,7 @@ def bench_tables(data: dict) -> str:
     """A benchmark file as Markdown tables (decode or FFN)."""
     from prunepath.bench import report as bench_report
 
-    return bench_report.decode_table(data) if "model" in data else bench_report.ffn_table(data)
+    return bench_report.decode_table(data) if data.get("kind") == "decode" else bench_report.ffn_table(data)
 
 
 def run(args) -> int:

@@ -1,8 +1,13 @@
 """Test set-up shared by every test module.
 
 TRITON_INTERPRET must be set before any Triton kernel module is imported, so the kernels run on the
-CPU here (CI has no GPU). On a CUDA machine, run `PRUNEPATH_GPU_TESTS=1 pytest tests/test_kernels*.py`
-to test the compiled kernels instead.
+CPU here (CI has no GPU). On a CUDA machine, `make test-gpu` (PRUNEPATH_GPU_TESTS=1, the `gpu` mark)
+tests the compiled kernels instead.
+
+Tiers: `make test-fast` deselects `slow` (the real default model, or over 10 s on 2 cores) and `browser`
+(headless Chromium);
+`make test` runs everything (what CI runs). A test that asks for the `default_model` fixture is marked
+`slow` here, whether or not it says so itself.
 """
 
 import os
@@ -17,6 +22,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "default_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

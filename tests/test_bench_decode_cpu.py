@@ -5,7 +5,7 @@ import json
 import pytest
 
 from prunepath.bench.decode import main
-from prunepath.bench.decode_cpu import parse_fractions
+from prunepath.bench.decode_cpu import parse_kept
 
 
 def _error(msg):
@@ -13,10 +13,10 @@ def _error(msg):
 
 
 def test_kept_fractions_outside_0_1_are_refused_with_an_example():
-    assert parse_fractions("0.25,0.5,1", _error) == [0.25, 0.5, 1.0]
+    assert parse_kept("0.25,0.5,1", _error) == [0.25, 0.5, 1.0]
     for bad in ("0,0.5", "1.5", "-0.2", "", "a,b"):
         with pytest.raises(SystemExit, match=r"\(0, 1\]|as numbers"):
-            parse_fractions(bad, _error)
+            parse_kept(bad, _error)
 
 
 def test_the_cli_exits_2_on_bad_input(capsys):

@@ -83,6 +83,21 @@ def _open_offline(browser, page_path: str, failed: list[str] | None = None):
     return page, blocked
 
 
+def test_built_book_passes_its_static_checks():
+    """book/check_book.py without the browser part: page weights, chapter shape, clean outputs, no
+    resource loaded from outside the book (CI runs the whole script, browser included, after the build)."""
+    if not (HTML / "index.html").is_file():
+        pytest.skip(f"the book is not built ({HTML} has no index.html); run `make book` first")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_book", HTML.parents[1] / "check_book.py")
+    check_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_book)
+    pages, problems = check_book.check_static(HTML)
+    assert len([p for p in pages if p["page"].startswith("notebooks/")]) == 8, [p["page"] for p in pages]
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.parametrize("page_path", PAGES)
 def test_plotly_figure_is_drawn_offline(browser, page_path):
     page, blocked = _open_offline(browser, page_path)

@@ -1,6 +1,7 @@
 """prunepath.data: every task from the local copies (PRUNEPATH_DATA, set by conftest), file specs, errors.
 
-Row counts are the ones in ../shared/data/MANIFEST.md, so a wrong file or a silently dropped row fails.
+Row counts are those of the offline copies (the data folder's own listing), so a wrong file or a silently
+dropped row fails.
 """
 
 import json
@@ -24,7 +25,7 @@ from prunepath.data import (
     load_lm_text,
 )
 
-pytestmark = pytest.mark.skipif(data.data_dir() is None, reason="PRUNEPATH_DATA not set (see MANIFEST.md)")
+pytestmark = pytest.mark.skipif(data.data_dir() is None, reason="PRUNEPATH_DATA not set (the folder of offline copies)")
 
 
 # --------------------------------------------------------------------------- named tasks

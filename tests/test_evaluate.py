@@ -206,7 +206,7 @@ def _jsonl(tmp_path, n=40):
     return f"jsonl:{p}?text=s&label=y"
 
 
-@pytest.mark.parametrize("protocol", ["prompt", "probe"])
+@pytest.mark.parametrize("protocol", ["prompt", pytest.param("probe", marks=pytest.mark.slow)])  # probe: ~14 s
 def test_classify_file_task_end_to_end(model, tok, tmp_path, protocol):
     spec = _jsonl(tmp_path)
     res = nlu.classify(model, tok, spec, protocol=protocol, k=2, n_train=10, batch_size=8)
@@ -220,6 +220,7 @@ def test_classify_file_task_end_to_end(model, tok, tmp_path, protocol):
     assert limited.n == 5
 
 
+@pytest.mark.slow  # ~15 s on 2 cores
 def test_demo_sets_average_calibrated_sets_and_report_their_spread(model, tok, tmp_path):
     spec = _jsonl(tmp_path)
     one = nlu.classify(model, tok, spec, k=2)

@@ -370,6 +370,7 @@ def test_whitened_extraction_keeps_more_of_each_layers_output_change(tiny_llama,
     assert "output change kept" in format_report(white) and "whitened by" in format_report(white)
 
 
+@pytest.mark.slow  # ~12 s on 2 cores
 def test_fisher_extraction_keeps_more_of_each_layers_loss_change(tiny_llama, tmp_path):
     ids = _perturbed_fine_tune(tiny_llama, tmp_path / "ft", seed=17)
     kw = dict(whiten=ids, taus=(0.6, 1.05), adapter_dtype="fp32")  # a fresh base each time: load converts it

@@ -32,6 +32,7 @@ from prunepath.kernels.route import (  # noqa: E402
     select_reference,
 )
 
+pytestmark = pytest.mark.gpu  # CPU: the Triton interpreter; `make test-gpu`: compiled, on CUDA
 DEV = "cuda" if torch.cuda.is_available() and __import__("os").environ.get("PRUNEPATH_GPU_TESTS") else "cpu"
 # relative L2 error vs the float64 reference: fp32 arithmetic, then half-precision outputs
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.2e-2}
@@ -135,20 +136,52 @@ def test_tile_configs_agree():
     layout = _layout(9, 32, 72, torch.float32)
     x = torch.randn(1, 72, device=DEV)
     a = _run(x, layout, RULE_MASS, 0.7).y
-    b = _run(x, layout, RULE_MASS, 0.7, cfg=FFNConfig(block_g=32, block_k=32, slots=3, block_d=16, block_r=32)).y
+    cfg = FFNConfig(block_g=32, block_k=32, slots=3, block_d=16, router_block_e=2, router_block_k=16,
+                    router_split=3)
+    b = _run(x, layout, RULE_MASS, 0.7, cfg=cfg).y
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("N,tau", [(1, 0.3), (1, 0.95), (3, 0.3), (3, 0.95)])
-def test_down_variants_agree(N, tau):
-    """Compacted and id-order down kernels (and their reduces) give the same output, sparse or dense."""
-    layout = _layout(11, 32, 40, torch.float32)  # E = 11: neither a multiple of 8 nor of 4 slots
-    x = torch.randn(N, 40, device=DEV)
-    cfgs = [replace(FFNConfig.for_batch(N), compact=c, slots=4) for c in (True, False)]
-    ys = [_run(x, layout, RULE_MASS, tau, cfg=cfg).y for cfg in cfgs]
-    assert torch.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-6)
-    ref = expert_ffn_reference(x, layout, route_reference(x, layout, RULE_MASS, tau).gates)
-    assert _rel(ys[0], ref) < TOL[torch.float32]
+@pytest.mark.parametrize("N", [1, 3])
+def test_scratch_state_resets_between_calls(N):
+    """The tickets and the fp32 accumulator the kernels leave zeroed: back-to-back calls on one scratch
+    (fewer and more kept experts, other inputs) each match their own reference."""
+    layout = _layout(11, 32, 40, torch.float32)  # E = 11: not a multiple of the down chunk
+    scratch = Scratch(layout)
+    cfg = FFNConfig.for_batch(N)
+    cfg = replace(cfg, slots=4, block_d=16)  # several column blocks, several chunks
+    for tau, fused in ((0.3, True), (0.95, False), (0.3, True), (1.05, True), (0.95, True)):
+        cfg = replace(cfg, fused=fused)  # on a GPU: the persistent launch and the two-launch form in turn
+        x = torch.randn(N, 40, device=DEV)
+        p = torch.tensor([tau], device=DEV)
+        res = expert_ffn(x, layout, RULE_MASS, p, cfg=cfg, scratch=scratch)
+        ref = expert_ffn_reference(x, layout, route_reference(x, layout, RULE_MASS, tau).gates)
+        assert _rel(res.y, ref) < TOL[torch.float32], f"tau={tau}"
+    assert not scratch.tickets.any() and not scratch.router_ticket.any() and not scratch.acc.any()
+
+
+@pytest.mark.parametrize("code,param,gate", [(RULE_ALL, 0.0, "softmax"), (RULE_TOPK, 10, "sigmoid"),
+                                             (RULE_MASS, 1.05, "one")])
+def test_all_kept_path_matches_kernels(code, param, gate):
+    """The cuBLAS path taken when (nearly) every expert is kept computes what the sparse kernels do."""
+    from prunepath.kernels.all_kept import all_kept_ffn, keeps_all
+
+    layout = _layout(11, 32, 40, torch.float32, gate=gate)
+    x = torch.randn(2, 40, device=DEV)
+    assert keeps_all(code, param, 11)
+    y = all_kept_ffn(x, layout, code, param)
+    res = _run(x, layout, code, param)
+    assert _rel(y, expert_ffn_reference(x, layout, res.gates)) < TOL[torch.float32]
+    assert torch.allclose(y, res.y, rtol=1e-4, atol=1e-5)
+
+
+def test_no_expert_kept_gives_bias():
+    """Top-0 keeps nothing: y is the output bias (every element still written)."""
+    layout = _layout(5, 32, 36, torch.float32, kind="mlp", act="gelu")
+    x = torch.randn(2, 36, device=DEV)
+    res = _run(x, layout, RULE_TOPK, 0)
+    assert not res.mask.any()
+    assert torch.allclose(res.y, layout.b_out.expand(2, -1))
 
 
 def test_unit_gates_all_experts_equal_dense_ffn():

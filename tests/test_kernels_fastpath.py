@@ -22,6 +22,7 @@ from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.control import set_tau
 from prunepath.routing.stats import record
 
+pytestmark = pytest.mark.gpu  # CPU: the Triton interpreter; `make test-gpu`: compiled, on CUDA
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("PRUNEPATH_GPU_TESTS") else "cpu"
 
 

@@ -111,3 +111,26 @@ def test_no_file_over_500_lines():
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not too_long, f"files over {MAX_LINES} lines (split them by concept): {too_long}"
+
+
+def test_the_repository_names_no_file_outside_it():
+    """The method is described in the docstrings and the book (citing Gu, Fu, Yuan 2026), not in a file a
+    clone does not have; only the data folder's default location is named, in the Makefile, .ci/run and the
+    test configuration."""
+    import subprocess
+
+    allowed = {"Makefile", ".ci/run", "tests/conftest.py"}
+    words = ("PAPER" + ".md", "MANIFEST" + ".md", "../" + "shared", "/" + "shared/data")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    found = []
+    for name in tracked:
+        if name in allowed or name.startswith(("results/", "README.md")) or not (ROOT / name).is_file():
+            continue
+        try:
+            text = (ROOT / name).read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        # a line that asserts the rule (another test's check) names the words without pointing at them
+        lines = [line for line in text.splitlines() if "assert" not in line]
+        found += [f"{name}: {w}" for w in words if any(w in line for line in lines)]
+    assert not found, "names outside the repository: " + "; ".join(found)

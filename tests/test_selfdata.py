@@ -14,6 +14,7 @@ ROWS = [{"instruction": "Name a colour.", "input": ""},
         {"instruction": "Say hello.", "input": ""}]
 
 
+@pytest.mark.slow
 def test_selfdata_answers_every_row_and_resumes_without_redoing_any(default_model, tmp_path):
     model, tok = default_model
     out = tmp_path / "self.jsonl"
@@ -32,6 +33,7 @@ def test_selfdata_answers_every_row_and_resumes_without_redoing_any(default_mode
     assert read_rows(alone)[0]["output"] == rows[2]["output"]
 
 
+@pytest.mark.slow
 def test_a_cut_off_answer_is_marked_unfinished(default_model, tmp_path):
     model, tok = default_model
     out = tmp_path / "cut.jsonl"
@@ -56,6 +58,7 @@ def test_damaged_instruction_files_say_what_to_do(tmp_path):
         check_data(f"calibration+chat:{tmp_path / 'missing.jsonl'}")
 
 
+@pytest.mark.slow
 def test_chat_training_data_uses_the_template_and_cut_off_answers_do_not_end(default_model, tmp_path):
     tok = default_model[1]
     path = tmp_path / "chat.jsonl"
@@ -117,6 +120,7 @@ def test_skip_answers_the_rows_after_another_runs_prompts(tmp_path, capsys, monk
     assert "--skip 5 past the source's end" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sampled_answers_repeat_with_the_seed_and_resume_to_the_same_file(default_model, tmp_path):
     model, tok = default_model
     rows = [{"instruction": "Name an animal.", "input": ""}] * 3
@@ -132,6 +136,7 @@ def test_sampled_answers_repeat_with_the_seed_and_resume_to_the_same_file(defaul
     assert not (tmp_path / "bad.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_continuations_start_with_the_real_prefix_and_train_packed(default_model, tmp_path):
     from prunepath.train.selfdata import generate_continuations, text_prefixes
 
@@ -179,6 +184,7 @@ def test_a_mix_takes_the_stated_tokens_of_each_part():
         check_data("calibration@200+wikipedia")
 
 
+@pytest.mark.slow
 def test_the_trainer_says_when_the_data_holds_fewer_tokens_than_asked(default_model, tmp_path):
     from prunepath.convert import MoefyConfig, moefy
     from prunepath.models import load_model

@@ -323,6 +323,7 @@ def test_teacher_settings_are_checked():
         TrainConfig(objective="lm", teacher=Teacher(kind="dense", kd_weight=1.5))
 
 
+@pytest.mark.slow
 def test_mixed_training_data_takes_half_from_each_source(default_model):
     from prunepath.train.data import training_batches
 

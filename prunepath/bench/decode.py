@@ -27,7 +27,7 @@ import time
 import torch
 
 from prunepath import results
-from prunepath.bench.ffn import environment
+from prunepath.bench.gpu_timing import environment
 from prunepath.decode.loop import DecodeConfig, Decoder
 from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.control import set_rule
@@ -205,7 +205,8 @@ def bench_default(args, device, dtype) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="prunepath bench decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-8b", choices=["default", *SHAPES])
+    p.add_argument("--model", default="llama-8b", choices=["default", *SHAPES, "default-shape"],
+                   help="default-shape: the default base model's shape with random weights (GPU rows)")
     p.add_argument("--checkpoint", default="default", help="PrunePath checkpoint for --model default")
     p.add_argument("--taus", default="0.5,0.7,0.9,dense", help="for --model default ('dense' = base model)")
     p.add_argument("--fractions", default="0.25,0.5", help="kept fractions for the random-weight models")
@@ -223,18 +224,33 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's, one per core)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="CPU: wall time, or this process's CPU time (with --threads 1: robust to a shared machine)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per row (GPU rows; >= 5)")
+    p.add_argument("--no-baselines", action="store_true", help="GPU: skip the previous loop and transformers rows")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU on this machine; use --device cpu")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: give at least 1")
     if args.device == "cpu" and args.model == "default":  # the CPU file of record: prunepath.bench.decode_cpu
-        from prunepath.bench.decode_cpu import parse_fractions, run
+        from prunepath.bench.decode_cpu import parse_kept, run
 
-        args.fractions = parse_fractions(args.kept, p.error)
+        args.fractions = parse_kept(args.kept, p.error)
         return run(args)
     args.taus = [t.strip() for t in args.taus.split(",") if t.strip()]
-    args.fractions = [float(f) for f in args.fractions.split(",")]
+    from prunepath.bench.gpu_timing import BenchInputError, parse_fractions, require_triton_gpu
+
+    try:
+        args.fractions = parse_fractions(args.fractions)
+        if args.device.startswith("cuda"):  # the GPU rows: compiled loop, kernels, baselines
+            require_triton_gpu()
+            if args.runs < 5:
+                raise BenchInputError(f"--runs {args.runs}: at least 5 runs are needed for a median with p20 / p80")
+            from prunepath.bench.decode_gpu import main_gpu
+
+            return main_gpu(args)
+        if args.model == "default-shape":
+            raise BenchInputError("--model default-shape has GPU rows only; on a CPU use --model default")
+    except BenchInputError as err:
+        print(f"prunepath bench decode: {err}")
+        return 2
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = bench_default(args, device, dtype) if args.model == "default" else bench_random(args, device, dtype)

@@ -45,7 +45,7 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def parse_fractions(text: str, error) -> list[float]:
+def parse_kept(text: str, error) -> list[float]:
     """'0.25,0.5,1' -> [0.25, 0.5, 1.0]; calls error(message) for anything outside (0, 1]."""
     try:
         fractions = [float(f) for f in text.split(",") if f.strip()]

@@ -1,99 +1,61 @@
-"""FFN micro-benchmark: the PrunePath decode kernels against the dense FFN (torch / cuBLAS).
+"""FFN micro-benchmark of record: the PrunePath decode kernels against the dense FFN on cuBLAS.
 
 Shapes: D hidden, F ffn, E = F / G experts, G = 32, N rows (batch). Random bf16 weights.
 
-For each shape, batch and kept fraction a, one run measures, all as CUDA-graph replays (so launch
-overhead is what a captured decode loop pays, for both sides):
+At the Llama-3-8B FFN shape (4096 x 14336) and each kept fraction a, timed as CUDA-graph replays (the
+launch overhead a captured decode loop pays, on both sides), CUDA events around each replay, median
+and p20 / p80 of the runs after warm-up:
 
-* dense: down(silu(gate(x)) * up(x)) with torch (cuBLAS GEMV / GEMM), 3 * F * D weights read;
-* ours: `expert_ffn` with a top-k router rule keeping k = a * E experts (exact fractions), plus one
-  cumulative-mass run with tau tuned to about 25% (the selection costs the same O(E) pass);
-* the roofline: dense bytes * union fraction / measured copy bandwidth (read + write bytes / s).
+* the dense FFN, down(silu(gate(x)) * up(x)) on cuBLAS: 3 * F * D * 2 B read (the baseline row);
+* ours with a top-k rule keeping k = a * E experts (exact fractions), on the path `FastPath` takes
+  (the Triton kernels, or cuBLAS plus a gating kernel above the measured crossover, `all_kept.py`),
+  with the other path timed too where both can run; plus one cumulative-mass row with tau set to
+  keep about 25 % (the rule the method uses);
+* batch 8: rows close to one another, so the union of their kept experts is near the per-row fraction.
 
-Weights are rotated over several copies so that every call streams from HBM, not from the 60 MB L2.
-Correctness first: each configuration's output is compared with a float64 reference before timing.
-Results: JSON with device, versions, date (and the tuning sweep) under results/bench/.
+Each row: bytes read (kept experts' weights + router), GB/s, its fraction of the measured copy
+bandwidth (read + write bytes per second of a 2 GiB device copy), the byte roofline at that bandwidth,
+and the speed-up against the dense cuBLAS FFN. Weights are rotated over several copies so that every
+call streams from HBM, not from the 60 MB L2. Each configuration's output is first checked against a
+float64 reference. `--sweep` also times tile configurations and the per-launch breakdown.
 
-    python -m prunepath.bench.ffn                # -> results/bench/ffn_<device>.json, e.g. ffn_h200.json
+    prunepath bench ffn                # -> results/bench/ffn_<device>.json, e.g. ffn_h200.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import platform
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
 
 from prunepath import results
+from prunepath.bench.gpu_timing import (
+    BenchInputError,
+    copy_bandwidth,
+    environment,
+    graph_times,
+    parse_fractions,
+    require_triton_gpu,
+    stats,
+)
 
 SHAPES = {  # name: (D, F)
-    "default-576x1536": (576, 1536),
-    "llama2-7b-4096x11008": (4096, 11008),
-    "llama3-8b-4096x14336": (4096, 14336),
+    "llama3-8b": (4096, 14336),
+    "default": (576, 1536),
 }
-
-
-def environment() -> dict:
-    import transformers
-    import triton
-
-    dev = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
-    return {
-        "device": torch.cuda.get_device_name(0) if dev else platform.processor() or "cpu",
-        "sm_count": dev.multi_processor_count if dev else None,
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def copy_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (the memory ceiling).
-
-    The first runs (results/bench/ffn_h200*.json) copied 2 GiB of int16 and read 2.7 TB/s, well
-    under the 4.3 TB/s this workplace saw with a larger fp32 copy and under the 3.6 TB/s the dense
-    cuBLAS GEMV itself reads; hence fp32 and 4 GiB here (not yet re-measured), and the reports also
-    give the fraction of the dense GEMV's read rate.
-    """
-    a = torch.randn(nbytes // 4, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * nbytes / time_graph(lambda: b.copy_(a), reps=20)
-
-
-def time_graph(fn, reps: int = 50, inner: int = 1) -> float:
-    """Median seconds per call of `fn` (which makes `inner` calls), timed as CUDA-graph replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(5):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return times[len(times) // 2] / inner
+G = 32
 
 
 class Problem:
-    """`copies` random FFNs of one shape (weights rotated so calls stream from HBM) and their layouts."""
+    """`copies` random FFNs of one shape (rotated so calls stream from HBM) and their kernel layouts."""
 
-    def __init__(self, D: int, Fd: int, G: int = 32, copies: int = 1, dtype=torch.bfloat16, logit_std=1.0):
+    def __init__(self, D: int, Fd: int, copies: int, dtype=torch.bfloat16, logit_std=1.0):
         from prunepath.kernels.layout import ExpertLayout
 
-        self.D, self.F, self.G, self.E = D, Fd, G, Fd // G
+        self.D, self.F, self.E = D, Fd, Fd // G
         self.layouts = []
         for _ in range(copies):
             w_gate = torch.randn(Fd, D, device="cuda", dtype=dtype) * D**-0.5
@@ -101,162 +63,224 @@ class Problem:
             w_down = torch.randn(D, Fd, device="cuda", dtype=dtype) * Fd**-0.5
             w_router = torch.randn(self.E, D, device="cuda", dtype=dtype) * (logit_std * D**-0.5)
             lay = ExpertLayout.from_tensors(w_gate, w_down, w_router, w_up=w_up)
-            # dense side reads the original [D, F] down weight: keep a view with that layout
-            self.layouts.append((lay, w_down))
+            self.layouts.append((lay, w_down))  # the dense side reads the original [D, F] down weight
+
+    @property
+    def copies(self) -> int:
+        return len(self.layouts)
 
     def dense(self, x):
         for lay, w_down in self.layouts:
-            E, G, D = lay.w_in.shape
-            h = F.silu(F.linear(x, lay.w_in.view(E * G, D))) * F.linear(x, lay.w_up.view(E * G, D))
-            y = F.linear(h, w_down)
+            E, G_, D = lay.w_in.shape
+            y = F.linear(F.silu(F.linear(x, lay.w_in.view(E * G_, D))) * F.linear(x, lay.w_up.view(E * G_, D)),
+                         w_down)
         return y
 
-    def ours(self, x, code, param, cfg=None, stages=4):
+    def ours(self, x, code, param, cfg=None, stages=3):
         from prunepath.kernels.expert_ffn import expert_ffn
 
         for lay, _ in self.layouts:
             y = expert_ffn(x, lay, code, param, cfg=cfg, stages=stages)
         return y
 
+    def cublas(self, x, code, value):
+        from prunepath.kernels.all_kept import all_kept_ffn
 
-def _copies(nbytes_read: float, l2: float = 60e6, limit_bytes: float = 6e9, full_bytes: float = 1.0) -> int:
-    return int(max(2, min(math.ceil(4 * l2 / max(nbytes_read, 1)), limit_bytes // full_bytes)))
-
-
-def check(prob: Problem, x, code, param, cfg=None) -> float:
-    """Relative L2 error of the kernel output against float64 (routing from the kernel's own gates)."""
-    from prunepath.kernels.expert_ffn import expert_ffn, expert_ffn_reference
-
-    lay = prob.layouts[0][0]
-    res = expert_ffn(x, lay, code, param, cfg=cfg)
-    ref = expert_ffn_reference(x, lay, res.gates)
-    return ((res.y.double() - ref).norm() / ref.norm()).item()
+        for lay, _ in self.layouts:
+            y = all_kept_ffn(x, lay, code, value)
+        return y
 
 
-def bench_shape(name, D, Fd, batch, fractions, copy_bw, cfg=None, mass_target=0.25) -> list[dict]:
-    from prunepath.kernels.route import RULE_MASS, RULE_TOPK, route_reference, select_reference
+def n_copies(read_bytes: float, full_bytes: float, l2: float = 60e6, budget: float = 8e9) -> int:
+    """Enough weight copies that one replay streams > 4 x L2, within a memory budget."""
+    return int(max(2, min(math.ceil(4 * l2 / max(read_bytes, 1)), budget // full_bytes)))
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def mass_tau(logits: torch.Tensor, target: float) -> float:
+    """tau whose cumulative-mass rule keeps about `target` of the experts on these logits."""
+    from prunepath.kernels.route import RULE_MASS, select_reference
     from prunepath.routing.calibrate import bisect
 
-    G = 32
+    tau, _ = bisect(lambda t: select_reference(logits, RULE_MASS, t).float().mean().item(), 1e-4, 1.0, target,
+                    tol=0.0)
+    return tau
+
+
+def _row(variant, path, batch, t_stats, copies, read, bw, dense_us, **extra):
+    us = t_stats["median"] / copies * 1e6
+    return {"variant": variant, "path": path, "batch": batch, "us": us,
+            "us_p20": t_stats["p20"] / copies * 1e6, "us_p80": t_stats["p80"] / copies * 1e6,
+            "bytes": read, "gb_per_s": read / us / 1e3, "bandwidth_fraction": read / us / 1e3 / (bw / 1e9),
+            "roofline_us": read / bw * 1e6, "speedup_vs_dense": dense_us / us if dense_us else 1.0,
+            "runs": t_stats["runs"], **extra}
+
+
+def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=None, mass_target=0.25,
+                both_paths_from: float = 0.75) -> list[dict]:
+    """Rows for one shape and batch: dense cuBLAS, then each fraction on the path FastPath takes."""
+    from prunepath.kernels.all_kept import keeps_all
+    from prunepath.kernels.expert_ffn import expert_ffn, expert_ffn_reference
+    from prunepath.kernels.route import RULE_MASS, RULE_TOPK, route_reference
+
+    D, Fd = SHAPES[shape]
     E = Fd // G
     dense_bytes = 3 * D * Fd * 2
-    rows = []
-    full = dense_bytes + E * D * 2
-    n_copies = _copies(min(fractions) * dense_bytes, full_bytes=full)
-    prob = Problem(D, Fd, G, copies=n_copies)
+    router_bytes = E * D * 2
+    copies = n_copies(min(fractions) * dense_bytes, dense_bytes + router_bytes)
+    prob = Problem(D, Fd, copies)
     torch.manual_seed(0)
     base = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
-    # batch rows close to one another: they pick (nearly) the same experts, union ~= per-token fraction
+    # rows close to one another: they keep (nearly) the same experts, the union near the per-row fraction
     x = (base + 0.05 * torch.randn(batch, D, device="cuda", dtype=torch.bfloat16)).contiguous()
-    t_dense = time_graph(lambda: prob.dense(x), inner=n_copies)
-    runs = [("topk", f, RULE_TOPK, float(max(1, round(f * E)))) for f in fractions]
-    # a cumulative-mass run with tau chosen (on these logits) to keep about `mass_target` of the experts
     lay0 = prob.layouts[0][0]
-    logits = route_reference(x, lay0, RULE_TOPK, 1).logits
-    tau, _ = bisect(lambda t: select_reference(logits, RULE_MASS, t).float().mean().item(), 1e-4, 1.0, mass_target,
-                    tol=0.0)
-    runs.append(("mass", mass_target, RULE_MASS, tau))
-    for rule, f, code, p in runs:
-        param = torch.tensor([p], device="cuda")
-        err = check(prob, x, code, param, cfg)
-        from prunepath.kernels.expert_ffn import expert_ffn
-
+    t = stats(graph_times(lambda: prob.dense(x), runs=runs))
+    dense_us = t["median"] / copies * 1e6
+    rows = [_row("dense", "cublas", batch, t, copies, dense_bytes, bw, None, kept_fraction=1.0,
+                 union_fraction=1.0, shape=shape)]
+    print(f"{shape} N={batch} dense cuBLAS {dense_us:7.1f} us ({dense_bytes / dense_us / 1e3:.0f} GB/s)", flush=True)
+    runs_spec = [(f"kept={f:g}", RULE_TOPK, float(max(1, round(f * E)))) for f in fractions]
+    tau = mass_tau(route_reference(x, lay0, RULE_TOPK, 1).logits, mass_target)
+    runs_spec.append((f"tau={tau:.3f} (mass, ~{mass_target:g} kept)", RULE_MASS, tau))
+    for variant, code, value in runs_spec:
+        param = torch.tensor([value], device="cuda")
         res = expert_ffn(x, lay0, code, param, cfg=cfg)
+        err = rel_error(res.y, expert_ffn_reference(x, lay0, res.gates))
         union = res.active.float().mean().item()
-        per_token = res.mask.float().mean().item()
-        t = time_graph(lambda param=param, code=code: prob.ours(x, code, param, cfg), inner=n_copies)
-        read = dense_bytes * union + E * D * 2  # union experts' weights + router
-        rows.append({
-            "shape": name, "D": D, "F": Fd, "E": E, "G": G, "batch": batch, "rule": rule,
-            "param": p, "target_fraction": f, "per_token_fraction": per_token, "union_fraction": union,
-            "dense_us": t_dense * 1e6, "ours_us": t * 1e6, "speedup": t_dense / t,
-            "roofline_us": dense_bytes * union / copy_bw * 1e6, "bytes_read": read,
-            "achieved_GBps": read / t / 1e9, "frac_of_copy_bw": read / t / copy_bw,
-            "dense_frac_of_copy_bw": dense_bytes / t_dense / copy_bw, "rel_err_vs_fp64": err,
-            "copies": n_copies,
-        })
-        r = rows[-1]
-        print(f"{name:22s} N={batch} {rule:4s} a={f:5.3f} union={union:5.3f} dense {r['dense_us']:7.1f}us "
-              f"ours {r['ours_us']:7.1f}us x{r['speedup']:5.2f} roof {r['roofline_us']:7.1f}us "
-              f"bw {100 * r['frac_of_copy_bw']:4.0f}% err {err:.1e}", flush=True)
+        per_row = res.mask.float().mean().item()
+        sparse_read = dense_bytes * union + router_bytes
+        taken = "cublas-gated" if keeps_all(code, value, E) else "triton-fused"
+        paths = {taken}
+        if code == RULE_TOPK and value / E >= both_paths_from:
+            paths = {"cublas-gated", "triton-fused"}
+        for path in sorted(paths, key=lambda p: p != taken):
+            if path == "triton-fused":
+                t = stats(graph_times(lambda p=param, c=code: prob.ours(x, c, p, cfg), runs=runs))
+                read = sparse_read
+            else:
+                t = stats(graph_times(lambda c=code, v=value: prob.cublas(x, c, v), runs=runs))
+                read = dense_bytes + router_bytes  # cuBLAS streams every expert
+            r = _row(variant, path, batch, t, copies, read, bw, dense_us, kept_fraction=per_row,
+                     union_fraction=union, taken=path == taken, rule="topk" if code == RULE_TOPK else "mass",
+                     param=value, rel_err_vs_fp64=err, shape=shape)
+            rows.append(r)
+            print(f"{shape} N={batch} {variant:28s} {path:12s}{'*' if path == taken else ' '} kept {per_row:5.3f} "
+                  f"union {union:5.3f}: {r['us']:7.1f} us [{r['us_p20']:.1f}, {r['us_p80']:.1f}] "
+                  f"x{r['speedup_vs_dense']:5.2f}  roofline {r['roofline_us']:6.1f} us  "
+                  f"{r['gb_per_s']:5.0f} GB/s ({100 * r['bandwidth_fraction']:3.0f}%)  err {err:.1e}", flush=True)
     return rows
 
 
-def breakdown(fractions=(0.125, 0.25, 1.0), batch=1) -> list[dict]:
-    """Time of the first k launches (router, +gate/up, +down, +reduce) at the Llama-3-8B shape."""
+def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), batch: int = 1) -> list[dict]:
+    """Time of the first k launches of the two-launch form (route+select, +gate/up, +down) at the
+    Llama-3-8B shape, batch 1."""
+    from prunepath.kernels.expert_ffn import FFNConfig
     from prunepath.kernels.route import RULE_TOPK
 
-    D, Fd = SHAPES["llama3-8b-4096x14336"]
-    E = Fd // 32
+    cfg = replace(FFNConfig.for_batch(batch), fused=False)
+    D, Fd = SHAPES["llama3-8b"]
+    E = Fd // G
     prob = Problem(D, Fd, copies=6)
-    x = torch.randn(batch, D, device="cuda", dtype=torch.bfloat16)
+    x = (torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+         + 0.05 * torch.randn(batch, D, device="cuda", dtype=torch.bfloat16)).contiguous()
     out = []
     for f in fractions:
         param = torch.tensor([float(round(f * E))], device="cuda")
-        t = [time_graph(lambda k=k, p=param: prob.ours(x, RULE_TOPK, p, stages=k), inner=6) * 1e6 for k in (1, 2, 3, 4)]
-        out.append({"fraction": f, "batch": batch, "router_us": t[0], "gate_up_us": t[1] - t[0],
-                    "down_us": t[2] - t[1], "reduce_us": t[3] - t[2], "total_us": t[3]})
-        print("breakdown", {k: round(v, 1) if isinstance(v, float) else v for k, v in out[-1].items()}, flush=True)
+        t = [stats(graph_times(lambda k=k, p=param: prob.ours(x, RULE_TOPK, p, cfg, stages=k), runs=runs))["median"]
+             * 1e6 / prob.copies for k in (1, 2, 3)]
+        prob.ours(x, RULE_TOPK, param, cfg)  # a full call: leaves the down pass's state clean
+        out.append({"batch": batch, "kept_fraction": f, "route_select_us": t[0], "gate_up_us": t[1] - t[0],
+                    "down_us": t[2] - t[1],
+                    "total_us": t[2], "gate_up_roofline_us": 2 * f * D * Fd * 2 / bw * 1e6,
+                    "down_roofline_us": f * D * Fd * 2 / bw * 1e6})
+        print("breakdown", {k: round(v, 1) for k, v in out[-1].items()}, flush=True)
     return out
 
 
-def sweep(copy_bw) -> list[dict]:
-    """A few tile configurations at the Llama-3-8B shape, 25% kept, batch 1 and 8."""
-    from prunepath.kernels.expert_ffn import FFNConfig
-    from prunepath.kernels.route import RouterConfig
+SWEEP = {  # name: (batch, FFNConfig overrides of that batch's defaults)
+    "default": (1, {}),
+    "two_launches": (1, dict(fused=False)),
+    "ctas1": (1, dict(ctas_per_sm=1)),
+    "ctas3": (1, dict(ctas_per_sm=3)),
+    "ctas4": (1, dict(ctas_per_sm=4)),
+    "g2_k2048": (1, dict(block_g=2, block_k=2048)),
+    "g8_k512": (1, dict(block_g=8, block_k=512)),
+    "s8_d128": (1, dict(slots=8, block_d=128)),
+    "s2_d512": (1, dict(slots=2, block_d=512)),
+    "s4_d256": (1, dict(slots=4, block_d=256)),
+    "r_e4_s2": (1, dict(router_block_e=4, router_split=2, router_block_k=2048)),
+    "r_e2_s8": (1, dict(router_block_e=2, router_split=8, router_block_k=512)),
+    "w8": (1, dict(num_warps=8)),
+    "b8_default": (8, {}),
+    "b8_two_launches": (8, dict(fused=False)),
+    "b8_g32_k128": (8, dict(block_g=32, block_k=128)),
+    "b8_s4_d256": (8, dict(slots=4, block_d=256)),
+}
 
-    r512 = RouterConfig(block_k=512)
-    b8 = dict(block_g=32, block_k=128, slots=8, block_d=128, router=RouterConfig(block_e=16, block_k=256, split=2))
-    variants = {
-        "default": None,
-        "slots8_bd128": FFNConfig(slots=8, block_d=128, router=r512),
-        "slots4_bd128": FFNConfig(slots=4, block_d=128, router=r512),
-        "slots2_bd256": FFNConfig(slots=2, block_d=256, router=r512),
-        "warps8": FFNConfig(num_warps=8, router=r512),
-        "router_be4": FFNConfig(router=RouterConfig(block_e=4, block_k=512)),
-        "b8_default": None,
-        "b8_slots4": FFNConfig(**{**b8, "slots": 4}),
-        "b8_bd256": FFNConfig(**{**b8, "block_d": 256}),
-    }
+
+def sweep(bw: float, runs: int) -> list[dict]:
+    from prunepath.kernels.expert_ffn import FFNConfig
+
     out = []
-    for batch in (1, 8):
-        for vname, cfg in variants.items():
-            if (batch == 1) == vname.startswith("b8_"):
-                continue
-            rows = bench_shape("llama3-8b-4096x14336", 4096, 14336, batch, [0.25], copy_bw, cfg=cfg)
-            for r in rows:
-                r["variant"] = vname
-            out += rows
+    for name, (batch, over) in SWEEP.items():
+        cfg = replace(FFNConfig.for_batch(batch), **over)
+        fractions = [0.125, 0.25, 0.5] if batch == 1 else [0.25]
+        try:
+            rows = bench_batch("llama3-8b", batch, fractions, bw, runs, cfg=cfg, both_paths_from=2.0)
+        except Exception as err:  # a tile the compiler rejects: note it, keep sweeping
+            print(f"sweep {name}: {type(err).__name__}: {err}", flush=True)
+            out.append({"config": name, "error": f"{type(err).__name__}: {err}"})
+            continue
+        for r in rows:
+            if r["path"] == "triton-fused":
+                out.append({"config": name, "batch": batch, **asdict(cfg),
+                            **{k: r[k] for k in ("variant", "us", "speedup_vs_dense", "bandwidth_fraction",
+                                                 "rel_err_vs_fp64")}})
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="prunepath bench ffn", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
+    p.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--fractions", default="0.125,0.25,0.5,0.75,1.0")
-    p.add_argument("--sweep", action="store_true", help="also time a few tile configurations")
+    p.add_argument("--fractions", default="0.125,0.25,0.5,0.75,0.875,1.0", help="kept fractions, each in (0, 1]")
+    p.add_argument("--runs", type=int, default=30, help="timed graph replays per row (>= 5)")
+    p.add_argument("--sweep", action="store_true", help="also time tile configurations and the launch breakdown")
+    p.add_argument("--breakdown", action="store_true", help="also time the launches one by one (batch 1 and 8)")
     p.add_argument("--out", default=None, help="JSON path (default results/bench/ffn_DEVICE.json)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("prunepath bench ffn needs a CUDA device (the kernels' timings mean nothing in the interpreter)")
+    try:
+        fractions = parse_fractions(args.fractions)
+        if args.runs < 5:
+            raise BenchInputError(f"--runs {args.runs}: at least 5 runs are needed for a median with p20 / p80")
+        require_triton_gpu()
+    except BenchInputError as err:
+        print(f"prunepath bench ffn: {err}")
         return 2
     env = environment()
     bw = copy_bandwidth()
-    print(f"{env['device']}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-    fr = [float(f) for f in args.fractions.split(",")]
-    rows = []
-    for name in args.shapes.split(","):
-        D, Fd = SHAPES[name]
-        for b in (int(v) for v in args.batches.split(",")):
-            rows += bench_shape(name, D, Fd, b, fr, bw)
-            torch.cuda.empty_cache()
-    result = {**env, "copy_bandwidth_Bps": bw, "rows": rows}
+    print(f"{env['device']}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write, 2 GiB)", flush=True)
+    D, Fd = SHAPES[args.shape]
+    result = {"kind": "ffn", "model": f"{args.shape} FFN", "shape": {"D": D, "F": Fd, "G": G, "E": Fd // G,
+              "dtype": "bfloat16"}, **env, "bandwidth_gbs": bw / 1e9, "rows": []}
+    out = args.out or results.bench_path("ffn", env["device"])
+    from prunepath.kernels.expert_ffn import FFNConfig
+
+    for b in (int(v) for v in args.batches.split(",")):
+        result.setdefault("configs", {})[f"batch {b}"] = asdict(FFNConfig.for_batch(b))
+        result["rows"] += bench_batch(args.shape, b, fractions, bw, args.runs)
+        torch.cuda.empty_cache()  # the weight copies of this batch are gone with bench_batch's frame
+        results.write_bench(out, result)  # what is measured is kept, whatever comes next
+    if args.sweep or args.breakdown:
+        result["breakdown"] = breakdown(bw, args.runs) + breakdown(bw, args.runs, fractions=(0.25,), batch=8)
+        results.write_bench(out, result)
     if args.sweep:
-        result["breakdown"] = breakdown()
-        result["sweep"] = sweep(bw)
-    out = results.write_bench(args.out or results.bench_path("ffn", env["device"]), result)
+        result["sweep"] = sweep(bw, args.runs)
+        results.write_bench(out, result)
     print(f"wrote {out}")
     return 0
 

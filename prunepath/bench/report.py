@@ -1,9 +1,10 @@
-"""Tables and figures from the benchmark JSON files (runs anywhere; no GPU needed).
+"""Tables and figures from the benchmark files of record (runs anywhere; no GPU needed).
 
     python -m prunepath.bench.report results/bench/ffn_h200.json results/bench/decode_llama-8b_h200.json
 
-prints Markdown tables, and for an FFN file writes `<name>.html` beside it (plotly, offline), titled
-from the device recorded in the file — never hand-typed.
+prints Markdown tables (the schema of results/bench/*.json: kind, model, shape, device, versions, date,
+bandwidth_gbs, rows), and for an FFN file writes `<name>.html` beside it (plotly, offline), titled from
+the device recorded in the file — never hand-typed.
 """
 
 from __future__ import annotations
@@ -13,71 +14,81 @@ import json
 from pathlib import Path
 
 
-def read_ceiling(d: dict) -> float:
-    """Fastest read rate any dense cuBLAS FFN reached in this run (bytes / s): the practical ceiling."""
-    return max(3 * r["D"] * r["F"] * 2 / (r["dense_us"] * 1e-6) for r in d["rows"])
+def _head(d: dict) -> str:
+    v = d.get("versions", {})
+    bw = d.get("bandwidth_gbs")
+    head = (f"{d.get('device')}, {d.get('date')} (torch {v.get('torch')}, triton {v.get('triton')}, transformers "
+            f"{v.get('transformers')})")
+    return head + (f"; measured copy bandwidth {bw / 1e3:.2f} TB/s (read + write)" if bw else "")
+
+
+def _f(r: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """One optional field of a row, formatted ('' when the file does not record it)."""
+    v = r.get(key)
+    return "" if not isinstance(v, (int, float)) else format(v * scale, fmt)
 
 
 def ffn_table(d: dict) -> str:
-    ceil = read_ceiling(d)
-    lines = [f"FFN decode kernels, {d['device']}, {d['date']} (torch {d['torch']}, triton {d['triton']}); "
-             f"copy bandwidth {d['copy_bandwidth_Bps'] / 1e12:.2f} TB/s (read+write), "
-             f"dense cuBLAS read rate {ceil / 1e12:.2f} TB/s",
-             "",
-             "| shape | N | rule | kept (union) | dense us | ours us | speed-up | roofline speed-up "
-             "| % copy BW | % dense read rate | rel. err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    s = d["shape"]
+    lines = [f"FFN decode kernels, {s['D']} x {s['F']} ({s['E']} experts of {s['G']}), bf16, {_head(d)}", "",
+             "| N | variant | path | kept (union) | us [p20, p80] | roofline us | GB/s | % BW | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        roof = r["dense_us"] / max(r["roofline_us"], 1e-9)
-        lines.append(
-            f"| {r['shape']} | {r['batch']} | {r['rule']} | {r['union_fraction']:.3f} | {r['dense_us']:.1f} | "
-            f"{r['ours_us']:.1f} | {r['speedup']:.2f}x | {roof:.1f}x | {100 * r['frac_of_copy_bw']:.0f}% | "
-            f"{100 * r['bytes_read'] / (r['ours_us'] * 1e-6) / ceil:.0f}% | {r['rel_err_vs_fp64']:.1e} |")
+        taken = "" if r.get("taken", True) else " (not taken)"
+        lines.append(f"| {r['batch']} | {r['variant']} | {r['path']}{taken} | {r['kept_fraction']:.3f} "
+                     f"({r.get('union_fraction', 1.0):.3f}) | {r['us']:.1f} [{r['us_p20']:.1f}, {r['us_p80']:.1f}] | "
+                     f"{r['roofline_us']:.1f} | {r['gb_per_s']:.0f} | {100 * r['bandwidth_fraction']:.0f}% | "
+                     f"{r['speedup_vs_dense']:.2f}x |")
     if d.get("breakdown"):
-        lines += ["", "| kept | router us | gate/up us | down us | reduce us | total us |", "|---|---|---|---|---|---|"]
+        lines += ["", "| N | kept | route+select us | gate/up us | down us | total us |", "|---|---|---|---|---|---|"]
         for b in d["breakdown"]:
-            lines.append(f"| {b['fraction']} | {b['router_us']:.1f} | {b['gate_up_us']:.1f} | {b['down_us']:.1f} | "
-                         f"{b['reduce_us']:.1f} | {b['total_us']:.1f} |")
+            lines.append(f"| {b.get('batch', 1)} | {b['kept_fraction']} | {b['route_select_us']:.1f} | "
+                         f"{b['gate_up_us']:.1f} | {b['down_us']:.1f} | {b['total_us']:.1f} |")
     if d.get("sweep"):
-        lines += ["", "| variant | N | rule | ours us | speed-up |", "|---|---|---|---|---|"]
+        lines += ["", "| config | N | variant | us | speed-up |", "|---|---|---|---|---|"]
         for r in d["sweep"]:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['rule']} | {r['ours_us']:.1f} | {r['speedup']:.2f}x |")
+            if "us" in r:
+                lines.append(f"| {r['config']} | {r.get('batch', 1)} | {r['variant']} | {r['us']:.1f} | "
+                             f"{r['speedup_vs_dense']:.2f}x |")
     return "\n".join(lines)
 
 
 def decode_table(d: dict) -> str:
-    lines = [f"Decode, {d['model']}, {d['device']}, {d['date']}, {d['dtype']}, {d['new_tokens']} new tokens",
-             "", "| variant | kept | tokens/s | ms/token | speed-up | peak GB |", "|---|---|---|---|---|---|"]
+    lines = [f"Decode, {d.get('model')} ({d.get('weights', 'checkpoint')} weights), batch 1, {_head(d)}", "",
+             "| variant | path | kept | tokens/s | ms/token [p20, p80] | GB/token | GB/s | % BW | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        kept = r.get("realised_fraction")
-        peak = r.get("peak_memory_bytes")
-        lines.append(f"| {r['variant']} | {'' if kept is None else f'{kept:.3f}'} | {r['tokens_per_s']:.1f} | "
-                     f"{r['ms_per_token']:.2f} | {r.get('speedup_vs_dense', 1.0):.2f}x | "
-                     f"{'' if peak is None else f'{peak / 1e9:.2f}'} |")
+        lines.append(f"| {r.get('variant')} | {r.get('path', '')} | {_f(r, 'kept_fraction', '.3f')} | "
+                     f"{_f(r, 'tokens_per_s', '.1f')} | {_f(r, 'ms_per_token', '.3f')} [{_f(r, 'ms_p20', '.3f')}, "
+                     f"{_f(r, 'ms_p80', '.3f')}] | {_f(r, 'bytes_per_token', '.2f', 1e-9)} | "
+                     f"{_f(r, 'gb_per_s', '.0f')} | {_f(r, 'bandwidth_fraction', '.0f', 100)}% | "
+                     f"{_f(r, 'speedup_vs_dense', '.2f')}x |")
     return "\n".join(lines)
 
 
 def ffn_figure(d: dict, path: Path) -> Path | None:
-    """Time vs kept fraction per shape and batch: dense, ours, roofline (offline HTML)."""
+    """Time against kept fraction per batch: dense, the path taken, the byte roofline (offline HTML)."""
     try:
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
     except ImportError:
         return None
-    keys = sorted({(r["shape"], r["batch"]) for r in d["rows"]}, key=lambda k: (k[0], k[1]))
-    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[f"{s}, N={b}" for s, b in keys])
-    for i, (shape, batch) in enumerate(keys, start=1):
-        rows = sorted((r for r in d["rows"] if r["shape"] == shape and r["batch"] == batch and r["rule"] == "topk"),
+    batches = sorted({r["batch"] for r in d["rows"]})
+    fig = make_subplots(rows=1, cols=len(batches), subplot_titles=[f"batch {b}" for b in batches])
+    for i, b in enumerate(batches, start=1):
+        rows = sorted((r for r in d["rows"] if r["batch"] == b and r.get("rule") == "topk" and r.get("taken")),
                       key=lambda r: r["union_fraction"])
+        dense = next(r["us"] for r in d["rows"] if r["batch"] == b and r["variant"] == "dense")
         x = [r["union_fraction"] for r in rows]
-        for name, key, dash in (("dense (cuBLAS)", "dense_us", "dot"), ("PrunePath kernels", "ours_us", None),
-                                ("roofline", "roofline_us", "dash")):
-            fig.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], name=name, legendgroup=name,
-                                     showlegend=i == 1, line=dict(dash=dash)), row=1, col=i)
-        fig.update_xaxes(title_text="kept fraction (union)", row=1, col=i)
+        for name, y, dash in (("dense (cuBLAS)", [dense] * len(x), "dot"), ("PrunePath", [r["us"] for r in rows], None),
+                              ("byte roofline", [r["roofline_us"] for r in rows], "dash")):
+            fig.add_trace(go.Scatter(x=x, y=y, name=name, legendgroup=name, showlegend=i == 1, line=dict(dash=dash)),
+                          row=1, col=i)
+        fig.update_xaxes(title_text="kept fraction (union of the rows)", row=1, col=i)
     fig.update_yaxes(title_text="us per FFN call", row=1, col=1)
-    fig.update_layout(title=f"PrunePath FFN decode kernels vs dense, bf16, {d['device']} ({d['date'][:10]})",
-                      height=420, width=360 * len(keys))
+    s = d["shape"]
+    fig.update_layout(title=f"PrunePath FFN kernels vs dense, {s['D']} x {s['F']}, bf16, {d['device']} ({d['date']})",
+                      height=420, width=420 * len(batches))
     fig.write_html(path, include_plotlyjs=True)
     return path
 
@@ -89,14 +100,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for f in args.files:
         d = json.loads(Path(f).read_text())
-        if "model" in d:
+        if d.get("kind") == "decode":
             print(decode_table(d))
-        else:
+        elif d.get("kind") == "ffn":
             print(ffn_table(d))
             if not args.no_html:
                 out = ffn_figure(d, Path(f).with_suffix(".html"))
                 if out:
                     print(f"\nwrote {out}")
+        else:
+            print(f"{f}: not a benchmark file of record (no kind 'ffn' or 'decode'); skipped")
         print()
     return 0
 

@@ -1,4 +1,4 @@
-"""The baselines PrunePath is compared against (PAPER.md §5), all at a matched mean active FFN fraction.
+"""The baselines PrunePath is compared against (Gu, Fu, Yuan 2026), all at a matched mean active FFN fraction.
 
 Shape legend: L layers, N calibration tokens, D hidden, F ffn neurons, E experts, G expert size.
 

@@ -1,4 +1,5 @@
-"""Sparsity–accuracy sweeps on one checkpoint, and automatic τ calibration (PAPER.md §3, §5).
+"""Sparsity–accuracy sweeps on one checkpoint: τ, the inference-time knob, against the baselines at matched
+active FFN fractions (the comparison of Gu, Fu, Yuan 2026).
 
     prunepath sweep --checkpoint default --fractions 0.25 0.5 0.75 --tasks wikitext2 sst2 rte
     prunepath calibrate --checkpoint default --target 0.5

@@ -213,7 +213,7 @@ def recorded_curves(paths: list[Path] | None = None) -> list[RecordedCurve]:
 
 
 def speed_figure(live: list[SpeedPoint], current: SpeedPoint | None, curves: list[RecordedCurve],
-                 device: str = "this machine") -> dict:
+                 device: str = "this machine", height: int = 380) -> dict:
     """A plotly figure (dict): tokens/s against the active fraction; this machine's live points, the
     current setting marked, and the recorded curves (log y: an H200 and a CPU differ a hundredfold)."""
     bad = [p for p in [*live, *([current] if current else [])] if not 0 < p.active_fraction <= 1]
@@ -234,7 +234,7 @@ def speed_figure(live: list[SpeedPoint], current: SpeedPoint | None, curves: lis
                      "y": [current.tokens_per_s], "text": [current.label], "name": f"now: {current.label}",
                      "marker": {"size": 16, "symbol": "star", "color": "#d62728"}})
     return {"data": data, "layout": {
-        "height": 380, "margin": {"l": 60, "r": 10, "t": 30, "b": 45},
+        "height": height, "margin": {"l": 60, "r": 10, "t": 30, "b": 45},
         "xaxis": {"title": {"text": "active fraction (experts kept per token)"}, "range": [0, 1.05]},
         "yaxis": {"title": {"text": "decode tokens/s (batch 1)"}, "type": "log"},
         "legend": {"font": {"size": 10}}, "title": {"text": "Decode speed against the active fraction"}}}
@@ -243,8 +243,9 @@ def speed_figure(live: list[SpeedPoint], current: SpeedPoint | None, curves: lis
 class SpeedSection:
     """The figure's state for one explorer page: live points measured so far (per routing label)."""
 
-    def __init__(self, recorded: list[Path] | None = None):
+    def __init__(self, recorded: list[Path] | None = None, height: int = 380):
         self.recorded = recorded  # the H200 files to draw (None: those of record)
+        self.height = height  # of the figure, in pixels
         self.points: dict[str, SpeedPoint] = {}
 
     def update(self, model, tokenizer, rule, n_tokens: int = 8) -> tuple[dict, str]:
@@ -252,7 +253,8 @@ class SpeedSection:
         live = live_speed(model, tokenizer, rule, n_tokens=n_tokens)
         self.points["dense"] = live.dense
         self.points[live.routed.label] = live.routed
-        fig = speed_figure(list(self.points.values()), live.routed, recorded_curves(self.recorded), live.device)
+        fig = speed_figure(list(self.points.values()), live.routed, recorded_curves(self.recorded), live.device,
+                           self.height)
         text = (f"**Live on {live.device}** (our decode loop, batch 1, {2 * n_tokens} tokens each, measured in "
                 f"{live.seconds:.1f} s): dense **{live.dense.tokens_per_s:.1f}** tokens/s, `{live.routed.label}` at "
                 f"{live.routed.active_fraction:.0%} active **{live.routed.tokens_per_s:.1f}** tokens/s "

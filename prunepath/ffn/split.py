@@ -1,4 +1,4 @@
-"""Splitting an FFN's neurons into experts of exactly G neurons (MoEfication, PAPER.md §1).
+"""Splitting an FFN's neurons into experts of exactly G neurons (MoEfication, as in Gu, Fu, Yuan 2026).
 
 Neuron i of an FFN owns row i of W_gate / W_up (or W_in) and column i of W_down; any partition of the
 F neurons into E = F / G groups is an exact decomposition (the experts sum to the dense FFN). The split

@@ -1,7 +1,7 @@
 """Routers: a small network per FFN that scores its E experts for each token.
 
 The router reads the FFN input x (after the pre-FFN norm) and returns logits z [..., E]; `routing.rules` turns
-p = softmax(z) into the set of kept experts and sigmoid(z) into their gates (PAPER.md §2–§3).
+p = softmax(z) into the set of kept experts and sigmoid(z) into their gates (Gu, Fu, Yuan 2026).
 
 - LinearRouter: z = W x, W [E, D], no bias — the authors' router. Zero-initialised as in the paper
   (p uniform, gates sigmoid(0) = 0.5 until trained), or initialised from the experts' cluster centres so
@@ -40,7 +40,7 @@ def centroid_weight(centroids: Tensor, d_model: int, n_experts: int) -> Tensor:
     of RMS ~1 per coordinate (the output of a pre-FFN RMSNorm before its learned gain), logits have a
     standard deviation of about 1, which for E = 48 gives a distribution that is informative but not
     one-hot, so cumulative mass τ = 0.5..0.9 keeps a sensible fraction of experts before any training
-    (PAPER.md §3: std 1 keeps about a third at E = 192, τ = 0.7).
+    (Gu, Fu, Yuan 2026: std 1 keeps about a third at E = 192, τ = 0.7).
     """
     if not isinstance(centroids, Tensor) or tuple(centroids.shape) != (n_experts, d_model):
         got = tuple(centroids.shape) if isinstance(centroids, Tensor) else type(centroids).__name__

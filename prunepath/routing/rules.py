@@ -1,6 +1,6 @@
 """Selection rules: which experts each token keeps, given its router logits.
 
-This is the heart of PrunePath (PAPER.md §3). A router turns a token into logits z over the E experts of
+This is the heart of PrunePath (Gu, Fu, Yuan 2026). A router turns a token into logits z over the E experts of
 one FFN; p = softmax(z); a *rule* turns (z, p) into a boolean mask of kept experts. The cumulative-mass
 rule keeps the most probable experts until their mass reaches τ, so a token with a peaked distribution
 gets few experts and an uncertain token gets many — one checkpoint, one knob τ at inference time.

@@ -1,4 +1,4 @@
-"""Training losses on captured router logits and model outputs (PAPER.md §4), and the hooks that capture them.
+"""Training losses on captured router logits and model outputs (Gu, Fu, Yuan 2026), and the hooks that capture them.
 
 Shape legend: L layers, N real (unpadded) tokens, E experts, V vocabulary.
 """

@@ -1,4 +1,4 @@
-"""Training PrunePath routers (PAPER.md §4): end-to-end through the gates, or distilled from the FFN itself.
+"""Training PrunePath routers (Gu, Fu, Yuan 2026): end-to-end through the gates, or distilled from the FFN itself.
 
 Shape legend: L layers, B batch, T tokens, N = B*T rows, D hidden, E experts.
 
