@@ -35,7 +35,7 @@ from prunepath import results
 from prunepath.evaluate import tradeoff_plot
 from prunepath.explore.explorer import RULE_NAMES, Explorer, Routed, configure_threads
 from prunepath.explore.loading import ExplorerError
-from prunepath.explore_results import live_decode_speed
+from prunepath.explore.speed import SpeedError, SpeedSection
 
 # The imports marked F401 above are eager on purpose: plotly, datasets and the evaluator import pandas
 # lazily, and two worker threads doing that at once left it half-initialised (seen in the browser test).
@@ -120,10 +120,12 @@ class ExplorerView(pn.viewable.Viewer):
         self.tradeoff = pn.pane.Plotly({"data": [], "layout": {"height": 440}}, css_classes=["pp-tradeoff"])
         self.tradeoff_note = pn.pane.Markdown("", css_classes=["pp-tradeoff-note"], styles={"font-size": "12px"})
         self.speed = pn.pane.Markdown("", css_classes=["pp-speed"])
-        # SPEED FIGURE SLOT (issue 21): the speed helper's figure goes here, at the top of the page, beside
-        # the quality card; `self.speed` (the recorded and live tokens/s text) stays below it until then.
-        self.speed_slot = pn.Column(self.speed, css_classes=["pp-speed-slot"], sizing_mode="stretch_width",
-                                    height=190, scroll=True)  # a fixed height: the chips stay above the fold
+        # The speed figure (prunepath.explore.speed): this machine's tokens/s at the current τ and dense,
+        # beside the recorded H200 curves; the text line under it says what was measured.
+        self.speed_fig = pn.pane.Plotly({"data": [], "layout": {"height": 210}}, css_classes=["pp-speed-fig"])
+        self._speed_section = SpeedSection(height=210)  # this page's live points
+        self.speed_slot = pn.Column(self.speed_fig, self.speed, css_classes=["pp-speed-slot"],
+                                    sizing_mode="stretch_width", height=280, scroll=True)  # fixed: the chips stay high
         self.explorer: Explorer | None = None
         self._sweep_rows: list[dict] = []  # the loaded checkpoint's committed sweep rows (tradeoff_plot)
         self._last: tuple | None = None  # (tau, rule, active fraction) of the routed setting shown
@@ -411,8 +413,8 @@ class ExplorerView(pn.viewable.Viewer):
                 text = f"Quick estimate unavailable: {e}"
             self._ui(lambda: (setattr(self.quick, "object", text), setattr(self.quick, "loading", False)))
             if not cancel.is_set():
-                speed = self._speed(prompt, rule, tau)
-                self._ui(lambda: setattr(self.speed, "object", speed))
+                fig, speed = self._speed(prompt, rule, tau)
+                self._ui(lambda: (setattr(self.speed, "object", speed), fig and setattr(self.speed_fig, "object", fig)))
         except Exception as e:  # noqa: BLE001
             msg = _friendly(e)
 
@@ -423,31 +425,14 @@ class ExplorerView(pn.viewable.Viewer):
 
             self._ui(fail)
 
-    def _speed(self, prompt: str, rule: str, tau: float) -> str:
-        ex = self.explorer
-        lines = []
+    def _speed(self, prompt: str, rule: str, tau: float):
+        """(figure or None, text): tokens/s measured now at this setting and dense (prunepath.explore.speed)."""
+        twin = self.explorer.twin()
         try:
-            live = live_decode_speed(ex, ex.rule_for(prompt, rule, tau))
-            lines.append(f"**Live on {live.device}** ({live.how}): dense **{live.dense_tokens_per_s:.0f}** "
-                         f"tokens/s, `{live.spec}` **{live.prunepath_tokens_per_s:.0f}** tokens/s "
-                         f"(×{live.prunepath_tokens_per_s / live.dense_tokens_per_s:.2f}).")
-        except RuntimeError as e:
-            lines.append(f"Live GPU measurement unavailable: {e}.")
-        c, d = (ex.cached_continuation(prompt, rl, tau) for rl in (rule, "dense"))
-        if c and d:
-            lines.append(f"**Live on this machine's CPU** (greedy KV-cache loop, torch path): dense "
-                         f"**{d.tokens_per_s:.1f}** tokens/s, `{c.spec}` **{c.tokens_per_s:.1f}** tokens/s. The "
-                         "torch path computes every expert and masks, so no speed-up is expected on a CPU; the "
-                         "Triton kernels are what read only the kept experts on a GPU.")
-        benches = results.decode_benchmarks()
-        if benches:
-            for b in benches[:4]:
-                cells = " | ".join(f"{k}: **{v:,.0f}**" for k, v in b.figures)
-                lines.append(f"**Recorded on {b.device}**, {b.date[:16].replace('T', ' ')} — `{b.source}`, "
-                             f"tokens/s: {cells}")
-        else:
-            lines.append("No recorded GPU benchmark under `results/bench/` yet (`prunepath bench` on a GPU).")
-        return "\n\n".join(lines)
+            with twin._lock:  # the twin's routing is changed while measuring
+                return self._speed_section.update(twin.model, twin.tokenizer, twin.rule_for(prompt, rule, tau))
+        except SpeedError as e:
+            return None, f"Decode speed unavailable: {e}"
 
 
 def _sweep_rows_for(ex: Explorer) -> tuple[list[dict], bool]:

@@ -218,9 +218,22 @@ def main(argv=None) -> int:
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--no-hf", action="store_true", help="skip transformers generate (default model)")
     p.add_argument("--out", default=None, help="JSON path (default results/bench/decode_MODEL_DEVICE.json)")
+    p.add_argument("--kept", default="0.25,0.5,0.75,1", help="CPU, --model default: kept fractions (per-layer τ)")
+    p.add_argument("--rounds", type=int, default=8, help="CPU: rounds of the variants in turn (runs per row)")
+    p.add_argument("--chunk", type=int, default=8, help="CPU: tokens per variant per round")
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's, one per core)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="CPU: wall time, or this process's CPU time (with --threads 1: robust to a shared machine)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per row (GPU rows; >= 5)")
     p.add_argument("--no-baselines", action="store_true", help="GPU: skip the previous loop and transformers rows")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: give at least 1")
+    if args.device == "cpu" and args.model == "default":  # the CPU file of record: prunepath.bench.decode_cpu
+        from prunepath.bench.decode_cpu import parse_kept, run
+
+        args.fractions = parse_kept(args.kept, p.error)
+        return run(args)
     args.taus = [t.strip() for t in args.taus.split(",") if t.strip()]
     from prunepath.bench.gpu_timing import BenchInputError, parse_fractions, require_triton_gpu
 

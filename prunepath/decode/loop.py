@@ -17,7 +17,9 @@ gpt-fast does:
 The same `Decoder` runs the dense model and the PrunePath model, so the two are compared on one loop.
 For a PrunePath model on CUDA it attaches the Triton fast paths (`prunepath.kernels`); tau lives in a
 device tensor, so `decoder.set_tau(0.7)` changes a captured graph without re-capture. Prefill (T > 8
-rows) runs eagerly and takes the torch FFN path. On a CPU the same step runs eagerly (no graph).
+rows) runs eagerly and takes the torch FFN path. On a CPU the same step runs eagerly (no graph), with
+a transformers DynamicCache (no graph to keep addresses for, so attention reads only the filled slots), and
+PrunePath FFNs read only their kept experts (`prunepath.decode.cpu_experts`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class DecodeConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     cuda_graph: bool = True  # capture the step (CUDA only)
-    fast_path: bool = True  # attach the Triton kernels to PrunePath FFNs (CUDA only)
+    fast_path: bool = True  # PrunePath FFNs read only kept experts: Triton kernels (CUDA), CPUExpertPath (CPU)
     seed: int = 0
 
 
@@ -65,6 +67,10 @@ class Decoder:
             from prunepath.kernels import use_fast_paths
 
             self.fast_paths = use_fast_paths(model, share_down=True)
+        elif self.is_prunepath and config.fast_path and self.device.type == "cpu":
+            from prunepath.decode.cpu_experts import use_cpu_paths  # reads only the kept experts' weights
+
+            use_cpu_paths(model)
         self.cache = None
         self.batch = None
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # one per mode: greedy / sampled
@@ -79,14 +85,19 @@ class Decoder:
 
     # ------------------------------------------------------------------ buffers and cache
     def _setup(self, batch: int) -> None:
-        from transformers import StaticCache
+        from transformers import DynamicCache, StaticCache
 
+        if not self.use_graph:  # eager (CPU): a cache as long as the text, so attention reads no empty slots
+            fresh = DynamicCache(config=self.model.config)
+            if self.cache is not None and batch == self.batch:
+                self.cache = fresh
+                return
         if self.cache is not None and batch == self.batch:
             self.cache.reset()  # in place: the captured graph keeps pointing at the same tensors
             return
         self.batch = batch
         self.graphs.clear()
-        self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        self.cache = fresh if not self.use_graph else StaticCache(config=self.model.config, max_cache_len=self.max_len)
         dev = self.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # [B, 1] next input token
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # [B, 1] its position

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -79,7 +80,13 @@ def build_tiny_checkpoint(folder: Path, layers: int = 4, d_model: int = 64, d_ff
     folder = Path(folder)
     ckpt = folder / "checkpoint"
     if (ckpt / "prunepath.json").is_file():
-        return ckpt
+        import prunepath
+
+        try:  # reused only while this version of PrunePath still loads it (a format change rebuilds it)
+            prunepath.load(ckpt)
+            return ckpt
+        except (CheckpointError, OSError, ValueError):
+            shutil.rmtree(folder)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
