@@ -91,16 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "table":  # prunepath bench recipe table [FOLDER]: the markdown models table
+    if argv and argv[0] == "table":  # prunepath bench recipe table [FOLDER]: the markdown models table, printed
         from prunepath.results import read_json, results_dir
 
+        if len(argv) > 1 and argv[1] in ("-h", "--help"):
+            print("usage: prunepath bench recipe table [FOLDER]\n\nPrints the markdown models table made from "
+                  "FOLDER/quick_*.json (default: results/recipes).")
+            return 0
         folder = Path(argv[1]) if len(argv) > 1 else results_dir() / "recipes"
         records = [read_json(p) for p in sorted(folder.glob("quick_*.json"))]
         if not records:
-            raise SystemExit(f"no quick_*.json in {folder}: run `prunepath bench recipe --name NAME` first")
-        out = folder / "models_table.md"
-        out.write_text(models_table(records))
-        print(out.read_text())
+            print(f"prunepath bench recipe table: no quick_*.json in {folder}. "
+                  "Fix: run `prunepath bench recipe --model M --name NAME` first.", file=sys.stderr)
+            return 2
+        print(models_table(records))
         return 0
     p = argparse.ArgumentParser(prog="prunepath bench recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="base model (alias, local directory or hub id); default the default")

@@ -6,7 +6,7 @@ expert's share of the FFN output (p_e ≈ ||y_e|| / Σ ||y_e'||) makes mass mean
 share of its output; but the tokens whose FFN output is largest are also the ones whose output sits in a few experts,
 so mass gives them the fewest experts and the largest absolute error. Measured on SmolLM2-135M with the true expert
 norms (no router at all) at 50 % active: top-k by norm 87 WikiText-2 perplexity, cumulative mass over norm shares
-244, over squared norms 383, over norms^0.5 83; one absolute norm threshold per layer 62 (results/recipes/README.md).
+244, over squared norms 383, over norms^0.5 83; one absolute norm threshold per layer 62 (results/README.md, recipes).
 Mass over a flatter distribution gives back what the share took away, with counts that still vary per token.
 
 So the recipe fits each router to the share (a convex per-layer fit on cached FFN inputs, no backbone gradient),
