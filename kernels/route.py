@@ -5,7 +5,7 @@ Shapes: N = B*T rows (N <= 8 for decode), D hidden, E experts, S router split ov
 The authors' port runs router, softmax and a sorted cumulative sum in a single program, which is slow
 when D*E is large (Gu, Fu, Yuan 2026). Here:
 
-1. `_router_kernel` spreads the GEMV over a grid of (E blocks) x (S slices of D); each program writes
+1. `select._router_partial` spreads the GEMV over a grid of (E blocks) x (S slices of D); each program writes
    fp32 partial logits `[S, N, E]`. No atomics, so no zeroing and a deterministic sum.
 2. `_select_expert` (a jit helper, inlined into every consumer program) decides *one* expert for all N
    tokens without sorting: with p = softmax(z) and S_ge(v) = sum_j p_j [p_j >= v] (the mass of every
@@ -32,6 +32,7 @@ from prunepath.routing.gates import GATE_KINDS
 from prunepath.routing.rules import CumulativeMass, Dense, Threshold, TopK
 
 from .layout import ExpertLayout, next_pow2
+from .select import _router_partial
 
 # rule codes shared by kernels and references
 RULE_MASS, RULE_MASS_INCL, RULE_TOPK, RULE_ALL, RULE_SIGMOID, RULE_RELATIVE = 0, 1, 2, 3, 4, 5
@@ -52,40 +53,6 @@ def rule_code(rule) -> tuple[int, float] | None:
 
 
 # ----------------------------------------------------------------------------- kernels
-@triton.jit
-def _router_kernel(x_ptr, w_ptr, part_ptr, N, E, D, d_per_split,
-                   BE: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
-    """part[s, n, e] = sum_{d in slice s} x[n, d] * w[e, d]   (fp32)."""
-    pid_e = tl.program_id(0)
-    s = tl.program_id(1)
-    e_offs = pid_e * BE + tl.arange(0, BE)  # [BE]
-    n_offs = tl.arange(0, BN)  # [BN]
-    k_lo = s * d_per_split
-    k_hi = tl.minimum(k_lo + d_per_split, D)
-    if BN == 1:
-        acc2 = tl.zeros((BE, BLOCK_K), dtype=tl.float32)
-        for k in range(k_lo, k_hi, BLOCK_K):
-            k_offs = k + tl.arange(0, BLOCK_K)
-            km = k_offs < k_hi
-            xv = tl.load(x_ptr + k_offs, mask=km, other=0.0).to(tl.float32)  # [BLOCK_K]
-            w = tl.load(w_ptr + e_offs[:, None] * D + k_offs[None, :],
-                        mask=(e_offs[:, None] < E) & km[None, :], other=0.0)  # [BE, BLOCK_K]
-            acc2 += w.to(tl.float32) * xv[None, :]
-        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BE]
-    else:
-        acc = tl.zeros((BN, BE), dtype=tl.float32)
-        for k in range(k_lo, k_hi, BLOCK_K):
-            k_offs = k + tl.arange(0, BLOCK_K)
-            km = k_offs < k_hi
-            xt = tl.load(x_ptr + n_offs[:, None] * D + k_offs[None, :],
-                         mask=(n_offs[:, None] < N) & km[None, :], other=0.0)  # [BN, BLOCK_K]
-            w = tl.load(w_ptr + e_offs[:, None] * D + k_offs[None, :],
-                        mask=(e_offs[:, None] < E) & km[None, :], other=0.0)  # [BE, BLOCK_K]
-            acc = tl.dot(xt.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=DOT_PREC)
-    out = part_ptr + s * N * E + n_offs[:, None] * E + e_offs[None, :]
-    tl.store(out, acc, mask=(n_offs[:, None] < N) & (e_offs[None, :] < E))
-
-
 @triton.jit
 def _select_expert(part_ptr, param_ptr, e, N, E, S: tl.constexpr, BN: tl.constexpr, BLOCK_E: tl.constexpr,
                    RULE: tl.constexpr, GATE: tl.constexpr, ROUND_TO: tl.constexpr):
@@ -203,8 +170,8 @@ def router_partial_logits(x2d: torch.Tensor, w_router: torch.Tensor, cfg: Router
         out = out.view(-1)[: S * N * E].view(S, N, E)
     BN = token_block(N)
     grid = (triton.cdiv(E, cfg.block_e), S)
-    _router_kernel[grid](x2d, w_router, out, N, E, D, d_per, BE=cfg.block_e, BN=BN,
-                         BLOCK_K=cfg.block_k, DOT_PREC=dot_precision(x2d.dtype), num_warps=cfg.num_warps)
+    _router_partial[grid](x2d, w_router, out, N, E, D, d_per, BE=cfg.block_e, BN=BN,
+                           BLOCK_K=cfg.block_k, DOT_PREC=dot_precision(x2d.dtype), num_warps=cfg.num_warps)
     return out
 
 

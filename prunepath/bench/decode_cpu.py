@@ -30,12 +30,14 @@ write) of 256 MiB with the same threads.
 from __future__ import annotations
 
 import datetime
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from prunepath.bench.gpu_timing import environment
+from prunepath.bench.split import cpu_name
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -68,28 +70,6 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 7) -> float:
         b.copy_(a)
         times.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def versions() -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        tri = triton.__version__
-    except ImportError:
-        tri = None
-    return {"torch": torch.__version__, "triton": tri, "transformers": transformers.__version__}
 
 
 def weight_bytes(base) -> tuple[int, int]:
@@ -210,12 +190,13 @@ def run(args) -> int:
                 row["rule"] = "dense" if name == "kept=1" else "per-layer τ (calibrated active fraction)"
                 read = 0.0
                 for f, c in zip(ffns, counts):
-                    full = f.n_experts * CPUExpertPath(f).bytes_per_expert()
+                    per_expert = CPUExpertPath(f).bytes_per_expert()
+                    full = f.n_experts * per_expert
                     if path == "torch-mask":
                         read += full * c.numel()
                     else:
                         over = c > CPUExpertPath.crossover * f.n_experts
-                        read += float(torch.where(over, float(full), c * CPUExpertPath(f).bytes_per_expert()).sum())
+                        read += float(torch.where(over, float(full), c * per_expert).sum())
                     read += f.router.weight.numel() * f.router.weight.element_size() * c.numel() * (name != "kept=1")
                 row["bytes_per_token"] = other + read / counts.shape[1]
             row["gb_per_s"] = row["bytes_per_token"] / row["ms_per_token"] / 1e6
@@ -230,7 +211,7 @@ def run(args) -> int:
                         "layers": base.config.num_hidden_layers, "vocab": base.config.vocab_size,
                         "experts": ffns[0].n_experts, "expert_size": ffns[0].expert_size},
               "device": f"{cpu_name()}, {torch.get_num_threads()} threads (CPU)", "dtype": str(dtype),
-              "versions": versions(), "date": datetime.date.today().isoformat(),
+              "versions": environment()["versions"], "date": datetime.date.today().isoformat(),
               "bandwidth_gbs": bw / 1e9, "prompt_tokens": int(ids.shape[1]),
               "timing": f"{rounds} rounds of {chunk} tokens per variant, variants in turn within each round; "
                         + ("process CPU time" if clock is time.process_time else "wall-clock time"),

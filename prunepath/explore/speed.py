@@ -58,7 +58,7 @@ class RecordedCurve:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from prunepath.bench.decode_cpu import cpu_name
+    from prunepath.bench.split import cpu_name
 
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 

@@ -44,9 +44,7 @@ def capture(model, ids: torch.Tensor, batch_size: int = 4) -> Calibration:
     ]
     try:
         with dense_routing(model):
-            device = next(model.parameters()).device
-            for s in range(0, ids.shape[0], batch_size):
-                model_body(model)(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+            run_body(model, ids, batch_size)
     finally:
         for h in hooks:
             h.remove()
@@ -169,9 +167,7 @@ def routed_logits(model, ids: torch.Tensor, batch_size: int = 4) -> list[torch.T
                                                                                    .float().cpu()))
              for i, f in enumerate(ffns)]
     try:
-        device = next(model.parameters()).device
-        for s in range(0, ids.shape[0], batch_size):
-            model_body(model)(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+        run_body(model, ids, batch_size)
     finally:
         for h in hooks:
             h.remove()
@@ -207,13 +203,18 @@ def model_body(model):
     return getattr(model, getattr(model, "base_model_prefix", ""), None) or model
 
 
+def run_body(model, ids: torch.Tensor, batch_size: int) -> None:
+    """The model body over ids [B, T] in batches of `batch_size` rows, on the model's device, no KV cache."""
+    body, device = model_body(model), next(model.parameters()).device
+    for s in range(0, ids.shape[0], batch_size):
+        body(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+
+
 @torch.no_grad()
 def measured_fraction(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean active FFN fraction over layers and tokens of calibration ids [B, T] under the current rules."""
-    device = next(model.parameters()).device
     with record(model) as rec:
-        for s in range(0, ids.shape[0], batch_size):
-            model_body(model)(input_ids=ids[s : s + batch_size].to(device), use_cache=False)
+        run_body(model, ids, batch_size)
     return rec.stats().active_fraction
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from prunepath import routing
 from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.calibrate import bisect, model_body
+from prunepath.routing.control import routing_kept, set_gate
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,7 @@ class _NormTap:
 
 
 @contextmanager
-def _tapped(ffns):
-    saved = [(f.rule, f.gate) for f in ffns]
+def _tapped(model, ffns):
     taps = [_NormTap() for _ in ffns]
     xs: list[list[torch.Tensor]] = [[] for _ in ffns]
     hooks = [
@@ -98,14 +98,14 @@ def _tapped(ffns):
         for i, f in enumerate(ffns)
     ]
     try:
-        for f, t in zip(ffns, taps):
-            f.rule, f.gate = t, "one"
-        yield xs, taps
+        with routing_kept(model):
+            set_gate(model, "one")
+            for f, t in zip(ffns, taps):
+                f.rule = t  # a tap, not a Rule: keeps every expert and records the norms the FFN hands it
+            yield xs, taps
     finally:
         for h in hooks:
             h.remove()
-        for f, (r, g) in zip(ffns, saved):
-            f.rule, f.gate = r, g
 
 
 @torch.no_grad()
@@ -120,7 +120,7 @@ def capture_ffn_io(model, ids: torch.Tensor, mask: torch.Tensor | None = None, b
     ffns = prunepath_ffns(model)
     body = model_body(model)
     device = next(model.parameters()).device
-    with _tapped(ffns) as (xs, taps):
+    with _tapped(model, ffns) as (xs, taps):
         for s in tqdm(range(0, ids.shape[0], batch_size), desc="dense pass", disable=not progress):
             m = None if mask is None else mask[s : s + batch_size].to(device)
             body(input_ids=ids[s : s + batch_size].to(device), attention_mask=m, use_cache=False)
