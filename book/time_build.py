@@ -24,6 +24,15 @@ BUILD = ROOT / "book" / "_build"
 TARGET_S = 8 * 60
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def main() -> int:
     shutil.rmtree(BUILD, ignore_errors=True)
     load = os.getloadavg()
@@ -52,8 +61,12 @@ def main() -> int:
         "pages": len(pages),
     }
     from prunepath import results
+    from prunepath.bench.gpu_timing import environment
+    from prunepath.bench.split import cpu_name
 
-    record["device"] = "cpu"
+    record["device"] = f"{cpu_name()} (CPU)"
+    record["versions"] = {**environment()["versions"], "jupyter-book": _version("jupyter-book"),
+                          "myst-nb": _version("myst-nb")}
     results.write_bench(results.bench_path("book-build", "cpu"), record)
     print(json.dumps(record, indent=1))
     return 0
