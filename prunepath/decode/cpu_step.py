@@ -11,7 +11,7 @@ operations, as gpt-fast writes its step (`prunepath.decode.compiled` is the GPU 
 
 * weights copied once into the layout the GEMV reads fastest, [in, out]: one QKV matrix, the O
   projection, the LM head (measured ~20 GB/s against ~11 GB/s for [out, in] on a 2-core AMD EPYC);
-* RMSNorm as one `F.rms_norm`; rotary from precomputed cos / sign-folded sin tables, applied to the
+* RMSNorm of a row in three operations; rotary from precomputed cos / sign-folded sin tables, applied to the
   queries and keys together (rotate_half(q)·sin = roll(q)·(±sin), bit for bit);
 * a static KV cache [B, Hkv, L, hd] written in place; attention is SDPA over the filled slots only;
 * the FFN: a base model's gated FFN as two GEMVs (gate and up fused, then down); a PrunePath FFN
@@ -24,8 +24,13 @@ kept experts inside a `prunepath.record` block. Prefill runs the prompt through 
 at once; a PrunePath FFN with more than `max_rows` rows takes the model's torch path). Results agree
 with the model's own forward to rounding (the GEMVs sum in another order), and greedy tokens agree.
 
-Memory: the copies above (for SmolLM2-135M in fp32, about 540 MB besides the model's own weights, the
-FFN copies shared between decoders of one model).
+Threads: torch runs a one-row matmul on one thread; `cpu_experts.gemv` splits it over torch's intra-op
+threads. On a machine whose other cores are busy, two-thread operations wait for each other: there
+`torch.set_num_threads(1)` is faster.
+
+Memory: the copies above, shared by every decoder of one model. For SmolLM2-135M in fp32: about 540 MB
+beside the base model's 540 MB; for its PrunePath model 540 MB with the kept-expert layouts, up to
+860 MB once the dense layouts are built too (every expert kept).
 """
 
 from __future__ import annotations

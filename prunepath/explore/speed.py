@@ -1,7 +1,7 @@
 """The explorer's speed figure: decode tokens/s against the active fraction, measured live at the current τ.
 
 `live_speed(model, tokenizer, rule)` times our decode loop (`prunepath.decode.loop.Decoder`: the Triton
-kernels on a GPU, the CPU expert path otherwise, both reading only the kept experts) on this machine:
+kernels on a GPU, the CPU decode step otherwise, both reading only the kept experts) on this machine:
 dense (every expert, unit gates: the base model's arithmetic) and the current routing, a few tokens each,
 in turn (dense, routed, dense, routed) so that a change in the machine's load hits both alike. Each
 measured point is kept for the session, so the curve of this machine grows as the slider moves.
