@@ -20,8 +20,9 @@ The machine's load average (1, 5, 15 minutes) is recorded at the start and the e
 
 Timing on a shared machine (`--clock cpu --threads 1` times this process's CPU time on one thread, which
 a busy neighbour inflates less than wall time): every variant has its own decoder and KV cache; after a
-warm-up they run in turn, `--chunk` tokens each, round after round (dense, then each variant), so
-that a change in the machine's load hits all of them alike. Each row gives the median ms per token over
+warm-up they run in turn, `--chunk` tokens each, round after round, so that a change in the machine's
+load hits all of them alike; each round starts one variant further on, so that no variant always
+follows the same one (whose weights would be in the cache before it). Each row gives the median ms per token over
 the rounds with p20/p80, and `speedup_vs_dense` as the median of the round-by-round ratios (dense chunk /
 variant chunk of the same round); `speedup_of_medians` is the ratio of the medians.
 
@@ -163,15 +164,18 @@ def run(args) -> int:
             _hf_chunk(base, ids, 2)
         times: dict[str, list[float]] = {k: [] for k in [*variants, *([] if args.no_hf else ["hf"])]}
         load_start = os.getloadavg()
+        order = [*variants, *([] if args.no_hf else ["hf"])]
         for r in range(rounds):
-            for name, (dec, set_routing, _) in variants.items():
+            for name in order[r % len(order):] + order[: r % len(order)]:  # each round starts one further on
+                if name == "hf":
+                    times["hf"].append(_hf_chunk(base, ids, chunk, clock))
+                    continue
+                dec, set_routing, _ = variants[name]
                 if set_routing:
                     set_routing()
                 t0 = clock()
                 dec.decode(chunk)
                 times[name].append((clock() - t0) / chunk)
-            if not args.no_hf:
-                times["hf"].append(_hf_chunk(base, ids, chunk, clock))
             print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f}" for k, v in times.items())
                   + " ms/token", flush=True)
 
@@ -225,7 +229,8 @@ def run(args) -> int:
               "device": f"{cpu_name()}, {torch.get_num_threads()} threads (CPU)", "dtype": str(dtype),
               "versions": environment()["versions"], "date": datetime.date.today().isoformat(),
               "bandwidth_gbs": bw / 1e9, "prompt_tokens": int(ids.shape[1]),
-              "timing": f"{rounds} rounds of {chunk} tokens per variant, variants in turn within each round; "
+              "timing": f"{rounds} rounds of {chunk} tokens per variant, variants in turn within each round (each "
+                        "round starting one variant further on); "
                         + ("process CPU time" if clock is time.process_time else "wall-clock time"),
               "threads": torch.get_num_threads(),
               "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in load_end],
