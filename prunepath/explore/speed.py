@@ -127,9 +127,10 @@ def live_speed(model, tokenizer, rule, n_tokens: int = 8, prompt: str = "The qui
             dec._sync_rules()  # the GPU kernels read the rule from device tensors
 
         seconds = {"dense": 0.0, "routed": 0.0}
-        dec.prefill(ids, new_tokens=4 * n_tokens + 2)
-        put("routed")
-        dec.decode(1)  # warm-up: builds the expert layouts / compiles the kernels
+        dec.prefill(ids, new_tokens=4 * n_tokens + 3)
+        for which in ("routed", "dense"):  # warm-up: builds the expert and dense layouts / compiles the kernels
+            put(which)
+            dec.decode(1)
         kept = []
         for _ in range(2):
             for which in ("dense", "routed"):
