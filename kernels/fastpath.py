@@ -177,8 +177,19 @@ class FastPath:
         code, value = rule_code(self.ffn.rule)
         return code, self.ffn.gate, self._all_kept(code, value)
 
+    @property
+    def path(self) -> str:
+        """The code the current rule runs: "triton-fused" (the sparse kernels), "cublas-gated" (every expert
+        kept, gates from the router) or "cublas-dense" (every expert kept with unit gates: the dense FFN)."""
+        code, value = rule_code(self.ffn.rule)
+        if not self._all_kept(code, value):
+            return "triton-fused"
+        from .all_kept import all_kept_path
+
+        return all_kept_path(self._layout(), code, value)
+
     def _all_kept(self, code: int, value: float) -> bool:
-        """Whether the rule keeps (nearly) every expert: then cuBLAS is the faster path (all_kept.py)."""
+        """Whether the rule keeps every expert (or a top-k rule is above the crossover): cuBLAS (all_kept.py)."""
         from .all_kept import keeps_all
 
         return keeps_all(code, value, self.ffn.router.weight.shape[0])
