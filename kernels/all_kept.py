@@ -30,8 +30,9 @@ from .expert_ffn import ACT_CODES, _act
 from .layout import ExpertLayout, next_pow2
 from .route import GATE_CODES, RULE_ALL, RULE_MASS, RULE_MASS_INCL, RULE_TOPK
 
-# Kept fraction of a top-k rule from which cuBLAS is at least as fast as the sparse kernels (H200,
-# Llama-3-8B FFN, batch 1: prunepath/bench/NOTES.md).
+# Kept fraction of a top-k rule from which cuBLAS may take over: every expert. Below it cuBLAS would also need
+# each row's k-th largest logit (torch.topk: ~32 us at E = 448), and the sparse kernels are faster (H200,
+# Llama-3-8B FFN: prunepath/bench/NOTES.md).
 CROSSOVER = 1.0
 
 
@@ -44,6 +45,20 @@ def keeps_all(code: int, value: float, n_experts: int, crossover: float = CROSSO
     if code == RULE_TOPK:
         return value >= crossover * n_experts
     return False
+
+
+def choose_path(layout: ExpertLayout, code: int, value: float, n_rows: int) -> str:
+    """The path the dispatcher (`FastPath`) takes: "triton-fused" (the sparse kernels) or an all-kept path.
+
+    Measured on the H200 at the Llama-3-8B FFN (prunepath/bench/NOTES.md, v7): with every expert kept, one row
+    runs faster on the Triton kernels (93.8 us) than on cuBLAS with the router beside it (99.2 us; dense 99.8),
+    so only unit gates, which need no router, take cuBLAS there (the dense FFN itself, 95.6 us); batches of
+    2..8 rows take cuBLAS whenever every expert is kept (their tensor-core path streams the union, all of it).
+    """
+    if not keeps_all(code, value, layout.n_experts):
+        return "triton-fused"
+    path = all_kept_path(layout, code, value)
+    return path if n_rows > 1 or path == "cublas-dense" else "triton-fused"
 
 
 def all_kept_path(layout: ExpertLayout, code: int, value: float) -> str:

@@ -62,8 +62,7 @@ def _act(v, ACT: tl.constexpr):
 def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, count_ptr, h_ptr, N, E,
                     D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
                     BLOCK_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr, BATCH_FMA: tl.constexpr,
-                    PDL: tl.constexpr):
+                    DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr, PDL: tl.constexpr):
     """Launch 2: program p = (slot j = p // (G / BG), row block rb); slots past the kept count exit.
     h[:, slot j, rb*BG ..] = act(x W_gate^T) * (x W_up^T) * g for BG neurons of kept expert ids[j]."""
     if PDL:  # dependent launch: wait for route+select, then let the down launch start its weight loads
@@ -94,20 +93,6 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, coun
                     accu += wu.to(tl.float32) * xv[None, :]
             hg = tl.sum(accg, axis=1)[None, :]  # [1, BG]
             hu = tl.sum(accu, axis=1)[None, :]
-        elif BATCH_FMA:  # 2..8 rows, fp32 FMA on [rows, BG, BLOCK_K] products: no padding, loads all up front
-            hg = tl.zeros((BN, BG), dtype=tl.float32)
-            hu = tl.zeros((BN, BG), dtype=tl.float32)
-            for k in tl.static_range(0, D, BLOCK_K):
-                k_offs = k + tl.arange(0, BLOCK_K)
-                km = k_offs < D
-                xt = tl.load(x_ptr + n_offs[:, None] * D + k_offs[None, :], mask=nm[:, None] & km[None, :],
-                             other=0.0).to(tl.float32)  # [BN, BLOCK_K]
-                wp = rows[:, None] * D + k_offs[None, :]
-                wg = tl.load(w_in_ptr + wp, mask=km[None, :], other=0.0)  # [BG, BLOCK_K]
-                hg += tl.sum(wg.to(tl.float32)[None, :, :] * xt[:, None, :], axis=2)
-                if GATED:
-                    wu = tl.load(w_up_ptr + wp, mask=km[None, :], other=0.0)
-                    hu += tl.sum(wu.to(tl.float32)[None, :, :] * xt[:, None, :], axis=2)
         else:
             hg = tl.zeros((BN, BG), dtype=tl.float32)
             hu = tl.zeros((BN, BG), dtype=tl.float32)
@@ -209,8 +194,8 @@ class FFNConfig:
 
     block_g: int = 4  # neurons per gate/up item (a power-of-two divisor of G)
     block_k: int = 1024  # K tile of the gate/up stream
-    slots: int = 4  # kept experts per down item
-    block_d: int = 512  # output columns per down item
+    slots: int = 8  # kept experts per down item
+    block_d: int = 128  # output columns per down item
     num_warps: int = 4  # gate/up and down programs
     router_block_e: int = 2  # experts per router program
     router_block_k: int = 1024  # one K tile per router program: its loads all in flight at once
@@ -221,8 +206,6 @@ class FFNConfig:
     # Batch path: bf16 / fp16 operands straight into the tensor cores (compiled kernels only; the CPU
     # interpreter's half dot is broken, so it upcasts to fp32 and runs tf32 / ieee dots).
     half_dots: bool = True
-    # Batch path: gate/up as fp32 FMA over the (unpadded) rows instead of tensor-core tiles padded to 16 rows
-    batch_fma: bool = True
     # Batch path: the last N router programs decide one row each, side by side (compiled kernels only)
     parallel_select: bool = True
 
@@ -230,7 +213,8 @@ class FFNConfig:
     def for_batch(n: int) -> FFNConfig:
         if n == 1:
             return FFNConfig()
-        return FFNConfig(block_g=4, block_k=256, slots=8, block_d=128)
+        # tensor-core gate/up tiles need 16 neurons; one 32-neuron expert per program (as v3)
+        return FFNConfig(block_g=32, block_k=256)
 
 
 class Scratch:
@@ -325,8 +309,7 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
     scratch = scratch or Scratch.shared(layout)
     BN = token_block(N)
     bg = math.gcd(G, cfg.block_g)
-    fma = N > 1 and cfg.batch_fma
-    if bg & (bg - 1) or (BN > 1 and not fma and bg < 16):
+    if bg & (bg - 1) or (BN > 1 and bg < 16):
         raise ValueError(f"expert size {G} has no power-of-two divisor >= {16 if BN > 1 else 1} for the "
                          "gate/up tiles; use an expert size that is a multiple of 16 (e.g. 32)")
     prec = dot_precision(x2d.dtype)
@@ -337,12 +320,14 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
     gates = scratch.gates[: N * E].view(N, E)
     logits = scratch.logits[: N * E].view(N, E)
     S, d_per = router_split(cfg, D, E)
+    # N programs wait for one another: only where they all run at once (compiled) and the grid has N of them
+    row_parallel = N > 1 and cfg.parallel_select and not _interpreting() and triton.cdiv(E, cfg.router_block_e) * S >= N
     _router_select_kernel[(triton.cdiv(E, cfg.router_block_e), S)](
         x2d, layout.w_router, scratch.rpart, scratch.router_ticket, param,
         mask, gates, logits, scratch.flags, scratch.ids, scratch.count, N, E, D, d_per,
         S=S, BE=cfg.router_block_e, BN2=next_pow2(N), BLOCK_K=min(cfg.router_block_k, next_pow2(d_per)),
         BLOCK_E=next_pow2(E), RULE=code, GATE=GATE_CODES[layout.gate], ROUND_TO=TL_DTYPES[x2d.dtype],
-        ROW_PARALLEL=N > 1 and cfg.parallel_select and not _interpreting(), PDL=pdl, num_warps=4, **launch)
+        ROW_PARALLEL=row_parallel, PDL=pdl, num_warps=4, **launch)
     if stages < 2:
         return None
     h = scratch.h[: N * E * G]
@@ -352,9 +337,9 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
     b_out = layout.b_out if layout.b_out is not None else y
     _gate_up_kernel[(E * (G // bg),)](
         x2d, layout.w_in, w_up, b_in, gates, scratch.ids, scratch.count, h, N, E,
-        D=D, G=G, BG=bg, BN=next_pow2(N) if fma else BN, BLOCK_K=min(cfg.block_k, next_pow2(D)),
-        ACT=ACT_CODES[layout.act], GATED=layout.kind == "gated", HAS_BIAS=layout.b_in is not None, DOT_PREC=prec,
-        HALF_DOT=half, BATCH_FMA=fma, PDL=pdl, num_warps=cfg.num_warps, **launch)
+        D=D, G=G, BG=bg, BN=BN, BLOCK_K=min(cfg.block_k, next_pow2(D)), ACT=ACT_CODES[layout.act],
+        GATED=layout.kind == "gated", HAS_BIAS=layout.b_in is not None, DOT_PREC=prec, HALF_DOT=half, PDL=pdl,
+        num_warps=cfg.num_warps, **launch)
     if stages < 3:
         return None
     _down_kernel[(triton.cdiv(E, cfg.slots), triton.cdiv(D, cfg.block_d))](

@@ -131,11 +131,11 @@ def test_one_token_matches_batch_path():
     assert torch.allclose(both[:1], first, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("over", [dict(batch_fma=False, block_g=16, block_k=16), dict(parallel_select=False),
+@pytest.mark.parametrize("over", [dict(block_g=16, block_k=16), dict(parallel_select=False),
                                   dict(pdl=False, half_dots=False)])
 def test_batch_paths_agree(over):
-    """The batch path's options (tensor-core or FMA gate/up, one or N selecting programs, dependent launches or
-    not, half or fp32 dots) give the same result."""
+    """The batch path's options (tile sizes, one or N selecting programs, dependent launches or not, half or
+    fp32 dots) give the same result."""
     layout = _layout(9, 32, 48, torch.bfloat16)
     x = torch.randn(5, 48, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
     a = _run(x, layout, RULE_MASS, 0.7)

@@ -122,7 +122,7 @@ def _row(variant, path, batch, t_stats, copies, read, bw, dense_us, **extra):
 def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=None, mass_target=0.25,
                 both_paths_from: float = 0.75) -> list[dict]:
     """Rows for one shape and batch: dense cuBLAS, then each fraction on the path FastPath takes."""
-    from prunepath.kernels.all_kept import all_kept_path, keeps_all
+    from prunepath.kernels.all_kept import all_kept_path, choose_path
     from prunepath.kernels.expert_ffn import expert_ffn, expert_ffn_reference
     from prunepath.kernels.route import RULE_MASS, RULE_TOPK, route_reference
 
@@ -152,7 +152,7 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
         union = res.active.float().mean().item()
         per_row = res.mask.float().mean().item()
         sparse_read = dense_bytes * union + router_bytes
-        taken = all_kept_path(lay0, code, value) if keeps_all(code, value, E) else "triton-fused"
+        taken = choose_path(lay0, code, value, batch)
         paths = {taken}
         if code == RULE_TOPK and value / E >= both_paths_from:
             paths = {all_kept_path(lay0, code, value), "triton-fused"}
@@ -216,6 +216,7 @@ SWEEP = {  # name: (batch, FFNConfig overrides of that batch's defaults)
     "default": (1, {}),
     "no_pdl": (1, dict(pdl=False)),
     "s4_d512": (1, dict(slots=4, block_d=512)),
+    "s4_d128": (1, dict(slots=4, block_d=128)),
     "s2_d512": (1, dict(slots=2, block_d=512)),
     "s8_d128": (1, dict(slots=8, block_d=128)),
     "g8_k512": (1, dict(block_g=8, block_k=512)),
@@ -223,8 +224,8 @@ SWEEP = {  # name: (batch, FFNConfig overrides of that batch's defaults)
     "b8_default": (8, {}),
     "b8_no_pdl": (8, dict(pdl=False)),
     "b8_one_select_program": (8, dict(parallel_select=False)),
-    "b8_tensor_core_gate_up": (8, dict(batch_fma=False, block_g=32, block_k=256)),
-    "b8_g8_k128": (8, dict(block_g=8, block_k=128)),
+    "b8_g16_k256": (8, dict(block_g=16, block_k=256)),
+    "b8_s4_d256": (8, dict(slots=4, block_d=256)),
 }
 
 
