@@ -15,17 +15,21 @@ FFN's time. The launches, with no host synchronisation:
    W_up over the whole of D (no split-K, so the activation needs no second pass), applies
    act(gate) * up * g_token in fp32 and writes h [N, slot, G].
 3. `_down_kernel`, grid C x (D / BLOCK_D): program (c, d) adds the down contributions of slots
-   c*SLOTS .. c*SLOTS+SLOTS-1 (expert ids read from the list: contiguous [G, BLOCK_D] tiles of the
-   transposed down weight, every slot's loads issued together) over BLOCK_D output columns into an
-   fp32 accumulator with atomic adds, then takes a ticket for its column block; the last program of
-   a column block casts the sums to the model dtype (+ bias), writes y and zeroes the accumulator and
-   the ticket for the next call. The reduce is folded in: no partials pass, no zero-fill launch. The
-   fp32 atomic order varies between runs, so y may differ in the last bit of the fp32 sum (before the
-   cast to bf16) from run to run.
+   c*SLOTS .. c*SLOTS+SLOTS-1 (expert ids read from the list; all SLOTS contiguous [G, BLOCK_D] tiles of the
+   transposed down weight loaded as one [SLOTS*G, BLOCK_D] tile) over BLOCK_D output columns into an fp32
+   accumulator with atomic adds, then takes a ticket for its column block; the last program of a column
+   block casts the sums to the model dtype (+ bias), writes y and zeroes the accumulator and the ticket for
+   the next call. The reduce is folded in: no partials pass, no zero-fill launch. The fp32 atomic order
+   varies between runs, so y may differ in the last bit of the fp32 sum (before the cast) from run to run.
+
+On Hopper and newer the three are programmatic dependent launches: each starts while the previous one drains
+and first issues the loads that do not depend on it (the router's weight tile; the down weights, whose ids
+were written two launches back), then waits (`gdc_wait`) for the data it does depend on.
 
 Batches (N <= 8): an expert is streamed once if *any* row keeps it (the union); rows that dropped it
 have gate 0. One row uses a GEMV path (fp32 FMA, no padding); 2..8 rows a tensor-core path with rows
-padded to 16 (tf32 dots of upcast half operands: exact products, fp32 sums).
+padded to 16 (bf16 / fp16 operands, fp32 sums; the CPU interpreter upcasts to fp32), and the last N router
+programs to finish decide one row each, side by side.
 """
 
 from __future__ import annotations
