@@ -292,3 +292,17 @@ def test_nbytes_dense():
     layout = _layout(4, 32, 16, torch.bfloat16)
     assert layout.nbytes_dense() == 3 * 128 * 16 * 2
     assert math.isclose(layout.d_ff, 128)
+
+
+def test_dispatch_follows_the_measured_paths():
+    """One row with router gates stays on the Triton kernels even with every expert kept (faster there); unit
+    gates with every expert kept are the dense FFN on cuBLAS (no router); batches take cuBLAS when all are kept;
+    a top-k rule below E never does (it would need each row's k-th logit)."""
+    from prunepath.kernels.all_kept import choose_path
+
+    sig, one = _layout(8, 32, 32, torch.float32), _layout(8, 32, 32, torch.float32, gate="one")
+    assert choose_path(sig, RULE_ALL, 0.0, 1) == "triton-fused"
+    assert choose_path(sig, RULE_MASS, 1.05, 4) == "cublas-gated"
+    assert choose_path(one, RULE_TOPK, 8, 1) == "cublas-dense"
+    assert choose_path(one, RULE_TOPK, 7, 4) == "triton-fused"
+    assert choose_path(sig, RULE_MASS, 0.9, 8) == "triton-fused"
