@@ -3,9 +3,10 @@
 One module per kernel, each with its pure-torch reference beside it:
 
 - `layout`     : `ExpertLayout`, the expert-contiguous weight views the kernels read.
-- `route`      : router GEMV + on-device expert selection (cumulative mass, top-k, threshold).
-- `expert_ffn` : gate/up over the active experts (selection and activation fused), down with fp32
-                 split-K accumulation, and the final reduction.
+- `select`     : router GEMV and expert selection in one launch, writing the compacted list of kept experts.
+- `route`      : the selection rules' codes, a standalone route() and the torch references.
+- `expert_ffn` : gate/up over the kept experts, down with fp32 atomics and the reduce folded in.
+- `all_kept`   : every expert kept: cuBLAS (with the router beside it, or none with unit gates).
 - `fastpath`   : `FastPath`, what a `PrunePathFFN` calls on; `use_fast_paths(model)` installs (or removes)
                  them, `torch_path(model)` suspends them for a block.
 

@@ -174,14 +174,19 @@ class FastPath:
     @property
     def rule_key(self) -> tuple:
         """What a captured graph bakes in: changing it needs a re-capture (tau does not)."""
-        code, value = rule_code(self.ffn.rule)
-        return code, self.ffn.gate, self._all_kept(code, value)
-
-    def _all_kept(self, code: int, value: float) -> bool:
-        """Whether the rule keeps (nearly) every expert: then cuBLAS is the faster path (all_kept.py)."""
         from .all_kept import keeps_all
 
-        return keeps_all(code, value, self.ffn.router.weight.shape[0])
+        code, value = rule_code(self.ffn.rule)
+        return code, self.ffn.gate, keeps_all(code, value, self.ffn.router.weight.shape[0])
+
+    def path(self, n_rows: int = 1) -> str:
+        """The code the current rule runs for n_rows rows: "triton-fused" (the sparse kernels), "cublas-gated"
+        (every expert kept, gates from the router) or "cublas-dense" (every expert kept with unit gates: the
+        dense FFN, no router); `all_kept.choose_path` says when."""
+        from .all_kept import choose_path
+
+        code, value = rule_code(self.ffn.rule)
+        return choose_path(self._layout(), code, value, n_rows)
 
     # ------------------------------------------------------------------ the call
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,7 +198,7 @@ class FastPath:
             self.sync()
         shape = x.shape
         x2d = x.reshape(-1, layout.d_model).contiguous()  # [N, D]
-        if self._all_kept(code, value):
+        if self.path(x2d.shape[0]) != "triton-fused":
             from .all_kept import all_kept_ffn
             from .route import RULE_TOPK
 

@@ -168,10 +168,9 @@ def router_partial_logits(x2d: torch.Tensor, w_router: torch.Tensor, cfg: Router
         out = torch.empty(S, N, E, device=x2d.device, dtype=torch.float32)
     else:
         out = out.view(-1)[: S * N * E].view(S, N, E)
-    BN = token_block(N)
     grid = (triton.cdiv(E, cfg.block_e), S)
-    _router_partial[grid](x2d, w_router, out, N, E, D, d_per, BE=cfg.block_e, BN=BN,
-                           BLOCK_K=cfg.block_k, DOT_PREC=dot_precision(x2d.dtype), num_warps=cfg.num_warps)
+    _router_partial[grid](x2d, w_router, out, N, E, D, d_per, BE=cfg.block_e, BN=next_pow2(N),
+                           BLOCK_K=cfg.block_k, PDL=False, num_warps=cfg.num_warps)
     return out
 
 

@@ -131,6 +131,20 @@ def test_one_token_matches_batch_path():
     assert torch.allclose(both[:1], first, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("over", [dict(block_g=16, block_k=16), dict(parallel_select=False),
+                                  dict(pdl=False, half_dots=False)])
+def test_batch_paths_agree(over):
+    """The batch path's options (tile sizes, one or N selecting programs, dependent launches or not, half or
+    fp32 dots) give the same result."""
+    layout = _layout(9, 32, 48, torch.bfloat16)
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(3)).to(DEV, torch.bfloat16)
+    a = _run(x, layout, RULE_MASS, 0.7)
+    b = _run(x, layout, RULE_MASS, 0.7, cfg=replace(FFNConfig.for_batch(5), **over))
+    assert torch.equal(a.mask.cpu(), b.mask.cpu())
+    assert _rel(b.y, expert_ffn_reference(x, layout, b.gates)) < TOL[torch.bfloat16]
+    assert _rel(a.y, b.y) < TOL[torch.bfloat16]
+
+
 def test_tile_configs_agree():
     """Other tile sizes (more experts per down program, small K tiles) give the same result."""
     layout = _layout(9, 32, 72, torch.float32)
@@ -150,8 +164,8 @@ def test_scratch_state_resets_between_calls(N):
     scratch = Scratch(layout)
     cfg = FFNConfig.for_batch(N)
     cfg = replace(cfg, slots=4, block_d=16)  # several column blocks, several chunks
-    for tau, fused in ((0.3, True), (0.95, False), (0.3, True), (1.05, True), (0.95, True)):
-        cfg = replace(cfg, fused=fused)  # on a GPU: the persistent launch and the two-launch form in turn
+    for tau, pdl in ((0.3, True), (0.95, False), (0.3, True), (1.05, True), (0.95, True)):
+        cfg = replace(cfg, pdl=pdl)  # on a Hopper GPU: dependent launches and plain ones in turn
         x = torch.randn(N, 40, device=DEV)
         p = torch.tensor([tau], device=DEV)
         res = expert_ffn(x, layout, RULE_MASS, p, cfg=cfg, scratch=scratch)
@@ -160,15 +174,19 @@ def test_scratch_state_resets_between_calls(N):
     assert not scratch.tickets.any() and not scratch.router_ticket.any() and not scratch.acc.any()
 
 
-@pytest.mark.parametrize("code,param,gate", [(RULE_ALL, 0.0, "softmax"), (RULE_TOPK, 10, "sigmoid"),
-                                             (RULE_MASS, 1.05, "one")])
-def test_all_kept_path_matches_kernels(code, param, gate):
-    """The cuBLAS path taken when (nearly) every expert is kept computes what the sparse kernels do."""
-    from prunepath.kernels.all_kept import all_kept_ffn, keeps_all
+@pytest.mark.parametrize("code,param,gate,path", [
+    (RULE_ALL, 0.0, "softmax", "cublas-gated"), (RULE_TOPK, 11, "sigmoid", "cublas-gated"),
+    (RULE_TOPK, 10, "sigmoid", "cublas-gated"), (RULE_MASS, 1.05, "one", "cublas-dense"),
+    (RULE_TOPK, 10, "one", "cublas-gated")])
+def test_all_kept_path_matches_kernels(code, param, gate, path):
+    """The cuBLAS path taken when every expert is kept (or a top-k rule is above a crossover) computes what
+    the sparse kernels do; with unit gates and every expert kept it runs no router (the dense FFN)."""
+    from prunepath.kernels.all_kept import all_kept_ffn, all_kept_path, keeps_all
 
     layout = _layout(11, 32, 40, torch.float32, gate=gate)
     x = torch.randn(2, 40, device=DEV)
-    assert keeps_all(code, param, 11)
+    assert keeps_all(code, param, 11, crossover=0.9)
+    assert all_kept_path(layout, code, param) == path
     y = all_kept_ffn(x, layout, code, param)
     res = _run(x, layout, code, param)
     assert _rel(y, expert_ffn_reference(x, layout, res.gates)) < TOL[torch.float32]
@@ -274,3 +292,17 @@ def test_nbytes_dense():
     layout = _layout(4, 32, 16, torch.bfloat16)
     assert layout.nbytes_dense() == 3 * 128 * 16 * 2
     assert math.isclose(layout.d_ff, 128)
+
+
+def test_dispatch_follows_the_measured_paths():
+    """One row with router gates stays on the Triton kernels even with every expert kept (faster there); unit
+    gates with every expert kept are the dense FFN on cuBLAS (no router); batches take cuBLAS when all are kept;
+    a top-k rule below E never does (it would need each row's k-th logit)."""
+    from prunepath.kernels.all_kept import choose_path
+
+    sig, one = _layout(8, 32, 32, torch.float32), _layout(8, 32, 32, torch.float32, gate="one")
+    assert choose_path(sig, RULE_ALL, 0.0, 1) == "triton-fused"
+    assert choose_path(sig, RULE_MASS, 1.05, 4) == "cublas-gated"
+    assert choose_path(one, RULE_TOPK, 8, 1) == "cublas-dense"
+    assert choose_path(one, RULE_TOPK, 7, 4) == "triton-fused"
+    assert choose_path(sig, RULE_MASS, 0.9, 8) == "triton-fused"

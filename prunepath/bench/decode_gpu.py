@@ -256,7 +256,7 @@ def bench_random(args, out: Path) -> None:
         t = time_ours(dec, ids, args.new_tokens, args.runs)
         seq = torch.cat([ids, dec.out[:, args.prompt_len: args.prompt_len + 64].cpu()], 1)
         kept = 1.0 if code is None else realised_fraction(dec, seq, code, value)
-        path = "compiled-graph + " + ("cublas-gated" if dec.fast_paths[0].rule_key[-1] else "triton-fused")
+        path = "compiled-graph + " + dec.fast_paths[0].path(dec.batch)
         w.add(row(variant, path, t, weight_bytes(model, kept), bw, dense_ms, kept_fraction=kept,
                   rule=rule.spec if hasattr(rule, "spec") else str(rule)))
     del dec
@@ -321,7 +321,7 @@ def bench_default(args, out: Path) -> None:
         r = time_ours(dec, ids, args.new_tokens, args.runs)
         seq = torch.cat([ids, dec.out[:, ids.shape[1]: ids.shape[1] + 64].cpu()], 1)
         kept = realised_fraction(dec, seq, RULE_MASS, tau)
-        path = "compiled-graph + " + ("cublas-gated" if dec.fast_paths[0].rule_key[-1] else "triton-fused")
+        path = "compiled-graph + " + dec.fast_paths[0].path(dec.batch)
         w.add(row(f"tau={t}", path, r, weight_bytes(model, kept), bw, dense_ms, kept_fraction=kept, tau=tau))
 
 

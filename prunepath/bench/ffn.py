@@ -83,10 +83,10 @@ class Problem:
             y = expert_ffn(x, lay, code, param, cfg=cfg, stages=stages)
         return y
 
-    def cublas(self, x, code, value):
+    def cublas(self, x, code, value, layouts=None):
         from prunepath.kernels.all_kept import all_kept_ffn
 
-        for lay, _ in self.layouts:
+        for lay in layouts or [lay for lay, _ in self.layouts]:
             y = all_kept_ffn(x, lay, code, value)
         return y
 
@@ -122,7 +122,7 @@ def _row(variant, path, batch, t_stats, copies, read, bw, dense_us, **extra):
 def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=None, mass_target=0.25,
                 both_paths_from: float = 0.75) -> list[dict]:
     """Rows for one shape and batch: dense cuBLAS, then each fraction on the path FastPath takes."""
-    from prunepath.kernels.all_kept import keeps_all
+    from prunepath.kernels.all_kept import all_kept_path, choose_path
     from prunepath.kernels.expert_ffn import expert_ffn, expert_ffn_reference
     from prunepath.kernels.route import RULE_MASS, RULE_TOPK, route_reference
 
@@ -152,10 +152,10 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
         union = res.active.float().mean().item()
         per_row = res.mask.float().mean().item()
         sparse_read = dense_bytes * union + router_bytes
-        taken = "cublas-gated" if keeps_all(code, value, E) else "triton-fused"
+        taken = choose_path(lay0, code, value, batch)
         paths = {taken}
         if code == RULE_TOPK and value / E >= both_paths_from:
-            paths = {"cublas-gated", "triton-fused"}
+            paths = {all_kept_path(lay0, code, value), "triton-fused"}
         for path in sorted(paths, key=lambda p: p != taken):
             if path == "triton-fused":
                 t = stats(graph_times(lambda p=param, c=code: prob.ours(x, c, p, cfg), runs=runs))
@@ -171,6 +171,18 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
                   f"union {union:5.3f}: {r['us']:7.1f} us [{r['us_p20']:.1f}, {r['us_p80']:.1f}] "
                   f"x{r['speedup_vs_dense']:5.2f}  roofline {r['roofline_us']:6.1f} us  "
                   f"{r['gb_per_s']:5.0f} GB/s ({100 * r['bandwidth_fraction']:3.0f}%)  err {err:.1e}", flush=True)
+    if 1.0 in fractions:  # unit gates (the exactness anchor): every expert kept is the dense FFN, no router runs
+        ones = [replace(lay, gate="one") for lay, _ in prob.layouts]
+        code, value = RULE_TOPK, float(E)
+        y = prob.cublas(x, code, value, ones[:1])
+        err = rel_error(y, expert_ffn_reference(x, ones[0], torch.ones(batch, E, device=x.device)))
+        t = stats(graph_times(lambda: prob.cublas(x, code, value, ones), runs=runs))
+        r = _row("kept=1, gate=one", all_kept_path(ones[0], code, value), batch, t, copies, dense_bytes, bw, dense_us,
+                 kept_fraction=1.0, union_fraction=1.0, taken=True, rule="topk", param=value, gate="one",
+                 rel_err_vs_fp64=err, shape=shape)
+        rows.append(r)
+        print(f"{shape} N={batch} kept=1, gate=one {r['path']}: {r['us']:7.1f} us x{r['speedup_vs_dense']:5.2f} "
+              f"err {err:.1e}", flush=True)
     return rows
 
 
@@ -180,7 +192,7 @@ def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), batch: in
     from prunepath.kernels.expert_ffn import FFNConfig
     from prunepath.kernels.route import RULE_TOPK
 
-    cfg = replace(FFNConfig.for_batch(batch), fused=False)
+    cfg = FFNConfig.for_batch(batch)
     D, Fd = SHAPES["llama3-8b"]
     E = Fd // G
     prob = Problem(D, Fd, copies=6)
@@ -202,21 +214,17 @@ def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), batch: in
 
 SWEEP = {  # name: (batch, FFNConfig overrides of that batch's defaults)
     "default": (1, {}),
-    "two_launches": (1, dict(fused=False)),
-    "ctas1": (1, dict(ctas_per_sm=1)),
-    "ctas3": (1, dict(ctas_per_sm=3)),
-    "ctas4": (1, dict(ctas_per_sm=4)),
-    "g2_k2048": (1, dict(block_g=2, block_k=2048)),
-    "g8_k512": (1, dict(block_g=8, block_k=512)),
-    "s8_d128": (1, dict(slots=8, block_d=128)),
+    "no_pdl": (1, dict(pdl=False)),
+    "s4_d512": (1, dict(slots=4, block_d=512)),
+    "s4_d128": (1, dict(slots=4, block_d=128)),
     "s2_d512": (1, dict(slots=2, block_d=512)),
-    "s4_d256": (1, dict(slots=4, block_d=256)),
+    "s8_d128": (1, dict(slots=8, block_d=128)),
+    "g8_k512": (1, dict(block_g=8, block_k=512)),
     "r_e4_s2": (1, dict(router_block_e=4, router_split=2, router_block_k=2048)),
-    "r_e2_s8": (1, dict(router_block_e=2, router_split=8, router_block_k=512)),
-    "w8": (1, dict(num_warps=8)),
     "b8_default": (8, {}),
-    "b8_two_launches": (8, dict(fused=False)),
-    "b8_g32_k128": (8, dict(block_g=32, block_k=128)),
+    "b8_no_pdl": (8, dict(pdl=False)),
+    "b8_one_select_program": (8, dict(parallel_select=False)),
+    "b8_g16_k256": (8, dict(block_g=16, block_k=256)),
     "b8_s4_d256": (8, dict(slots=4, block_d=256)),
 }
 
@@ -247,7 +255,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--fractions", default="0.125,0.25,0.5,0.75,0.875,1.0", help="kept fractions, each in (0, 1]")
+    p.add_argument("--fractions", default="0.125,0.25,0.5,0.75,0.875,0.95,1.0", help="kept fractions, each in (0, 1]")
     p.add_argument("--runs", type=int, default=30, help="timed graph replays per row (>= 5)")
     p.add_argument("--sweep", action="store_true", help="also time tile configurations and the launch breakdown")
     p.add_argument("--breakdown", action="store_true", help="also time the launches one by one (batch 1 and 8)")

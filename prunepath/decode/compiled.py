@@ -103,10 +103,14 @@ class _Layer:
 class CompiledDecoder:
     """Greedy static-cache decode of a transformers Llama-architecture model (dense or PrunePath).
 
-    compile=False runs the same step eagerly (CPU, tests); graph=False skips the CUDA graph.
+    compile=False runs the same step eagerly (CPU, tests); graph=False skips the CUDA graph. pdl=True (Hopper
+    and newer, where this torch's compiler offers it) has the compiled kernels use programmatic dependent launch,
+    as the PrunePath kernels do: each kernel starts while the previous one drains and waits only where it reads
+    that one's output. It is a process-wide compiler setting, read when a function is first compiled.
     """
 
-    def __init__(self, model, max_len: int, batch: int = 1, compile: bool = True, graph: bool = True):
+    def __init__(self, model, max_len: int, batch: int = 1, compile: bool = True, graph: bool = True,
+                 pdl: bool = True):
         cfg = getattr(model, "config", None)
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
@@ -160,6 +164,8 @@ class CompiledDecoder:
             import torch._inductor.config as inductor_config
 
             inductor_config.coordinate_descent_tuning = True
+            if hasattr(inductor_config.triton, "enable_pdl"):
+                inductor_config.triton.enable_pdl = pdl and torch.cuda.get_device_capability(self.device)[0] >= 9
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if use_compile else (lambda f: f)
         self._attn, self._dense_ffn, self._head = wrap(attention_block), wrap(dense_ffn), wrap(lm_head)
         self.use_graph = graph and self.device.type == "cuda"
