@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import prunepath
 from prunepath import MoefyConfig, moefy, routing
-from prunepath.decode.cpu_experts import CPUExpertPath, ExpertLayoutError, expert_runs, use_cpu_paths
+from prunepath.decode.cpu_experts import CPUExpertPath, ExpertLayoutError, use_cpu_paths
 from prunepath.decode.loop import DecodeConfig, Decoder
 from prunepath.ffn.module import prunepath_ffns
 
@@ -46,12 +46,6 @@ def _both(ffn, x):
     took = path.accepts(x)
     ffn.fast_path = path
     return ref, ffn(x), took
-
-
-def test_expert_runs():
-    assert expert_runs([False, True, True, False, True]) == [(1, 3), (4, 5)]
-    assert expert_runs([True] * 3) == [(0, 3)]
-    assert expert_runs([False, False]) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -145,13 +139,15 @@ def test_layout_follows_weight_updates():
         torch.testing.assert_close(ffn(x), ref, atol=1e-5, rtol=1e-4)
 
 
-def test_decoder_on_cpu_uses_the_path_and_gives_the_torch_path_tokens():
+def test_the_model_forward_with_the_hook_gives_the_torch_path_tokens():
+    """Without the CPU step (cpu_step=False) the decode loop runs the model's own forward, and the hook puts
+    the kept-expert path under every PrunePath FFN."""
     model = _convert(_llama(), rule="mass:0.5")
     ref_model = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 6))
-    cfg = DecodeConfig(max_new_tokens=10)
-    ref = Decoder(ref_model, max_len=32, config=DecodeConfig(max_new_tokens=10, fast_path=False)).generate(ids)
-    dec = Decoder(model, max_len=32, config=cfg)
+    ref = Decoder(ref_model, max_len=32, config=DecodeConfig(max_new_tokens=10, cpu_step=False,
+                                                             fast_path=False)).generate(ids)
+    dec = Decoder(model, max_len=32, config=DecodeConfig(max_new_tokens=10, cpu_step=False))
     assert all(isinstance(f.fast_path, CPUExpertPath) for f in prunepath_ffns(model))
     assert prunepath_ffns(ref_model)[0].fast_path is None
     calls = []

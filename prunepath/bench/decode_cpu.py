@@ -3,26 +3,32 @@
 Writes results/bench/decode_default_cpu.json (the schema of results/bench: one object, one row per
 variant). What runs, batch 1, fp32, greedy, the default checkpoint's chat prompt:
 
-* "dense": the base model on our decode loop (`prunepath.decode.loop.Decoder`, static cache, eager step);
+* "dense": the base model on our decode loop (`prunepath.decode.loop.Decoder`, whose CPU step is
+  `prunepath.decode.cpu_step`: static cache, weights in the GEMV's fast layout, few operations per layer);
 * "kept=0.25" / "kept=0.5" / "kept=0.75": the PrunePath model on the same loop with one τ per layer from
   the checkpoint's active-fraction calibration (`prunepath.set_active_fraction`, per layer); its FFNs read
   only the kept experts (`prunepath.decode.cpu_experts`);
-* "kept=1.0": every expert (the dense rule) through the same path;
-* "kept=0.25 torch-mask": the torch path that computes every expert and masks (what the CPU ran before);
+* "kept=1": every expert (the dense rule) through the same path: the dense FFN, bit for bit the dense row's;
+* "kept=0.25 torch-mask": the same step with the torch path of the FFN, which computes every expert and masks;
+* "dense, model forward": the base model on our loop through transformers' own forward and DynamicCache
+  (what the loop ran before the CPU step);
 * "transformers generate": the base model's `generate` (dynamic cache, greedy, no compile), warmed up;
   its time per token is taken between consecutive steps (a logits processor stamps each step), so prefill
   is excluded as it is for our loop.
 
+The machine's load average (1, 5, 15 minutes) is recorded at the start and the end of the timing.
+
 Timing on a shared machine (`--clock cpu --threads 1` times this process's CPU time on one thread, which
 a busy neighbour inflates less than wall time): every variant has its own decoder and KV cache; after a
-warm-up they run in turn, `--chunk` tokens each, round after round (dense, then each variant), so
-that a change in the machine's load hits all of them alike. Each row gives the median ms per token over
+warm-up they run in turn, `--chunk` tokens each, round after round, so that a change in the machine's
+load hits all of them alike; each round starts one variant further on, so that no variant always
+follows the same one (whose weights would be in the cache before it). Each row gives the median ms per token over
 the rounds with p20/p80, and `speedup_vs_dense` as the median of the round-by-round ratios (dense chunk /
 variant chunk of the same round); `speedup_of_medians` is the ratio of the medians.
 
 Bytes per token count weights only (the KV cache is a few hundred KB here): the attention projections,
 norms and LM head of every step, plus each FFN's bytes as its path reads them (kept experts × an expert's
-bytes through the runs, all experts above the crossover or on the torch path), from the experts each
+bytes, all experts above the crossover or on the torch path, plus the router), from the experts each
 token kept (recorded on a separate, untimed chunk). `bandwidth_gbs` is a measured CPU copy (read +
 write) of 256 MiB with the same threads.
 """
@@ -30,6 +36,7 @@ write) of 256 MiB with the same threads.
 from __future__ import annotations
 
 import datetime
+import os
 import statistics
 import time
 from pathlib import Path
@@ -108,7 +115,7 @@ def run(args) -> int:
     the kept fractions)."""
     import prunepath
     from prunepath import results
-    from prunepath.decode.cpu_experts import CPUExpertPath
+    from prunepath.decode.cpu_experts import CROSSOVER, expert_weights
     from prunepath.decode.loop import DecodeConfig, Decoder, encode_prompt, load_for_decode
     from prunepath.ffn.module import prunepath_ffns
     from prunepath.routing.rules import Dense
@@ -133,15 +140,19 @@ def run(args) -> int:
                              f"`prunepath calibrate --checkpoint {args.checkpoint} --target {fraction:g} --save`")
         return lambda: prunepath.set_active_fraction(model, fraction, per_layer=True)
 
-    variants = {"dense": (Decoder(base, max_len=max_len, config=cfg), None, "torch (base model)")}
+    variants = {"dense": (Decoder(base, max_len=max_len, config=cfg), None, "cpu-step dense")}
     for a in args.fractions:
-        variants[f"kept={a:g}"] = (Decoder(model, max_len=max_len, config=cfg), routing_of(a), "cpu-experts")
+        path = "cpu-step dense (every expert)" if a == 1.0 else "cpu-step kept experts"
+        variants[f"kept={a:g}"] = (Decoder(model, max_len=max_len, config=cfg), routing_of(a), path)
     torch_model, _ = load_for_decode(args.checkpoint, False, "cpu", dtype)
     variants["kept=0.25 torch-mask"] = (
         Decoder(torch_model, max_len=max_len, config=DecodeConfig(max_new_tokens=max_len, fast_path=False)),
-        lambda: prunepath.set_active_fraction(torch_model, 0.25, per_layer=True), "torch-mask")
+        lambda: prunepath.set_active_fraction(torch_model, 0.25, per_layer=True), "cpu-step, torch-mask FFN")
     if not any(abs(k - 0.25) < 1e-9 for k in cal["targets"]):
         del variants["kept=0.25 torch-mask"]
+    variants["dense, model forward"] = (
+        Decoder(base, max_len=max_len, config=DecodeConfig(max_new_tokens=max_len, cpu_step=False)), None,
+        "transformers forward + DynamicCache")
 
     with torch.no_grad():
         for dec, set_routing, _ in variants.values():  # prefill and warm-up (builds the expert layouts)
@@ -152,18 +163,23 @@ def run(args) -> int:
         if not args.no_hf:
             _hf_chunk(base, ids, 2)
         times: dict[str, list[float]] = {k: [] for k in [*variants, *([] if args.no_hf else ["hf"])]}
+        load_start = os.getloadavg()
+        order = [*variants, *([] if args.no_hf else ["hf"])]
         for r in range(rounds):
-            for name, (dec, set_routing, _) in variants.items():
+            for name in order[r % len(order):] + order[: r % len(order)]:  # each round starts one further on
+                if name == "hf":
+                    times["hf"].append(_hf_chunk(base, ids, chunk, clock))
+                    continue
+                dec, set_routing, _ = variants[name]
                 if set_routing:
                     set_routing()
                 t0 = clock()
                 dec.decode(chunk)
                 times[name].append((clock() - t0) / chunk)
-            if not args.no_hf:
-                times["hf"].append(_hf_chunk(base, ids, chunk, clock))
             print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {1e3 * v[-1]:.1f}" for k, v in times.items())
                   + " ms/token", flush=True)
 
+        load_end = os.getloadavg()
         other, ffn_total = weight_bytes(base)
         rows = []
         for name in times:
@@ -190,12 +206,12 @@ def run(args) -> int:
                 row["rule"] = "dense" if name == "kept=1" else "per-layer τ (calibrated active fraction)"
                 read = 0.0
                 for f, c in zip(ffns, counts):
-                    per_expert = CPUExpertPath(f).bytes_per_expert()
+                    per_expert = expert_weights(f).bytes_per_expert()
                     full = f.n_experts * per_expert
-                    if path == "torch-mask":
+                    if "torch-mask" in path:
                         read += full * c.numel()
                     else:
-                        over = c > CPUExpertPath.crossover * f.n_experts
+                        over = c > CROSSOVER * f.n_experts
                         read += float(torch.where(over, float(full), c * per_expert).sum())
                     read += f.router.weight.numel() * f.router.weight.element_size() * c.numel() * (name != "kept=1")
                 row["bytes_per_token"] = other + read / counts.shape[1]
@@ -213,9 +229,12 @@ def run(args) -> int:
               "device": f"{cpu_name()}, {torch.get_num_threads()} threads (CPU)", "dtype": str(dtype),
               "versions": environment()["versions"], "date": datetime.date.today().isoformat(),
               "bandwidth_gbs": bw / 1e9, "prompt_tokens": int(ids.shape[1]),
-              "timing": f"{rounds} rounds of {chunk} tokens per variant, variants in turn within each round; "
+              "timing": f"{rounds} rounds of {chunk} tokens per variant, variants in turn within each round (each "
+                        "round starting one variant further on); "
                         + ("process CPU time" if clock is time.process_time else "wall-clock time"),
               "threads": torch.get_num_threads(),
+              "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in load_end],
+                               "cores": os.cpu_count(), "note": "1, 5 and 15 minute load averages"},
               "rows": rows}
     out = Path(args.out) if args.out else results.bench_path("decode", "cpu", "default")
     results.write_bench(out, result)

@@ -1,66 +1,67 @@
-"""`CPUExpertPath`: a CPU decode path for a PrunePath FFN that reads only the kept experts' weights.
+"""CPU decode of a PrunePath FFN that reads only the kept experts' weights.
 
-Shapes: N rows (= B*T tokens), D hidden, F ffn, E experts, G expert size (F = E*G), K kept experts.
+Shapes: N rows (= B*T tokens), D hidden, F ffn, E experts, G expert size (F = E*G), K kept experts,
+R input rows per expert (2G gated: gate then up; G for a two-layer MLP).
 
 The torch path of `PrunePathFFN` computes all F neurons and masks the dropped ones, so on a CPU a sparse
 model runs no faster than the dense one. Decoding one token is memory-bound: each FFN reads 3·F·D weights
 and does two FLOPs per weight read. Reading only the kept experts' weights is what buys time (Gu, Fu,
 Yuan 2026 make the FFN structurally sparse for exactly this).
 
-The layout makes that cheap. Conversion permutes the neurons so that expert e owns the contiguous
-neurons e·G .. (e+1)·G-1: rows of W_gate and W_up, columns of W_down. This path keeps the same weights
-expert-major: "in" [E·2G, D] holds expert e's G gate rows then its G up rows, and "down" [F, D] is
-W_downᵀ (expert e's rows e·G .. (e+1)·G-1). A *run* of consecutive kept experts a..b-1 is then one
-contiguous block of rows of each. Per token and layer:
+Layouts (`ExpertWeights`, one copy per FFN, built on first use and rebuilt when the weights change). A
+CPU GEMV y = x W reads W fastest when W is stored [in, out] (each input coordinate scales one contiguous
+row, ~20 GB/s on a 2-core AMD EPYC) rather than torch's [out, in] (dot products, ~11 GB/s), so:
 
-    route: logits = router(x), kept mask by the FFN's rule (cumulative mass τ, top-k, ...)
-    for each run a..b-1 of kept experts (the union over the N rows):
-        pre[run] = in[a·2G : b·2G] xᵀ                         # one GEMV on a view, gate and up rows
-    h = act(pre_gate) ⊙ pre_up  (⊙ per-row gates, zero where a row dropped the expert)   # [N, K·G]
-    y = Σ_j h[:, j] · downᵀ[neuron j]  over the kept neurons    # one embedding_bag, reads only those rows
+* "blocks" [E·D, R]: expert e's input weights transposed, rows e·D .. e·D+D-1, expert-contiguous (the
+  conversion already made each expert a contiguous block of neurons). The kept experts' pre-activations
+  are then ONE `embedding_bag` whatever the kept set: bag k sums rows kept[k]·D + d weighted by x_d, so
+  it reads exactly the kept experts' input weights, with no copy and no Python loop over experts;
+* "down_e" [F, D]: W_downᵀ, expert-major (expert e's G rows contiguous); the output is one more
+  `embedding_bag`, the kept neurons' rows weighted by their activations (split in two bags, summed,
+  when two threads can share it). Contiguous expert rows read ~1.7x faster than the same rows scattered
+  in the base model's neuron order;
+* "in_t" [D, R·E] and "down_t" [F, D] (built only when used): W_inᵀ and W_downᵀ in the base model's
+  neuron order, for the dense GEMVs when (nearly) every expert is kept. In that order the all-experts
+  FFN is the base model's own dense FFN (`dense_gated`) on the same kernels, bit for bit.
 
-Nothing is copied per token: per layer there is one GEMV per run and one `embedding_bag` (a weighted sum
-of the kept rows of W_downᵀ, which reads only those rows). We measured the alternatives on a 2-core AMD
-EPYC (SmolLM2-135M shapes, D 576, F 1536, E 48): gathering the kept blocks into a buffer (`index_select`)
-and one GEMV is a little faster on one thread but 10-50x slower on two threads when the cores are shared;
-three GEMVs per run on W_gate / W_up views (no gate/up copy) cost about 1.5x this at 25 % kept, the
-per-operation overhead of eager PyTorch being of the order of the bytes of one expert. Above `crossover`
-kept experts the dense GEMVs (masked) are faster; when the rule keeps every expert whatever the router
-says (dense, τ > 1) and the gates are one, the path skips the router and runs the torch path's own
-code on the FFN's own weights: bit-for-bit the dense FFN, never slower than it. Memory: one more copy
-of the FFN weights (gate/up expert-major, W_downᵀ), built on first use.
+Measured at SmolLM2-135M's shapes (D 576, F 1536, E 48, 30 distinct layers so the weights come from
+memory, one thread): the input bag on blocks 0.09 / 0.21 / 0.30 / 0.41 ms per layer at 12 / 24 / 36 / 48
+experts against 0.30 ms for the dense GEMV (the same bag on in_t's rows, no extra copy: 0.19 ms at 12);
+one GEMV per run of consecutive experts on [out, in] rows, the previous design, was slower still. In the
+whole decode step (one thread, a loaded machine, top-k rules) the bags beat the dense FFN up to 38 of 48
+experts (1.40x / 1.14x / 1.08x / 1.02x the dense step at 12 / 24 / 34 / 38), while the masked dense GEMVs
+cost 2-17 % more than dense (routing and masking); so above `CROSSOVER` = 0.8 the masked dense GEMVs run.
 
-Used by the decode loop on a CPU (`prunepath.decode.loop.Decoder` attaches it through `ffn.fast_path`, the hook
-the GPU kernels use); the FFN's forward falls back to its torch path when `accepts` says no (prefill
-with many rows, autograd, a rule that needs the oracle's scores, another device or dtype).
+Selection (`route`): for the cumulative-mass rule on one row, the router GEMV, a softmax, a sort of the E
+probabilities, a cumsum and a count give the kept experts directly (the prefix of the sorted order),
+the same set as `CumulativeMass.select`; other rules and several rows go through `rule.select`.
+
+`CPUExpertPath` puts this behind a PrunePath FFN's `fast_path` hook, so the model's own forward reads
+only the kept experts (any architecture; `prunepath.decode.cpu_step` calls `expert_ffn` directly for
+Llama-family models, without the hook).
 """
 
 from __future__ import annotations
+
+import bisect
+import struct
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.gates import gate_values
-from prunepath.routing.rules import CumulativeMass, Dense, TopK
+from prunepath.routing.router import LinearRouter
+from prunepath.routing.rules import CumulativeMass, Dense, TopK, _compute_dtype
+
+# Above this fraction of experts kept (the union over the rows) the dense GEMVs, masked, are faster than
+# the bags over the kept experts (measured at SmolLM2-135M's shapes, see the module docstring).
+CROSSOVER = 0.8
 
 
 class ExpertLayoutError(ValueError):
     """The FFN cannot be read expert by expert (not a PrunePath FFN with the contiguous expert layout)."""
-
-
-def expert_runs(kept: list[bool]) -> list[tuple[int, int]]:
-    """Maximal runs [a, b) of consecutive True entries: [F, T, T, F, T] -> [(1, 3), (4, 5)]."""
-    runs, start = [], None
-    for i, k in enumerate(kept):
-        if k and start is None:
-            start = i
-        elif not k and start is not None:
-            runs.append((start, i))
-            start = None
-    if start is not None:
-        runs.append((start, len(kept)))
-    return runs
 
 
 def keeps_every_expert(rule, n_experts: int) -> bool:
@@ -72,64 +73,260 @@ def keeps_every_expert(rule, n_experts: int) -> bool:
     return isinstance(rule, TopK) and rule.k >= n_experts
 
 
-class CPUExpertPath:
-    """Reads only the kept experts of one `PrunePathFFN` on a CPU; build with `attach_cpu_paths(model)`.
+def check_expert_layout(ffn) -> None:
+    kind = getattr(ffn, "kind", None)
+    if kind not in ("gated", "mlp"):
+        raise ExpertLayoutError(
+            f"the CPU expert path needs a PrunePath FFN of kind 'gated' or 'mlp' (got {kind!r}); convert the "
+            "model with prunepath.moefy or load a PrunePath checkpoint")
+    if ffn.n_experts * ffn.expert_size != ffn.d_ff:
+        raise ExpertLayoutError(f"FFN of layer {ffn.layer_idx}: {ffn.n_experts} experts x {ffn.expert_size} "
+                                f"neurons != d_ff {ffn.d_ff}; the expert-contiguous layout is missing")
 
-    crossover: above this fraction of experts kept (the union over the rows) the dense GEMVs over all
-    neurons, masked, are faster than one GEMV per run. Measured on a 2-core AMD EPYC at SmolLM2-135M's shapes
-    (30 FFNs, one token, one thread, random kept sets): 30 / 36 / 42 of 48 experts through the runs 32.8 /
-    36.2 / 38.5 ms, the masked dense GEMVs 36.8 ms.
+
+def activation_fn(act):
+    """The activation as a plain function (F.silu for SiLU modules: no module call per token)."""
+    return F.silu if type(act).__name__ in ("SiLU", "SiLUActivation") else act
+
+
+class ExpertWeights:
+    """One PrunePath FFN's weights in the CPU layouts (see the module docstring); get with `expert_weights`."""
+
+    def __init__(self, ffn):
+        check_expert_layout(ffn)
+        f = ffn
+        E, G, D = f.n_experts, f.expert_size, f.d_model
+        self.gated, self.E, self.G, self.D = f.kind == "gated", E, G, D
+        ins = [f.gate_proj, f.up_proj] if self.gated else [f.fc_in]
+        out = f.down_proj if self.gated else f.fc_out
+        self.R = G * len(ins)
+        dev = out.weight.device
+        perm = f.perm.to(dev)  # permuted position i holds the base model's neuron perm[i]
+        with torch.no_grad():
+            w = torch.stack([m.weight.detach().view(E, G, D) for m in ins], 1)  # [E, n_in, G, D]
+            self.blocks = w.reshape(E, self.R, D).transpose(1, 2).contiguous().view(E * D, self.R)
+            self.bias_in = None
+            if ins[0].bias is not None:
+                self.bias_in = torch.stack([m.bias.detach().view(E, G) for m in ins], 1).reshape(E, self.R)
+            self.down_e = out.weight.detach().t().contiguous()  # [F, D] expert-major: expert e's rows e*G..
+            self.bias_out = None if out.bias is None else out.bias.detach()
+        self.rows = torch.arange(f.d_ff, device=dev).view(E, G)  # expert e's rows of down_e
+        self.idx = (torch.arange(E, device=dev)[:, None] * D + torch.arange(D, device=dev)).contiguous()  # [E, D]
+        self.bag_offsets = [torch.arange(k, device=dev) * D for k in range(E + 1)]  # K bags of D rows
+        # the down bag of K experts split in two (summed after) so that two threads share it
+        self.down_halves = [torch.tensor([0, (k * G) // 2], device=dev) for k in range(E + 1)]
+        self.zero = torch.zeros(1, dtype=torch.long, device=dev)
+        self.all_experts = torch.arange(E, device=dev)
+        self.router_wt = f.router.weight.t() if isinstance(f.router, LinearRouter) else None  # a view, no copy
+        self.mass_dtype = _compute_dtype(out.weight)  # the rules' cumulative sums run in at least fp32
+        self.neuron_expert = torch.empty(f.d_ff, dtype=torch.long, device=dev)  # base-order neuron -> expert
+        self.neuron_expert[perm] = torch.arange(f.d_ff, device=dev) // G
+        self.act = activation_fn(f.act)
+        self._ins, self._out, self._perm = ins, out, perm
+        self._in_t = None
+
+    @property
+    def in_t(self) -> torch.Tensor:
+        """W_inᵀ [D, R·E] in the base model's neuron order (gate columns, then up columns), built on first use
+        with W_downᵀ in that order (`down_t` [F, D])."""
+        if self._in_t is None:
+            with torch.no_grad():
+                parts = []
+                for m in self._ins:
+                    w = torch.empty_like(m.weight)
+                    w[self._perm] = m.weight.detach()
+                    parts.append(w)
+                self._in_t = torch.cat(parts).t().contiguous()
+                self.down_t = torch.empty_like(self.down_e)
+                self.down_t[self._perm] = self.down_e
+                if self.bias_in is not None:
+                    biases = []
+                    for m in self._ins:
+                        b = torch.empty_like(m.bias)
+                        b[self._perm] = m.bias.detach()
+                        biases.append(b)
+                    self._bias_in_t = torch.cat(biases)
+        return self._in_t
+
+    def bytes_per_expert(self) -> int:
+        """Weight bytes one kept expert costs a token (its input and output blocks)."""
+        return (self.R + self.G) * self.D * self.blocks.element_size()
+
+
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ffn -> (key, ExpertWeights)
+
+
+def _weights_key(ffn) -> tuple:
+    ps = [p for p in ffn.parameters()]
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps) + (ffn.perm.data_ptr(),)
+
+
+def expert_weights(ffn) -> ExpertWeights:
+    """The CPU layouts of `ffn`, shared by every decoder and rebuilt when its weights change in any way."""
+    key = _weights_key(ffn)
+    hit = _WEIGHTS.get(ffn)
+    if hit is None or hit[0] != key:
+        hit = _WEIGHTS[ffn] = (key, ExpertWeights(ffn))
+    return hit[1]
+
+
+# -- routing -----------------------------------------------------------------------------------------------
+
+
+def _below(tau: float, dtype: torch.dtype) -> float:
+    """τ as the comparison `tensor < tau` sees it for a tensor of `dtype` (rounded to float32 for float32)."""
+    return struct.unpack("f", struct.pack("f", tau))[0] if dtype == torch.float32 else tau
+
+
+def route(ffn, w: ExpertWeights, x2d: torch.Tensor):
+    """The experts rows x2d [N, D] keep -> (kept [K] expert ids, the union over the rows; scale [N, K] per-row
+    gates or 0/1 masks, or None when every row keeps them all with unit gates; counts [N] experts kept per
+    row, a list for one row)."""
+    rule = ffn.rule
+    # x Wᵀ on the router's own weight: LinearRouter's F.linear bit for bit, so the torch path's decisions
+    logits = x2d.mm(w.router_wt) if w.router_wt is not None else ffn.router(x2d)  # [N, E]
+    N = x2d.shape[0]
+    if N == 1 and isinstance(rule, CumulativeMass):  # the kept set is a prefix of the sorted order
+        probs = None
+        if rule.tau > 1:
+            kept = w.all_experts
+        else:
+            probs = torch.softmax(logits if logits.dtype == w.mass_dtype else logits.to(w.mass_dtype), dim=-1)[0]
+            sorted_p, order = probs.sort(descending=True, stable=True)
+            csum = sorted_p.cumsum(0).tolist()  # nondecreasing: count the entries below τ by bisection
+            if rule.inclusive:  # keep while the mass before an expert is below τ
+                n = 1 + bisect.bisect_left(csum, _below(rule.tau, probs.dtype), 0, len(csum) - 1)
+            else:
+                n = max(1, bisect.bisect_left(csum, _below(rule.tau, probs.dtype)))
+            kept = order[:n]
+        counts = [kept.numel()]
+        if ffn.gate == "one":
+            return kept, None, counts
+        if ffn.gate == "sigmoid":
+            return kept, torch.sigmoid(logits.index_select(1, kept)), counts
+        if probs is None:
+            probs = torch.softmax(logits.to(w.mass_dtype), dim=-1)[0]
+        return kept, probs[kept].to(logits.dtype)[None], counts
+    mask = rule.select(logits, None)  # [N, E] bool
+    union = mask.any(0)
+    kept = union.nonzero()[:, 0]
+    counts = mask.sum(-1)
+    if ffn.gate != "one":
+        return kept, gate_values(logits, mask, ffn.gate)[:, kept], counts
+    if N == 1 or bool((mask == union).all()):
+        return kept, None, counts
+    return kept, mask[:, kept].to(x2d.dtype), counts
+
+
+# -- the FFN over the kept experts, or over all of them ----------------------------------------------------
+
+
+def kept_ffn(w: ExpertWeights, x2d: torch.Tensor, kept: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The FFN over the experts `kept` [K] (scale [N, K] or None), reading only their weights.  # [N, D]"""
+    N, K, D, G = x2d.shape[0], kept.numel(), w.D, w.G
+    idx = w.idx.index_select(0, kept).view(-1)  # [K*D] rows of blocks
+    rows = w.rows.index_select(0, kept).view(-1)  # [K*G] rows of down_e
+    if N == 1:  # torch.embedding_bag is F.embedding_bag without its argument checks; mode 0 = sum
+        pre = torch.embedding_bag(w.blocks, idx, w.bag_offsets[K], False, 0, False, x2d.expand(K, D).reshape(-1))[0]
+    else:
+        pre = F.embedding_bag(idx.repeat(N), w.blocks, torch.arange(0, N * K * D, D, device=x2d.device),
+                              mode="sum", per_sample_weights=x2d[:, None, :].expand(N, K, D).reshape(-1))
+    pre = pre.view(N, K, w.R)  # pre-activations of the kept experts
+    if w.bias_in is not None:
+        pre = pre + w.bias_in[kept]
+    h = w.act(pre[..., :G]) * pre[..., G:] if w.gated else w.act(pre)  # [N, K, G]
+    if scale is not None:
+        h = h * scale.to(h.dtype)[:, :, None]
+    if N == 1 and torch.get_num_threads() > 1:
+        y = torch.embedding_bag(w.down_e, rows, w.down_halves[K], False, 0, False, h.view(-1))[0].sum(0, keepdim=True)
+    elif N == 1:
+        y = torch.embedding_bag(w.down_e, rows, w.zero, False, 0, False, h.view(-1))[0]
+    else:
+        y = F.embedding_bag(rows.repeat(N), w.down_e, torch.arange(0, N * K * G, K * G, device=x2d.device),
+                            mode="sum", per_sample_weights=h.reshape(-1))
+    return y if w.bias_out is None else y + w.bias_out  # [N, D]
+
+
+def gemv(x2d: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x2d [N, I] @ w_t [I, O], for one row split over the intra-op threads.
+
+    torch runs a one-row matmul on one thread (about 20 GB/s of weights here whatever the thread count);
+    as a batched matmul over P slices of the reduction dimension, summed, it runs on P threads (2 threads
+    on a 2-core AMD EPYC: 25-28 GB/s for [576, 3072] and the [576, 49152] LM head, 19 against 12 GB/s for
+    [1536, 576]).  # [N, O]"""
+    parts = torch.get_num_threads()
+    if x2d.shape[0] != 1 or parts < 2 or w_t.shape[0] % parts:
+        return x2d @ w_t
+    k = w_t.shape[0] // parts
+    return torch.bmm(x2d.view(parts, 1, k), w_t.view(parts, k, -1)).sum(0)
+
+
+def dense_gated(x2d: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, act,
+                neuron_gates: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x W_g) ⊙ (x W_u) W_d with w_in = [W_g | W_u] stored [D, 2F] and w_down [F, D], the neurons
+    scaled by neuron_gates [N, F] when given: the dense FFN of the decode step, base model or PrunePath
+    model with every expert kept (the same code, so the same bits).  # [N, D]"""
+    pre = gemv(x2d, w_in)
+    n = pre.shape[1] // 2
+    h = act(pre[:, :n]) * pre[:, n:]
+    if neuron_gates is not None:
+        h = h * neuron_gates
+    return gemv(h, w_down)
+
+
+def dense_ffn(w: ExpertWeights, x2d: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+    """Every neuron through the dense GEMVs on in_t / down_t, gated per expert by gates [N, E] (None: unit
+    gates, the base model's dense FFN bit for bit).  # [N, D]"""
+    in_t = w.in_t  # builds down_t too
+    neuron_gates = None if gates is None else gates.to(x2d.dtype)[:, w.neuron_expert]  # [N, F]
+    if w.gated and w.bias_in is None:
+        y = dense_gated(x2d, in_t, w.down_t, w.act, neuron_gates)
+    else:
+        pre = gemv(x2d, in_t) if w.bias_in is None else torch.addmm(w._bias_in_t, x2d, in_t)  # [N, R*E]
+        n = pre.shape[1] // 2
+        h = w.act(pre[:, :n]) * pre[:, n:] if w.gated else w.act(pre)  # [N, F]
+        y = gemv(h if neuron_gates is None else h * neuron_gates, w.down_t)
+    return y if w.bias_out is None else y + w.bias_out
+
+
+def expert_ffn(ffn, x2d: torch.Tensor, w: ExpertWeights | None = None) -> torch.Tensor:
+    """The PrunePath FFN on rows x2d [N, D] by its current rule and gate, reading only the kept experts'
+    weights (the dense GEMVs above CROSSOVER); records the counts inside a `prunepath.record` block.
+    w: `expert_weights(ffn)`, looked up when not given (a caller that checks for weight changes itself
+    passes it).  # [N, D]"""
+    w = expert_weights(ffn) if w is None else w
+    if ffn.gate == "one" and keeps_every_expert(ffn.rule, ffn.n_experts):  # no routing to do: the dense FFN
+        if ffn.recording:
+            ffn._record(torch.full((x2d.shape[0],), ffn.n_experts, dtype=torch.long))
+        return dense_ffn(w, x2d)
+    kept, scale, counts = route(ffn, w, x2d)
+    if ffn.recording:
+        ffn._record(torch.as_tensor(counts))
+    if kept.numel() > CROSSOVER * ffn.n_experts:
+        gates = torch.zeros(x2d.shape[0], ffn.n_experts, dtype=x2d.dtype, device=x2d.device)
+        gates[:, kept] = 1 if scale is None else scale.to(x2d.dtype)
+        return dense_ffn(w, x2d, gates)
+    return kept_ffn(w, x2d, kept, scale)
+
+
+class CPUExpertPath:
+    """Reads only the kept experts of one `PrunePathFFN` on a CPU, behind its `fast_path` hook (the model's
+    own forward then takes it); attach with `use_cpu_paths(model)`.
+
+    When the rule keeps every expert whatever the router says (dense, τ > 1) and the gates are one, it
+    skips the router and runs the torch path's own code on the FFN's own weights, and above CROSSOVER it
+    runs the torch path's masked GEMVs: bit-for-bit the torch path there.
     """
 
-    crossover = 0.7
+    crossover = CROSSOVER
 
     def __init__(self, ffn, max_rows: int = 8):
-        kind = getattr(ffn, "kind", None)
-        if kind not in ("gated", "mlp"):
-            raise ExpertLayoutError(
-                f"the CPU expert path needs a PrunePath FFN of kind 'gated' or 'mlp' (got {kind!r}); convert the "
-                "model with prunepath.moefy or load a PrunePath checkpoint")
-        if ffn.n_experts * ffn.expert_size != ffn.d_ff:
-            raise ExpertLayoutError(f"FFN of layer {ffn.layer_idx}: {ffn.n_experts} experts x {ffn.expert_size} "
-                                    f"neurons != d_ff {ffn.d_ff}; the expert-contiguous layout is missing")
+        check_expert_layout(ffn)
         self.ffn, self.max_rows = ffn, int(max_rows)
-        self._layout: dict[str, torch.Tensor] = {}
-        self._layout_key = None
-
-    # -- what this path reads ----------------------------------------------------------------------
-
-    def _weights(self) -> tuple[torch.Tensor, ...]:
-        f = self.ffn
-        if f.kind == "gated":
-            return f.gate_proj.weight, f.up_proj.weight, f.down_proj.weight
-        return f.fc_in.weight, f.fc_out.weight
-
-    def layout(self) -> dict[str, torch.Tensor]:
-        """The expert-major weights this path streams, rebuilt when the FFN's weights change.
-
-        "in" [E*R, D]: per expert its R rows of input weights, gate rows then up rows (R = 2G) for a gated
-        FFN (a copy), W_in itself (R = G, a view) otherwise; "down" [F, D]: W_down transposed (a copy);
-        "rows" [E, G]: neuron ids.
-        """
-        ws = self._weights()
-        key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
-        if key != self._layout_key:
-            f = self.ffn
-            E, G, D = f.n_experts, f.expert_size, f.d_model
-            with torch.no_grad():
-                if f.kind == "gated":
-                    w_in = torch.stack([ws[0].view(E, G, D), ws[1].view(E, G, D)], 1).reshape(E * 2 * G, D)
-                else:
-                    w_in = ws[0].detach()
-                self._layout = {"in": w_in, "down": ws[-1].detach().t().contiguous(),
-                                "rows": torch.arange(E * G, device=w_in.device).view(E, G),
-                                "zero": torch.zeros(1, dtype=torch.long, device=w_in.device)}
-            self._layout_key = key
-        return self._layout
 
     def accepts(self, x: torch.Tensor) -> bool:
         f = self.ffn
-        w = self._weights()[0]
+        w = f.down_proj.weight if f.kind == "gated" else f.fc_out.weight
         if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != w.dtype:
             return False
         if x.numel() // f.d_model > self.max_rows or f.rule.needs_scores:
@@ -137,73 +334,32 @@ class CPUExpertPath:
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in f.parameters()))
 
     def bytes_per_expert(self) -> int:
-        """Weight bytes one kept expert costs a token (its W_in, W_up and W_down blocks)."""
+        """Weight bytes one kept expert costs a token (its gate, up and down blocks)."""
         f = self.ffn
-        return len(self._weights()) * f.expert_size * f.d_model * self._weights()[0].element_size()
-
-    # -- forward -----------------------------------------------------------------------------------
+        w = f.down_proj.weight if f.kind == "gated" else f.fc_out.weight
+        return (3 if f.kind == "gated" else 2) * f.expert_size * f.d_model * w.element_size()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         f = self.ffn
         shape = x.shape
         x2d = x.reshape(-1, f.d_model)  # [N, D]
-        if f.gate == "one" and keeps_every_expert(f.rule, f.n_experts):  # no routing to do: the dense FFN
+        if f.gate == "one" and keeps_every_expert(f.rule, f.n_experts):
             if f.recording:
                 f._record(torch.full((x2d.shape[0],), f.n_experts, dtype=torch.long))
             return self._all_experts(x2d, None).reshape(shape)
-        logits = f.router(x2d)  # [N, E]
-        mask = f.rule.select(logits, None)  # [N, E] bool
+        w = expert_weights(f)
+        kept, scale, counts = route(f, w, x2d)
         if f.recording:
-            f._record(mask.sum(-1))
-        gates = None if f.gate == "one" else gate_values(logits, mask, f.gate)  # [N, E]
-        union = mask.any(0)  # [E]
-        kept = union.tolist()
-        if sum(kept) > self.crossover * f.n_experts:  # most experts kept: the dense GEMVs are faster
-            y = self._all_experts(x2d, mask if gates is None else gates)
-        else:
-            same_rows = x2d.shape[0] == 1 or bool((mask == union).all())
-            scale = gates if gates is not None else (None if same_rows else mask)
-            y = self._kept_experts(x2d, union, expert_runs(kept), scale)
-        return y.reshape(shape)
-
-    def _kept_experts(self, x2d: torch.Tensor, union: torch.Tensor, runs: list[tuple[int, int]],
-                      scale: torch.Tensor | None) -> torch.Tensor:
-        """The FFN over the experts in `runs` (scale [N, E]: per-row gates or masks, or None).  # [N, D]"""
-        f, lay = self.ffn, self.layout()
-        N, G = x2d.shape[0], f.expert_size
-        R = lay["in"].shape[0] // f.n_experts  # input rows per expert: 2G gated, G otherwise
-        K = sum(b - a for a, b in runs)
-        pre = torch.empty(K * R, N, dtype=x2d.dtype)  # [K*R, N] pre-activations, expert-major
-        xt, o = x2d.t(), 0
-        for a, b in runs:  # one GEMV per run of consecutive kept experts, on a view of the weights
-            torch.mm(lay["in"][a * R : b * R], xt, out=pre[o : o + (b - a) * R])
-            o += (b - a) * R
-        if f.kind == "gated":
-            pre = pre.view(K, 2, G, N)
-            h = f.act(pre[:, 0]) * pre[:, 1]  # [K, G, N]
-        else:
-            if f.fc_in.bias is not None:
-                pre = pre + f.fc_in.bias[lay["rows"][union].reshape(-1)][:, None]
-            h = f.act(pre)
-        h = h.reshape(K, G, N).permute(2, 0, 1)  # [N, K, G]
-        if scale is not None:
-            h = h * scale[:, union].to(h.dtype)[:, :, None]
-        # y[n] = sum over the kept neurons j of h[n, j] * W_down^T[j]: one weighted row-sum per token row
-        rows = lay["rows"][union].reshape(-1)  # [K*G]
-        if N == 1:  # one bag (the common decode case: no per-row copies of the ids)
-            rows_n, offsets = rows, lay["zero"]
-        else:
-            rows_n, offsets = rows.repeat(N), torch.arange(0, N * K * G, K * G)
-        y = F.embedding_bag(rows_n, lay["down"], offsets, mode="sum", per_sample_weights=h.reshape(-1))  # [N, D]
-        if f.kind == "mlp":
-            if f.fc_out.bias is not None:
-                y = y + f.fc_out.bias
-            y = f.dropout(y)
-        return y
+            f._record(torch.as_tensor(counts))
+        if kept.numel() > self.crossover * f.n_experts:  # most experts kept: the torch path's masked GEMVs
+            gates = torch.zeros(x2d.shape[0], f.n_experts, dtype=x2d.dtype)
+            gates[:, kept] = 1 if scale is None else scale.to(x2d.dtype)
+            return self._all_experts(x2d, gates).reshape(shape)
+        y = kept_ffn(w, x2d, kept, scale)
+        return (f.dropout(y) if f.kind == "mlp" else y).reshape(shape)
 
     def _all_experts(self, x2d: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """All F neurons, masked or gated by g [N, E] (None: unit gates): the torch path's own computation,
-        bit-for-bit the same.  # [N, D]"""
+        """All F neurons, gated by g [N, E] (None: unit gates): the torch path's own computation.  # [N, D]"""
         f = self.ffn
         h = f._hidden(x2d)  # [N, F]
         if g is not None:

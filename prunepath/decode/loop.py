@@ -17,9 +17,11 @@ gpt-fast does:
 The same `Decoder` runs the dense model and the PrunePath model, so the two are compared on one loop.
 For a PrunePath model on CUDA it attaches the Triton fast paths (`prunepath.kernels`); tau lives in a
 device tensor, so `decoder.set_tau(0.7)` changes a captured graph without re-capture. Prefill (T > 8
-rows) runs eagerly and takes the torch FFN path. On a CPU the same step runs eagerly (no graph), with
-a transformers DynamicCache (no graph to keep addresses for, so attention reads only the filled slots), and
-PrunePath FFNs read only their kept experts (`prunepath.decode.cpu_experts`).
+rows) runs eagerly and takes the torch FFN path. On a CPU the step runs eagerly (no graph): for Llama-family models
+through `prunepath.decode.cpu_step` (weights in the GEMV's fast layout, a static cache, few operations per
+layer, PrunePath FFNs reading only their kept experts, dense and PrunePath models on the same code), for
+other models through the model's own forward with a transformers DynamicCache and the kept-expert path
+behind each PrunePath FFN's hook (`prunepath.decode.cpu_experts`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class DecodeConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     cuda_graph: bool = True  # capture the step (CUDA only)
-    fast_path: bool = True  # PrunePath FFNs read only kept experts: Triton kernels (CUDA), CPUExpertPath (CPU)
+    fast_path: bool = True  # PrunePath FFNs read only kept experts: Triton kernels (CUDA), cpu_experts (CPU)
+    cpu_step: bool = True  # on a CPU, Llama-family models run prunepath.decode.cpu_step, not their own forward
     seed: int = 0
 
 
@@ -63,11 +66,17 @@ class Decoder:
         self.cache_kw = _cache_kwarg(model)
         self.fast_paths = []
         self.is_prunepath = bool(prunepath_ffns(model))
+        self.use_cpu_step = False
+        if self.device.type == "cpu" and config.cpu_step:
+            from prunepath.decode.cpu_step import step_unsupported
+
+            self.use_cpu_step = not step_unsupported(model)
+        self.cpu_step = None
         if self.is_prunepath and config.fast_path and self.device.type == "cuda":
             from prunepath.kernels import use_fast_paths
 
             self.fast_paths = use_fast_paths(model, share_down=True)
-        elif self.is_prunepath and config.fast_path and self.device.type == "cpu":
+        elif self.is_prunepath and config.fast_path and self.device.type == "cpu" and not self.use_cpu_step:
             from prunepath.decode.cpu_experts import use_cpu_paths  # reads only the kept experts' weights
 
             use_cpu_paths(model)
@@ -87,6 +96,10 @@ class Decoder:
     def _setup(self, batch: int) -> None:
         from transformers import DynamicCache, StaticCache
 
+        if self.use_cpu_step and (self.cpu_step is None or batch != self.batch):
+            from prunepath.decode.cpu_step import CPUDecodeStep
+
+            self.cpu_step = CPUDecodeStep(self.model, self.max_len, batch, expert_path=self.config.fast_path)
         if not self.use_graph:  # eager (CPU): a cache as long as the text, so attention reads no empty slots
             fresh = DynamicCache(config=self.model.config)
             if self.cache is not None and batch == self.batch:
@@ -105,6 +118,8 @@ class Decoder:
         self.n_out = torch.zeros(1, dtype=torch.long, device=dev)  # [1] tokens written to `out`
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.cpu_step is not None:
+            return self.cpu_step(ids, int(pos[0, 0]))  # [B, V]
         out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{self.cache_kw: self.cache})
         return out.logits[:, -1, :].float()  # [B, V]
 
@@ -173,6 +188,8 @@ class Decoder:
                              f"length {self.max_len}; build the Decoder with a larger max_len")
         self._setup(B)
         self._sync_rules()
+        if self.cpu_step is not None:
+            self.cpu_step.refresh()  # the weights may have changed since the last call
         self.sampling = temperature > 0
         if self.sampling:
             self.temperature.fill_(float(temperature))
@@ -190,6 +207,8 @@ class Decoder:
         """n_steps more tokens after prefill (graph replays on CUDA)."""
         if self.use_graph and self.graph is None and n_steps > 0:
             self._capture()
+        if self.cpu_step is not None:
+            self.cpu_step.refresh()
         for _ in range(n_steps):
             if self.graph is not None:
                 self.graph.replay()

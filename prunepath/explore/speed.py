@@ -1,7 +1,7 @@
 """The explorer's speed figure: decode tokens/s against the active fraction, measured live at the current τ.
 
 `live_speed(model, tokenizer, rule)` times our decode loop (`prunepath.decode.loop.Decoder`: the Triton
-kernels on a GPU, the CPU expert path otherwise, both reading only the kept experts) on this machine:
+kernels on a GPU, the CPU decode step otherwise, both reading only the kept experts) on this machine:
 dense (every expert, unit gates: the base model's arithmetic) and the current routing, a few tokens each,
 in turn (dense, routed, dense, routed) so that a change in the machine's load hits both alike. Each
 measured point is kept for the session, so the curve of this machine grows as the slider moves.
@@ -127,9 +127,10 @@ def live_speed(model, tokenizer, rule, n_tokens: int = 8, prompt: str = "The qui
             dec._sync_rules()  # the GPU kernels read the rule from device tensors
 
         seconds = {"dense": 0.0, "routed": 0.0}
-        dec.prefill(ids, new_tokens=4 * n_tokens + 2)
-        put("routed")
-        dec.decode(1)  # warm-up: builds the expert layouts / compiles the kernels
+        dec.prefill(ids, new_tokens=4 * n_tokens + 3)
+        for which in ("routed", "dense"):  # warm-up: builds the expert and dense layouts / compiles the kernels
+            put(which)
+            dec.decode(1)
         kept = []
         for _ in range(2):
             for which in ("dense", "routed"):
