@@ -200,19 +200,22 @@ def threads():
     torch.set_num_threads(before)
 
 
-def test_the_crossover_depends_on_the_thread_count(threads):
+def test_the_crossover_depends_on_the_thread_count(threads, monkeypatch):
     assert cpu_experts.crossover(1) == cpu_experts.CROSSOVER == 0.8
-    assert cpu_experts.crossover(2) == 0.5 and cpu_experts.crossover(8) == 0.5
+    assert cpu_experts.crossover(8) == cpu_experts.crossover(2) == cpu_experts.CROSSOVER_BY_THREADS[2]
     threads(1)
     assert cpu_experts.crossover() == 0.8
+    monkeypatch.setitem(cpu_experts.CROSSOVER_BY_THREADS, 2, 0.5)
     threads(2)
     assert cpu_experts.crossover() == 0.5
 
 
 @pytest.mark.parametrize("n_threads, dense", [(1, False), (2, True)])
 def test_five_of_eight_experts_take_the_path_of_the_thread_count(threads, monkeypatch, n_threads, dense):
-    """5 of 8 experts kept (0.625): the bags on one thread, the masked dense FFN on two; both exact."""
+    """5 of 8 experts kept (0.625), a crossover of 0.8 on one thread and 0.5 on two: the bags on one thread,
+    the masked dense FFN on two; both exact."""
     model = _convert(_llama(), rule="topk:5")
+    monkeypatch.setattr(cpu_experts, "CROSSOVER_BY_THREADS", {1: 0.8, 2: 0.5})
     threads(n_threads)
     ran = []
     for name in ("kept_ffn", "dense_ffn"):
