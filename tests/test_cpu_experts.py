@@ -11,6 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import prunepath
 from prunepath import MoefyConfig, moefy, routing
+from prunepath.decode import cpu_experts
 from prunepath.decode.cpu_experts import CPUExpertPath, ExpertLayoutError, use_cpu_paths
 from prunepath.decode.loop import DecodeConfig, Decoder
 from prunepath.ffn.module import prunepath_ffns
@@ -189,3 +190,53 @@ def test_many_kept_experts_take_the_masked_dense_gemvs():
             x = torch.randn(1, 1, 64)
             ref, out, took = _both(ffn, x)
             assert took and torch.equal(out, ref)  # 7 of 8 > crossover: the torch path's own arithmetic
+
+
+@pytest.fixture
+def threads():
+    """Set torch's intra-op threads inside a test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_the_crossover_depends_on_the_thread_count(threads, monkeypatch):
+    assert cpu_experts.crossover(1) == cpu_experts.CROSSOVER == 0.8
+    assert cpu_experts.crossover(8) == cpu_experts.crossover(2) == cpu_experts.CROSSOVER_BY_THREADS[2]
+    threads(1)
+    assert cpu_experts.crossover() == 0.8
+    monkeypatch.setitem(cpu_experts.CROSSOVER_BY_THREADS, 2, 0.5)
+    threads(2)
+    assert cpu_experts.crossover() == 0.5
+
+
+@pytest.mark.parametrize("n_threads, dense", [(1, False), (2, True)])
+def test_five_of_eight_experts_take_the_path_of_the_thread_count(threads, monkeypatch, n_threads, dense):
+    """5 of 8 experts kept (0.625), a crossover of 0.8 on one thread and 0.5 on two: the bags on one thread,
+    the masked dense FFN on two; both exact."""
+    model = _convert(_llama(), rule="topk:5")
+    monkeypatch.setattr(cpu_experts, "CROSSOVER_BY_THREADS", {1: 0.8, 2: 0.5})
+    threads(n_threads)
+    ran = []
+    for name in ("kept_ffn", "dense_ffn"):
+        fn = getattr(cpu_experts, name)
+        monkeypatch.setattr(cpu_experts, name, lambda *a, _fn=fn, _n=name, **k: ran.append(_n) or _fn(*a, **k))
+    with torch.no_grad():
+        for ffn in prunepath_ffns(model):
+            x = torch.randn(1, 1, 64)
+            ref, out, took = _both(ffn, x)
+            assert took
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(cpu_experts.expert_ffn(ffn, x[0]), ref[0], atol=1e-5, rtol=1e-4)
+    assert ran and set(ran) == {"dense_ffn" if dense else "kept_ffn"}
+
+
+def test_bag_indices_are_int32_and_several_rows_still_match(threads):
+    model = _convert(_llama(), rule="mass:0.6")
+    threads(1)
+    with torch.no_grad():
+        for ffn in prunepath_ffns(model):
+            w = cpu_experts.expert_weights(ffn)
+            assert w.idx.dtype == w.rows.dtype == w.zero.dtype == torch.int32
+            x = torch.randn(3, 64)
+            torch.testing.assert_close(cpu_experts.expert_ffn(ffn, x), ffn(x[None])[0], atol=1e-5, rtol=1e-4)

@@ -29,7 +29,9 @@ variant chunk of the same round); `speedup_of_medians` is the ratio of the media
 Bytes per token count weights only (the KV cache is a few hundred KB here): the attention projections,
 norms and LM head of every step, plus each FFN's bytes as its path reads them (kept experts × an expert's
 bytes, all experts above the crossover or on the torch path, plus the router), from the experts each
-token kept (recorded on a separate, untimed chunk). `bandwidth_gbs` is a measured CPU copy (read +
+token kept (recorded on a separate, untimed chunk). The same record says which FFN path ran: a kept-experts
+row's path names the share of layer-steps above the thread-dependent crossover (`cpu_experts.crossover`),
+which ran the masked dense FFN (`dense_ffn_share`). `bandwidth_gbs` is a measured CPU copy (read +
 write) of 256 MiB with the same threads.
 """
 
@@ -115,7 +117,7 @@ def run(args) -> int:
     the kept fractions)."""
     import prunepath
     from prunepath import results
-    from prunepath.decode.cpu_experts import CROSSOVER, expert_weights
+    from prunepath.decode.cpu_experts import crossover, expert_weights
     from prunepath.decode.loop import DecodeConfig, Decoder, encode_prompt, load_for_decode
     from prunepath.ffn.module import prunepath_ffns
     from prunepath.routing.rules import Dense
@@ -204,17 +206,23 @@ def run(args) -> int:
                 ffns = prunepath_ffns(m)
                 row["kept_fraction"] = float(rec.stats().active_fraction)
                 row["rule"] = "dense" if name == "kept=1" else "per-layer τ (calibrated active fraction)"
-                read = 0.0
+                read, over_steps = 0.0, 0
                 for f, c in zip(ffns, counts):
                     per_expert = expert_weights(f).bytes_per_expert()
                     full = f.n_experts * per_expert
                     if "torch-mask" in path:
                         read += full * c.numel()
                     else:
-                        over = c > CROSSOVER * f.n_experts
+                        over = c > crossover() * f.n_experts  # the layer-steps that ran the masked dense FFN
+                        over_steps += int(over.sum()) if name != "kept=1" else 0
                         read += float(torch.where(over, float(full), c * per_expert).sum())
                     read += f.router.weight.numel() * f.router.weight.element_size() * c.numel() * (name != "kept=1")
                 row["bytes_per_token"] = other + read / counts.shape[1]
+                if "kept experts" in path:  # which FFN path ran, layer-step by layer-step
+                    row["dense_ffn_share"] = over_steps / counts.numel()
+                    row["crossover"] = crossover()
+                    row["path"] = (f"{path} (masked dense FFN in {over_steps / counts.numel():.0%} of layer-steps: "
+                                   f"kept > {crossover():g} of the experts on {torch.get_num_threads()} threads)")
             row["gb_per_s"] = row["bytes_per_token"] / row["ms_per_token"] / 1e6
             rows.append(row)
 

@@ -30,7 +30,9 @@ experts against 0.30 ms for the dense GEMV (the same bag on in_t's rows, no extr
 one GEMV per run of consecutive experts on [out, in] rows, the previous design, was slower still. In the
 whole decode step (one thread, a loaded machine, top-k rules) the bags beat the dense FFN up to 38 of 48
 experts (1.40x / 1.14x / 1.08x / 1.02x the dense step at 12 / 24 / 34 / 38), while the masked dense GEMVs
-cost 2-17 % more than dense (routing and masking); so above `CROSSOVER` = 0.8 the masked dense GEMVs run.
+cost 2-17 % more than dense (routing and masking); so above `CROSSOVER` = 0.8 the masked dense GEMVs run
+on one thread. The crossover is kept per thread count (`crossover()`, `CROSSOVER_BY_THREADS`); measured on
+two threads it is 0.8 as well.
 
 Selection (`route`): for the cumulative-mass rule on one row, the router GEMV, a softmax, a sort of the E
 probabilities, a cumsum and a count give the kept experts directly (the prefix of the sorted order),
@@ -56,8 +58,19 @@ from prunepath.routing.router import LinearRouter
 from prunepath.routing.rules import CumulativeMass, Dense, TopK, _compute_dtype
 
 # Above this fraction of experts kept (the union over the rows) the dense GEMVs, masked, are faster than
-# the bags over the kept experts (measured at SmolLM2-135M's shapes, see the module docstring).
-CROSSOVER = 0.8
+# the bags over the kept experts (measured at SmolLM2-135M's shapes, see the module docstring), per number
+# of intra-op threads. On two threads the dense GEMVs split over both (`gemv`), yet the masked dense FFN
+# still lost to the bags at half the experts kept (whole decode step, paired rounds on a quiet 2-core
+# AMD EPYC: 0.97x dense with the crossover at 0.5, 1.06x at 0.8; at 75 % kept 0.93x against 0.96x).
+CROSSOVER = 0.8  # one thread
+CROSSOVER_BY_THREADS = {1: 0.8, 2: 0.8}
+
+
+def crossover(threads: int | None = None) -> float:
+    """The kept fraction above which the masked dense FFN runs, for `threads` intra-op threads (default:
+    torch's current number); more threads than measured take the two-thread figure."""
+    t = torch.get_num_threads() if threads is None else int(threads)
+    return CROSSOVER_BY_THREADS.get(t, CROSSOVER_BY_THREADS[2] if t > 2 else CROSSOVER)
 
 
 class ExpertLayoutError(ValueError):
@@ -110,12 +123,14 @@ class ExpertWeights:
                 self.bias_in = torch.stack([m.bias.detach().view(E, G) for m in ins], 1).reshape(E, self.R)
             self.down_e = out.weight.detach().t().contiguous()  # [F, D] expert-major: expert e's rows e*G..
             self.bias_out = None if out.bias is None else out.bias.detach()
-        self.rows = torch.arange(f.d_ff, device=dev).view(E, G)  # expert e's rows of down_e
-        self.idx = (torch.arange(E, device=dev)[:, None] * D + torch.arange(D, device=dev)).contiguous()  # [E, D]
-        self.bag_offsets = [torch.arange(k, device=dev) * D for k in range(E + 1)]  # K bags of D rows
+        # bag indices in int32 (embedding_bag takes them): half the bytes of the per-token index gather
+        ix = dict(dtype=torch.int32 if E * D < 2 ** 31 and f.d_ff < 2 ** 31 else torch.long, device=dev)
+        self.rows = torch.arange(f.d_ff, **ix).view(E, G)  # expert e's rows of down_e
+        self.idx = (torch.arange(E, **ix)[:, None] * D + torch.arange(D, **ix)).contiguous()  # [E, D]
+        self.bag_offsets = [torch.arange(k, **ix) * D for k in range(E + 1)]  # K bags of D rows
         # the down bag of K experts split in two (summed after) so that two threads share it
-        self.down_halves = [torch.tensor([0, (k * G) // 2], device=dev) for k in range(E + 1)]
-        self.zero = torch.zeros(1, dtype=torch.long, device=dev)
+        self.down_halves = [torch.tensor([0, (k * G) // 2], **ix) for k in range(E + 1)]
+        self.zero = torch.zeros(1, **ix)
         self.all_experts = torch.arange(E, device=dev)
         self.router_wt = f.router.weight.t() if isinstance(f.router, LinearRouter) else None  # a view, no copy
         self.mass_dtype = _compute_dtype(out.weight)  # the rules' cumulative sums run in at least fp32
@@ -229,7 +244,8 @@ def kept_ffn(w: ExpertWeights, x2d: torch.Tensor, kept: torch.Tensor, scale: tor
     if N == 1:  # torch.embedding_bag is F.embedding_bag without its argument checks; mode 0 = sum
         pre = torch.embedding_bag(w.blocks, idx, w.bag_offsets[K], False, 0, False, x2d.expand(K, D).reshape(-1))[0]
     else:
-        pre = F.embedding_bag(idx.repeat(N), w.blocks, torch.arange(0, N * K * D, D, device=x2d.device),
+        starts = torch.arange(0, N * K * D, D, dtype=idx.dtype, device=x2d.device)
+        pre = F.embedding_bag(idx.repeat(N), w.blocks, starts,
                               mode="sum", per_sample_weights=x2d[:, None, :].expand(N, K, D).reshape(-1))
     pre = pre.view(N, K, w.R)  # pre-activations of the kept experts
     if w.bias_in is not None:
@@ -242,7 +258,8 @@ def kept_ffn(w: ExpertWeights, x2d: torch.Tensor, kept: torch.Tensor, scale: tor
     elif N == 1:
         y = torch.embedding_bag(w.down_e, rows, w.zero, False, 0, False, h.view(-1))[0]
     else:
-        y = F.embedding_bag(rows.repeat(N), w.down_e, torch.arange(0, N * K * G, K * G, device=x2d.device),
+        y = F.embedding_bag(rows.repeat(N), w.down_e, torch.arange(0, N * K * G, K * G, dtype=rows.dtype,
+                                                                   device=x2d.device),
                             mode="sum", per_sample_weights=h.reshape(-1))
     return y if w.bias_out is None else y + w.bias_out  # [N, D]
 
@@ -291,7 +308,7 @@ def dense_ffn(w: ExpertWeights, x2d: torch.Tensor, gates: torch.Tensor | None = 
 
 def expert_ffn(ffn, x2d: torch.Tensor, w: ExpertWeights | None = None) -> torch.Tensor:
     """The PrunePath FFN on rows x2d [N, D] by its current rule and gate, reading only the kept experts'
-    weights (the dense GEMVs above CROSSOVER); records the counts inside a `prunepath.record` block.
+    weights (the dense GEMVs above `crossover()`); records the counts inside a `prunepath.record` block.
     w: `expert_weights(ffn)`, looked up when not given (a caller that checks for weight changes itself
     passes it).  # [N, D]"""
     w = expert_weights(ffn) if w is None else w
@@ -302,7 +319,7 @@ def expert_ffn(ffn, x2d: torch.Tensor, w: ExpertWeights | None = None) -> torch.
     kept, scale, counts = route(ffn, w, x2d)
     if ffn.recording:
         ffn._record(torch.as_tensor(counts))
-    if kept.numel() > CROSSOVER * ffn.n_experts:
+    if kept.numel() > crossover() * ffn.n_experts:
         gates = torch.zeros(x2d.shape[0], ffn.n_experts, dtype=x2d.dtype, device=x2d.device)
         gates[:, kept] = 1 if scale is None else scale.to(x2d.dtype)
         return dense_ffn(w, x2d, gates)
@@ -314,11 +331,11 @@ class CPUExpertPath:
     own forward then takes it); attach with `use_cpu_paths(model)`.
 
     When the rule keeps every expert whatever the router says (dense, τ > 1) and the gates are one, it
-    skips the router and runs the torch path's own code on the FFN's own weights, and above CROSSOVER it
+    skips the router and runs the torch path's own code on the FFN's own weights, and above `crossover()` it
     runs the torch path's masked GEMVs: bit-for-bit the torch path there.
     """
 
-    crossover = CROSSOVER
+    crossover = None  # a kept fraction, or None: `crossover()` for the current thread count
 
     def __init__(self, ffn, max_rows: int = 8):
         check_expert_layout(ffn)
@@ -351,7 +368,8 @@ class CPUExpertPath:
         kept, scale, counts = route(f, w, x2d)
         if f.recording:
             f._record(torch.as_tensor(counts))
-        if kept.numel() > self.crossover * f.n_experts:  # most experts kept: the torch path's masked GEMVs
+        limit = crossover() if self.crossover is None else self.crossover
+        if kept.numel() > limit * f.n_experts:  # most experts kept: the torch path's masked GEMVs
             gates = torch.zeros(x2d.shape[0], f.n_experts, dtype=x2d.dtype)
             gates[:, kept] = 1 if scale is None else scale.to(x2d.dtype)
             return self._all_experts(x2d, gates).reshape(shape)
