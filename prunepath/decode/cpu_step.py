@@ -42,8 +42,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from prunepath.decode.cpu_experts import (activation_fn, dense_gated, expert_ffn, expert_weights,
-                                          gemv, keeps_every_expert)
+from prunepath.decode.cpu_experts import (
+    activation_fn,
+    dense_gated,
+    expert_ffn,
+    expert_weights,
+    gemv,
+    keeps_every_expert,
+)
 from prunepath.ffn.module import PrunePathFFN
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -66,8 +72,9 @@ def step_unsupported(model) -> str:
         att, mlp = layer.self_attn, layer.mlp
         if getattr(att.o_proj, "bias", None) is not None:
             return "an attention output projection with a bias"
+        projections = ("gate_proj", "up_proj", "down_proj")
         if not isinstance(mlp, PrunePathFFN) and any(
-                getattr(getattr(mlp, n, None), "bias", None) is not None for n in ("gate_proj", "up_proj", "down_proj")):
+                getattr(getattr(mlp, n, None), "bias", None) is not None for n in projections):
             return "FFN projections with biases"
         if isinstance(mlp, PrunePathFFN) and mlp.kind != "gated":
             return f"a PrunePath FFN of kind {mlp.kind!r}"
