@@ -20,13 +20,13 @@ row, ~20 GB/s on a 2-core AMD EPYC) rather than torch's [out, in] (dot products,
   `embedding_bag`, the kept neurons' rows weighted by their activations (split in two bags, summed,
   when two threads can share it). Contiguous expert rows read ~1.7x faster than the same rows scattered
   in the base model's neuron order;
-* "in_t" [D, R·E] and "down_t" [F, D] (built only when used): W_inᵀ and W_downᵀ in the base model's
+* `dense_layout()`: W_inᵀ [D, R·E] and W_downᵀ [F, D] (built only when used): W_inᵀ and W_downᵀ in the base model's
   neuron order, for the dense GEMVs when (nearly) every expert is kept. In that order the all-experts
   FFN is the base model's own dense FFN (`dense_gated`) on the same kernels, bit for bit.
 
 Measured at SmolLM2-135M's shapes (D 576, F 1536, E 48, 30 distinct layers so the weights come from
 memory, one thread): the input bag on blocks 0.09 / 0.21 / 0.30 / 0.41 ms per layer at 12 / 24 / 36 / 48
-experts against 0.30 ms for the dense GEMV (the same bag on in_t's rows, no extra copy: 0.19 ms at 12);
+experts against 0.30 ms for the dense GEMV (the same bag on the dense layout's rows, no extra copy: 0.19 ms at 12);
 one GEMV per run of consecutive experts on [out, in] rows, the previous design, was slower still. In the
 whole decode step (one thread, a loaded machine, top-k rules) the bags beat the dense FFN up to 38 of 48
 experts (1.40x / 1.14x / 1.08x / 1.02x the dense step at 12 / 24 / 34 / 38), while the masked dense GEMVs
@@ -137,52 +137,48 @@ class ExpertWeights:
         self.neuron_expert = torch.empty(f.d_ff, dtype=torch.long, device=dev)  # base-order neuron -> expert
         self.neuron_expert[perm] = torch.arange(f.d_ff, device=dev) // G
         self.act = activation_fn(f.act)
-        self._ins, self._out, self._perm = ins, out, perm
-        self._in_t = None
+        self._ins, self._perm = ins, perm
+        self._dense = None
 
-    @property
-    def in_t(self) -> torch.Tensor:
-        """W_inᵀ [D, R·E] in the base model's neuron order (gate columns, then up columns), built on first use
-        with W_downᵀ in that order (`down_t` [F, D])."""
-        if self._in_t is None:
+    def _base_order(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of t (permuted, expert-contiguous order) put back in the base model's neuron order."""
+        out = torch.empty_like(t)
+        out[self._perm] = t.detach()
+        return out
+
+    def dense_layout(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(W_inᵀ [D, R·E], its bias [R·E] or None, W_downᵀ [F, D]) in the base model's neuron order (gate
+        columns, then up columns), built on first use."""
+        if self._dense is None:
             with torch.no_grad():
-                parts = []
-                for m in self._ins:
-                    w = torch.empty_like(m.weight)
-                    w[self._perm] = m.weight.detach()
-                    parts.append(w)
-                self._in_t = torch.cat(parts).t().contiguous()
-                self.down_t = torch.empty_like(self.down_e)
-                self.down_t[self._perm] = self.down_e
-                if self.bias_in is not None:
-                    biases = []
-                    for m in self._ins:
-                        b = torch.empty_like(m.bias)
-                        b[self._perm] = m.bias.detach()
-                        biases.append(b)
-                    self._bias_in_t = torch.cat(biases)
-        return self._in_t
+                in_t = torch.cat([self._base_order(m.weight) for m in self._ins]).t().contiguous()
+                bias = None if self.bias_in is None else torch.cat([self._base_order(m.bias) for m in self._ins])
+                self._dense = (in_t, bias, self._base_order(self.down_e))
+        return self._dense
 
     def bytes_per_expert(self) -> int:
         """Weight bytes one kept expert costs a token (its input and output blocks)."""
         return (self.R + self.G) * self.D * self.blocks.element_size()
 
 
-_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ffn -> (key, ExpertWeights)
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (key, its copies)
 
 
-def _weights_key(ffn) -> tuple:
-    ps = [p for p in ffn.parameters()]
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps) + (ffn.perm.data_ptr(),)
+def cached_copy(module, build, *extra):
+    """build(module) once per module, shared by every decoder and rebuilt when any of its parameters changes
+    (storage, in-place version, dtype, device) or when `extra` (more tensors the copy reads) does."""
+    tensors = (*module.parameters(), *extra)
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    hit = _COPIES.get(module)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = _COPIES[module] = (key, build(module))
+    return hit[1]
 
 
 def expert_weights(ffn) -> ExpertWeights:
     """The CPU layouts of `ffn`, shared by every decoder and rebuilt when its weights change in any way."""
-    key = _weights_key(ffn)
-    hit = _WEIGHTS.get(ffn)
-    if hit is None or hit[0] != key:
-        hit = _WEIGHTS[ffn] = (key, ExpertWeights(ffn))
-    return hit[1]
+    return cached_copy(ffn, ExpertWeights, ffn.perm)
 
 
 # -- routing -----------------------------------------------------------------------------------------------
@@ -292,37 +288,45 @@ def dense_gated(x2d: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, act
 
 
 def dense_ffn(w: ExpertWeights, x2d: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
-    """Every neuron through the dense GEMVs on in_t / down_t, gated per expert by gates [N, E] (None: unit
-    gates, the base model's dense FFN bit for bit).  # [N, D]"""
-    in_t = w.in_t  # builds down_t too
+    """Every neuron through the dense GEMVs on `w.dense_layout()`, gated per expert by gates [N, E] (None:
+    unit gates, the base model's dense FFN bit for bit).  # [N, D]"""
+    in_t, bias_in_t, down_t = w.dense_layout()
     neuron_gates = None if gates is None else gates.to(x2d.dtype)[:, w.neuron_expert]  # [N, F]
-    if w.gated and w.bias_in is None:
-        y = dense_gated(x2d, in_t, w.down_t, w.act, neuron_gates)
+    if w.gated and bias_in_t is None:
+        y = dense_gated(x2d, in_t, down_t, w.act, neuron_gates)
     else:
-        pre = gemv(x2d, in_t) if w.bias_in is None else torch.addmm(w._bias_in_t, x2d, in_t)  # [N, R*E]
+        pre = gemv(x2d, in_t) if bias_in_t is None else torch.addmm(bias_in_t, x2d, in_t)  # [N, R*E]
         n = pre.shape[1] // 2
         h = w.act(pre[:, :n]) * pre[:, n:] if w.gated else w.act(pre)  # [N, F]
-        y = gemv(h if neuron_gates is None else h * neuron_gates, w.down_t)
+        y = gemv(h if neuron_gates is None else h * neuron_gates, down_t)
     return y if w.bias_out is None else y + w.bias_out
 
 
-def expert_ffn(ffn, x2d: torch.Tensor, w: ExpertWeights | None = None) -> torch.Tensor:
+def expert_ffn(ffn, x2d: torch.Tensor, w: ExpertWeights | None = None, all_experts=None,
+               limit: float | None = None) -> torch.Tensor:
     """The PrunePath FFN on rows x2d [N, D] by its current rule and gate, reading only the kept experts'
-    weights (the dense GEMVs above `crossover()`); records the counts inside a `prunepath.record` block.
-    w: `expert_weights(ffn)`, looked up when not given (a caller that checks for weight changes itself
-    passes it).  # [N, D]"""
-    w = expert_weights(ffn) if w is None else w
+    weights; records the counts inside a `prunepath.record` block.
+
+    w: `expert_weights(ffn)`, looked up when needed and not given (a caller that checks for weight changes
+    itself passes it). all_experts(gates [N, E] or None) -> [N, D] computes every neuron, gated per expert
+    (None: unit gates); it runs when the rule keeps every expert with unit gates (no routing at all) and
+    when more than `limit` (default `crossover()`) of the experts are kept. Default: `dense_ffn`.  # [N, D]"""
+    if all_experts is None:
+        def all_experts(gates):
+            return dense_ffn(expert_weights(ffn) if w is None else w, x2d, gates)
+
     if ffn.gate == "one" and keeps_every_expert(ffn.rule, ffn.n_experts):  # no routing to do: the dense FFN
         if ffn.recording:
             ffn._record(torch.full((x2d.shape[0],), ffn.n_experts, dtype=torch.long))
-        return dense_ffn(w, x2d)
+        return all_experts(None)
+    w = expert_weights(ffn) if w is None else w
     kept, scale, counts = route(ffn, w, x2d)
     if ffn.recording:
         ffn._record(torch.as_tensor(counts))
-    if kept.numel() > crossover() * ffn.n_experts:
+    if kept.numel() > (crossover() if limit is None else limit) * ffn.n_experts:
         gates = torch.zeros(x2d.shape[0], ffn.n_experts, dtype=x2d.dtype, device=x2d.device)
         gates[:, kept] = 1 if scale is None else scale.to(x2d.dtype)
-        return dense_ffn(w, x2d, gates)
+        return all_experts(gates)
     return kept_ffn(w, x2d, kept, scale)
 
 
@@ -350,41 +354,20 @@ class CPUExpertPath:
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in f.parameters()))
 
-    def bytes_per_expert(self) -> int:
-        """Weight bytes one kept expert costs a token (its gate, up and down blocks)."""
-        f = self.ffn
-        w = f.down_proj.weight if f.kind == "gated" else f.fc_out.weight
-        return (3 if f.kind == "gated" else 2) * f.expert_size * f.d_model * w.element_size()
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         f = self.ffn
-        shape = x.shape
         x2d = x.reshape(-1, f.d_model)  # [N, D]
-        if f.gate == "one" and keeps_every_expert(f.rule, f.n_experts):
-            if f.recording:
-                f._record(torch.full((x2d.shape[0],), f.n_experts, dtype=torch.long))
-            return self._all_experts(x2d, None).reshape(shape)
-        w = expert_weights(f)
-        kept, scale, counts = route(f, w, x2d)
-        if f.recording:
-            f._record(torch.as_tensor(counts))
-        limit = crossover() if self.crossover is None else self.crossover
-        if kept.numel() > limit * f.n_experts:  # most experts kept: the torch path's masked GEMVs
-            gates = torch.zeros(x2d.shape[0], f.n_experts, dtype=x2d.dtype)
-            gates[:, kept] = 1 if scale is None else scale.to(x2d.dtype)
-            return self._all_experts(x2d, gates).reshape(shape)
-        y = kept_ffn(w, x2d, kept, scale)
-        return (f.dropout(y) if f.kind == "mlp" else y).reshape(shape)
+        y = expert_ffn(f, x2d, all_experts=lambda gates: self._all_experts(x2d, gates), limit=self.crossover)
+        return (f.dropout(y) if f.kind == "mlp" else y).reshape(x.shape)
 
     def _all_experts(self, x2d: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """All F neurons, gated by g [N, E] (None: unit gates): the torch path's own computation.  # [N, D]"""
+        """All F neurons, gated by g [N, E] (None: unit gates): the torch path's own computation (before the
+        two-layer MLP's dropout).  # [N, D]"""
         f = self.ffn
         h = f._hidden(x2d)  # [N, F]
         if g is not None:
             h = h * g.to(h.dtype).repeat_interleave(f.expert_size, dim=1)
-        if f.kind == "gated":
-            return f.down_proj(h)
-        return f.dropout(f.fc_out(h))
+        return f.down_proj(h) if f.kind == "gated" else f.fc_out(h)
 
 
 def use_cpu_paths(model, on: bool = True, max_rows: int = 8) -> list[CPUExpertPath]:

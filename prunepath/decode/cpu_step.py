@@ -36,7 +36,6 @@ beside the base model's 540 MB; for its PrunePath model 540 MB with the kept-exp
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 
 from prunepath.decode.cpu_experts import (
     activation_fn,
+    cached_copy,
     dense_gated,
     expert_ffn,
     expert_weights,
@@ -79,19 +79,6 @@ def step_unsupported(model) -> str:
         if isinstance(mlp, PrunePathFFN) and mlp.kind != "gated":
             return f"a PrunePath FFN of kind {mlp.kind!r}"
     return ""
-
-
-_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (key, tensors)
-
-
-def _cached(module, build):
-    """build(module) once per module, rebuilt when its parameters change (shared between decoders)."""
-    key = tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
-    hit = _COPIES.get(module)
-    if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = _COPIES[module] = (key, build(module))
-    return hit[1]
 
 
 def _attention_weights(att):
@@ -170,12 +157,12 @@ class CPUDecodeStep:
         inner = self.model.model
         self.embed = inner.embed_tokens.weight
         self.w_norm = inner.norm.weight
-        self.w_head = _cached(self.model.lm_head, lambda m: m.weight.t().contiguous())  # [D, V]
+        self.w_head = cached_copy(self.model.lm_head, lambda m: m.weight.t().contiguous())  # [D, V]
         self.layers = []
         for i, layer in enumerate(inner.layers):
-            w_qkv, b_qkv, w_o = _cached(layer.self_attn, _attention_weights)
+            w_qkv, b_qkv, w_o = cached_copy(layer.self_attn, _attention_weights)
             mlp = layer.mlp
-            ffn = (mlp, expert_weights(mlp)) if isinstance(mlp, PrunePathFFN) else _cached(mlp, _dense_ffn_weights)
+            ffn = (mlp, expert_weights(mlp)) if isinstance(mlp, PrunePathFFN) else cached_copy(mlp, _dense_ffn_weights)
             self.layers.append(_Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, w_qkv,
                                       b_qkv, w_o, ffn, self.k_caches[i], self.v_caches[i]))
 
