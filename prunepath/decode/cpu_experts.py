@@ -53,6 +53,7 @@ Llama-family models, without the hook).
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import struct
 import weakref
@@ -147,6 +148,10 @@ class ExpertWeights:
         self.neuron_expert = torch.empty(f.d_ff, dtype=torch.long, device=dev)  # base-order neuron -> expert
         self.neuron_expert[perm] = torch.arange(f.d_ff, device=dev) // G
         self.act = activation_fn(f.act)
+        # what `fused_ffn` needs of the weights (fixed for this copy): a linear router, the gated SiLU FFN
+        # without biases, fp32
+        self.fusable = (self.router_wt is not None and self.gated and self.act is F.silu and self.bias_in is None
+                        and self.bias_out is None and self.blocks.dtype == torch.float32)
         self._ins, self._perm = ins, perm
         self._dense = None
         self._fused = None
@@ -201,6 +206,7 @@ def expert_weights(ffn) -> ExpertWeights:
 # -- routing -----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
 def _below(tau: float, dtype: torch.dtype) -> float:
     """τ as the comparison `tensor < tau` sees it for a tensor of `dtype` (rounded to float32 for float32)."""
     return struct.unpack("f", struct.pack("f", tau))[0] if dtype == torch.float32 else tau
@@ -323,10 +329,8 @@ def fused_applies(ffn, w: ExpertWeights, x2d: torch.Tensor) -> bool:
     """Whether `fused_ffn` runs this call: one fp32 row without autograd, the cumulative-mass rule with τ <= 1,
     a linear router, a gated SiLU FFN without biases, and numba present (`cpu_fused.fused_kernels()`)."""
     rule = ffn.rule
-    return (x2d.shape[0] == 1 and x2d.dtype == torch.float32 and w.blocks.dtype == torch.float32
-            and type(rule) is CumulativeMass and rule.tau <= 1 and w.router_wt is not None and w.gated
-            and w.act is F.silu and w.bias_in is None and w.bias_out is None and not torch.is_grad_enabled()
-            and x2d.device.type == "cpu" and not fused_kernels())
+    return (w.fusable and x2d.shape[0] == 1 and x2d.dtype == torch.float32 and type(rule) is CumulativeMass
+            and rule.tau <= 1 and not torch.is_grad_enabled() and x2d.device.type == "cpu" and not fused_kernels())
 
 
 def fused_ffn(ffn, w: ExpertWeights, x2d: torch.Tensor, limit: float, all_experts) -> torch.Tensor:
@@ -337,7 +341,7 @@ def fused_ffn(ffn, w: ExpertWeights, x2d: torch.Tensor, limit: float, all_expert
     probs = torch.softmax(logits, dim=-1)
     blocks, down_e, ones = w.fused_arrays()
     gates = ones if ffn.gate == "one" else (probs if ffn.gate == "softmax" else torch.sigmoid(logits)).numpy()[0]
-    y, order, n = mass_ffn(x2d.reshape(-1).numpy(), probs.numpy()[0], gates, _below(ffn.rule.tau, torch.float32),
+    y, order, n = mass_ffn(x2d.numpy()[0], probs.numpy()[0], gates, _below(ffn.rule.tau, torch.float32),
                            ffn.rule.inclusive, math.floor(limit * w.E), blocks, down_e, w.G,
                            torch.get_num_threads())
     if ffn.recording:

@@ -109,23 +109,25 @@ if numba is not None:
             y[j] = acc
 
     @numba.njit(cache=True, boundscheck=False, nogil=True, parallel=True)
-    def _experts_parallel(x, gates, blocks, down_e, order, K, G, P, y):
-        pre = np.empty((K, 2 * G), np.float32)
-        parts = np.empty((P, y.shape[0]), np.float32)
-        for p in numba.prange(P):
-            _experts_part(x, gates, blocks, down_e, order, (K * p) // P, (K * (p + 1)) // P, G, pre, parts[p])
-        _sum_parts(parts, y)
-
-    @_jit
-    def _experts_serial(x, gates, blocks, down_e, order, K, G, y):
-        pre = np.empty((K, 2 * G), np.float32)
-        _experts_part(x, gates, blocks, down_e, order, 0, K, G, pre, y)
+    def mass_ffn_parallel(x, probs, gates, tau, inclusive, limit, blocks, down_e, G, P, y, order):
+        """`mass_ffn` with the kept experts split into min(P, n) parts, one per thread."""
+        n = select_mass(probs, tau, inclusive, order)
+        if n <= limit:
+            P = min(P, n)
+            pre = np.empty((n, 2 * G), np.float32)
+            parts = np.empty((P, y.shape[0]), np.float32)
+            for p in numba.prange(P):
+                _experts_part(x, gates, blocks, down_e, order, (n * p) // P, (n * (p + 1)) // P, G, pre, parts[p])
+            _sum_parts(parts, y)
+        return n
 
     @_jit
     def mass_ffn_serial(x, probs, gates, tau, inclusive, limit, blocks, down_e, G, y, order):
+        """`mass_ffn` on the calling thread."""
         n = select_mass(probs, tau, inclusive, order)
         if n <= limit:
-            _experts_serial(x, gates, blocks, down_e, order, n, G, y)
+            pre = np.empty((n, 2 * G), np.float32)
+            _experts_part(x, gates, blocks, down_e, order, 0, n, G, pre, y)
         return n
 
 
@@ -137,8 +139,8 @@ def _parallel_ok() -> bool:
     if _PARALLEL is None:
         z = np.zeros(1, np.float32)
         try:
-            _experts_parallel(z, z, np.zeros((1, 2), np.float32), np.zeros((1, 1), np.float32),
-                              np.zeros(1, np.int64), 0, 1, 1, np.zeros(1, np.float32))
+            mass_ffn_parallel(z, np.ones(1, np.float32), z, 0.5, False, 1, np.zeros((1, 2), np.float32),
+                              np.zeros((1, 1), np.float32), 1, 1, np.zeros(1, np.float32), np.zeros(1, np.int64))
             _PARALLEL = numba.threading_layer() == "omp"
         except (ValueError, RuntimeError):  # no threading layer could be loaded
             _PARALLEL = False
@@ -159,9 +161,6 @@ def mass_ffn(x: np.ndarray, probs: np.ndarray, gates: np.ndarray, tau: float, in
     dense FFN)."""
     order = np.empty(probs.shape[0], np.int64)
     y = np.empty(down_e.shape[1], np.float32)
-    if threads < 2 or not _parallel_ok():
+    if threads < 2 or not (_PARALLEL or _parallel_ok()):
         return y, order, mass_ffn_serial(x, probs, gates, tau, inclusive, limit, blocks, down_e, G, y, order)
-    n = select_mass(probs, tau, inclusive, order)
-    if n <= limit:
-        _experts_parallel(x, gates, blocks, down_e, order, n, G, min(threads, n), y)
-    return y, order, n
+    return y, order, mass_ffn_parallel(x, probs, gates, tau, inclusive, limit, blocks, down_e, G, threads, y, order)
