@@ -156,3 +156,17 @@ def test_without_numba_the_eager_path_runs(monkeypatch):
         assert not fused_applies(ffn, expert_weights(ffn), x)
         eager = expert_ffn(ffn, x)
     torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_the_compiled_path_does_not_hand_over_to_the_masked_dense_ffn(monkeypatch):
+    """FUSED_CROSSOVER = 1: with nearly every expert kept the compiled call still runs (it measured faster)."""
+    model = _model("mass:0.999")
+    monkeypatch.setattr(cpu_experts, "dense_ffn", lambda *a, **k: pytest.fail("the masked dense FFN ran"))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for ffn in prunepath_ffns(model):
+            x = torch.randn(1, 64) * 0.01  # a flat softmax: nearly every expert kept
+            kept = int(ffn.rule.select(ffn.router(x), None).sum())
+            assert kept > cpu_experts.crossover() * ffn.n_experts
+            ffn.fast_path = None
+            torch.testing.assert_close(expert_ffn(ffn, x), ffn(x[None])[0], atol=1e-5, rtol=1e-4)

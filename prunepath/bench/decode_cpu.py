@@ -118,7 +118,8 @@ def run(args) -> int:
     the kept fractions)."""
     import prunepath
     from prunepath import results
-    from prunepath.decode.cpu_experts import crossover, expert_weights
+    from prunepath.decode.cpu_experts import FUSED_CROSSOVER, expert_weights
+    from prunepath.decode.cpu_experts import crossover as eager_crossover
     from prunepath.decode.cpu_fused import fused_kernels
     from prunepath.decode.loop import DecodeConfig, Decoder, encode_prompt, load_for_decode
     from prunepath.ffn.module import prunepath_ffns
@@ -146,6 +147,9 @@ def run(args) -> int:
 
     why = fused_kernels()  # the kept experts run compiled (cpu_fused) unless numba is missing
     kept_path = "cpu-step kept experts, " + (f"eager bags ({why})" if why else "compiled per layer (numba)")
+
+    def crossover():  # the kept fraction above which the kept-experts rows ran the masked dense FFN
+        return eager_crossover() if why else FUSED_CROSSOVER
     variants = {"dense": (Decoder(base, max_len=max_len, config=cfg), None, "cpu-step dense")}
     for a in args.fractions:
         path = "cpu-step dense (every expert)" if a == 1.0 else kept_path
