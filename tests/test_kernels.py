@@ -27,7 +27,6 @@ from prunepath.kernels.route import (  # noqa: E402
     RULE_SIGMOID,
     RULE_TOPK,
     gate_reference,
-    route,
     route_reference,
     select_reference,
 )
@@ -218,18 +217,26 @@ def test_unit_gates_all_experts_equal_dense_ffn():
     (1, 13, RULE_MASS, 0.3),  # batch 1, E not a power of two
     (5, 20, RULE_MASS_INCL, 0.5),  # batch 5, E larger than one router block
     (3, 7, RULE_TOPK, 2),  # top-k
+    (1, 40, RULE_TOPK, 9),  # one row, E over one router block
 ])
-def test_route_standalone(N, E, code, param):
-    """The two-launch route() (router + select kernel) agrees with the torch reference."""
+def test_route_select_kernel(N, E, code, param):
+    """Launch 1 alone (router GEMV + selection, `select.py`) agrees with the torch reference: mask, union,
+    logits, and the compacted list holds exactly the union's experts."""
     D = 36
     layout = _layout(E, 16, D, torch.float32)
     x = torch.randn(N, D, device=DEV)
+    scratch = Scratch(layout)
+    scratch.poison()
     p = torch.tensor([float(param)], device=DEV)
-    got = route(x, layout, code, p)
+    expert_ffn(x, layout, code, p, scratch=scratch, stages=1)
     ref = route_reference(x, layout, code, param)
-    assert torch.equal(got.mask.cpu(), ref.mask.cpu())
-    assert torch.equal(got.active.cpu(), ref.active.cpu())
-    assert torch.allclose(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    mask = scratch.mask[: N * E].view(N, E)
+    assert torch.equal(mask.bool().cpu(), ref.mask.cpu())
+    assert torch.equal(scratch.flags.cpu(), ref.active.cpu())
+    assert torch.allclose(scratch.logits[: N * E].view(N, E), ref.logits, rtol=1e-5, atol=1e-5)
+    count = int(scratch.count.item())
+    assert sorted(scratch.ids[:count].tolist()) == ref.active.nonzero()[:, 0].tolist()
+    assert not scratch.router_ticket.any()
 
 
 @pytest.mark.parametrize("inclusive", [False, True])
