@@ -121,7 +121,7 @@ def straight_through_gates(logits: torch.Tensor, tau: float, softness: float, ra
     M_e the smoothed mass at or above expert e (`soft_mass_above`)."""
     hard = cumulative_mass_mask(torch.softmax(logits.detach().float(), -1), tau)
     soft = torch.sigmoid((tau - soft_mass_above(logits, rank_temp)) / softness)
-    return hard.to(soft.dtype) + soft - soft.detach()
+    return hard.to(soft.dtype) + (soft - soft.detach())  # exactly the mask forward (0 + 1 - 1 could round)
 
 
 # ---------------------------------------------------------------------------------------------------------
