@@ -1,6 +1,6 @@
 """The quick recipe on a model, against top-k with the same routers: `prunepath bench recipe --model M --name N`.
 
-Runs `prunepath train --recipe quick` (timed: wall and CPU seconds per step), checks that the all-experts
+Runs `prunepath train --recipe quick` (timed: wall and CPU seconds per step, router training included), checks that the all-experts
 conversion is exact (largest logit difference to the base model on calibration text), then scores the first
 `--wt-tokens` WikiText-2 test tokens (1,024-token windows) dense and, at each active fraction, with top-k
 (k = fraction · E), per-layer τ and one global τ (both from the checkpoint's stored calibration). Before the test
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_cpu_seconds": report.cpu_seconds,
         "temperatures": report.temperatures,
         "relative_error": report.relative_error,
+        "tune": report.tune,
         "config": report.config,
         "calibration": json.loads((ckpt / "quick_log.json").read_text())["calibration"],
         "rows": [],
