@@ -5,6 +5,7 @@ characters to ids so the calibration text can be read. Seconds in all.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -144,6 +145,21 @@ def test_quick_config_refuses_bad_values():
         quick.QuickConfig(tune_lr=0.0)
     with pytest.raises(ValueError, match="tune_tokens"):
         quick.QuickConfig(tune_tokens=0)
+    with pytest.raises(ValueError, match="calibration_tol"):
+        quick.QuickConfig(calibration_tol=0.0)
+
+
+def test_calibration_step_meets_the_recipes_tolerance_and_is_stored(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama)
+    quick.quick_routers(model, CharTokenizer(), quick.QuickConfig(tokens=768, seq_len=32, holdout=256,
+                                                                  tune_seconds=0), progress=False)
+    prunepath.save(model, tmp_path / "q")
+    cfg = quick.QuickConfig(fractions=(0.25, 0.5), calibration_tol=0.002)
+    results = quick.calibrate_quick(model, CharTokenizer(), tmp_path / "q", cfg)
+    assert [abs(r["per_layer_active_fraction"] - r["target"]) <= 0.002 for r in results] == [True, True]
+    stored = json.loads((tmp_path / "q" / "prunepath.json").read_text())["calibration"]
+    assert stored["tol"] == 0.002 and set(stored["targets"]) == {"0.25", "0.5"}
+    assert stored["targets"]["0.5"]["per_layer_tau"] == results[1]["per_layer_tau"]
 
 
 def test_quick_routers_then_train_them_through_the_selection(tiny_llama, monkeypatch):
