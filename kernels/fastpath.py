@@ -181,8 +181,9 @@ class FastPath:
 
     def path(self, n_rows: int = 1) -> str:
         """The code the current rule runs for n_rows rows: "triton-fused" (the sparse kernels), "cublas-gated"
-        (every expert kept, gates from the router) or "cublas-dense" (every expert kept with unit gates: the
-        dense FFN, no router); `all_kept.choose_path` says when."""
+        (every expert kept, gates from the router), "cublas-dense" (every expert kept with unit gates: the
+        dense FFN, no router) or "cublas-masked" (batches, top-k at high fractions: cuBLAS with the kept mask
+        and gates of the route+select kernel); `all_kept.choose_path` says when."""
         from .all_kept import choose_path
 
         code, value = rule_code(self.ffn.rule)
@@ -203,7 +204,7 @@ class FastPath:
             from .all_kept import all_kept_ffn
             from .route import RULE_TOPK
 
-            y = all_kept_ffn(x2d, layout, code, value)
+            y = all_kept_ffn(x2d, layout, code, value, param=self._param)
             if self.ffn.recording and not _capturing():
                 kept = min(layout.n_experts, math.ceil(value)) if code == RULE_TOPK else layout.n_experts
                 self.ffn._record(torch.full((x2d.shape[0],), kept, device=x.device))

@@ -81,3 +81,14 @@ def test_compiled_graph_step_matches_transformers_on_gpu(tiny_llama, sparse):
         ref = _last_logits(model, seq.cuda())
         err = (dec.logits - ref).norm() / ref.norm()
         assert err < 3e-2, f"tau={tau}: relative error {err:.3e}"
+
+
+def test_greedy_is_the_first_argmax():
+    """The two-stage argmax of the LM head picks what argmax picks, equal maxima included (first index)."""
+    from prunepath.decode.compiled import greedy
+
+    for V in (128256, 49152, 1000, 7):
+        x = torch.randn(3, V)
+        x[1, V // 3] = x[1, V - 1] = 50.0  # a tie across chunks: the first wins
+        x[2] = 1.0  # every entry equal
+        assert torch.equal(greedy(x), x.argmax(-1)), V

@@ -27,7 +27,6 @@ from prunepath.kernels.route import (  # noqa: E402
     RULE_SIGMOID,
     RULE_TOPK,
     gate_reference,
-    route,
     route_reference,
     select_reference,
 )
@@ -176,18 +175,19 @@ def test_scratch_state_resets_between_calls(N):
 
 @pytest.mark.parametrize("code,param,gate,path", [
     (RULE_ALL, 0.0, "softmax", "cublas-gated"), (RULE_TOPK, 11, "sigmoid", "cublas-gated"),
-    (RULE_TOPK, 10, "sigmoid", "cublas-gated"), (RULE_MASS, 1.05, "one", "cublas-dense"),
-    (RULE_TOPK, 10, "one", "cublas-gated")])
+    (RULE_TOPK, 10, "sigmoid", "cublas-masked"), (RULE_MASS, 1.05, "one", "cublas-dense"),
+    (RULE_TOPK, 10, "one", "cublas-masked")])
 def test_all_kept_path_matches_kernels(code, param, gate, path):
-    """The cuBLAS path taken when every expert is kept (or a top-k rule is above a crossover) computes what
-    the sparse kernels do; with unit gates and every expert kept it runs no router (the dense FFN)."""
+    """The cuBLAS path taken when every expert is kept (or, masked by the route+select kernel's gates, a top-k
+    rule above a crossover) computes what the sparse kernels do; with unit gates and every expert kept it runs
+    no router (the dense FFN)."""
     from prunepath.kernels.all_kept import all_kept_ffn, all_kept_path, keeps_all
 
     layout = _layout(11, 32, 40, torch.float32, gate=gate)
     x = torch.randn(2, 40, device=DEV)
     assert keeps_all(code, param, 11, crossover=0.9)
     assert all_kept_path(layout, code, param) == path
-    y = all_kept_ffn(x, layout, code, param)
+    y = all_kept_ffn(x, layout, code, param, param=torch.tensor([float(param)], device=DEV))
     res = _run(x, layout, code, param)
     assert _rel(y, expert_ffn_reference(x, layout, res.gates)) < TOL[torch.float32]
     assert torch.allclose(y, res.y, rtol=1e-4, atol=1e-5)
@@ -217,18 +217,26 @@ def test_unit_gates_all_experts_equal_dense_ffn():
     (1, 13, RULE_MASS, 0.3),  # batch 1, E not a power of two
     (5, 20, RULE_MASS_INCL, 0.5),  # batch 5, E larger than one router block
     (3, 7, RULE_TOPK, 2),  # top-k
+    (1, 40, RULE_TOPK, 9),  # one row, E over one router block
 ])
-def test_route_standalone(N, E, code, param):
-    """The two-launch route() (router + select kernel) agrees with the torch reference."""
+def test_route_select_kernel(N, E, code, param):
+    """Launch 1 alone (router GEMV + selection, `select.py`) agrees with the torch reference: mask, union,
+    logits, and the compacted list holds exactly the union's experts."""
     D = 36
     layout = _layout(E, 16, D, torch.float32)
     x = torch.randn(N, D, device=DEV)
+    scratch = Scratch(layout)
+    scratch.poison()
     p = torch.tensor([float(param)], device=DEV)
-    got = route(x, layout, code, p)
+    expert_ffn(x, layout, code, p, scratch=scratch, stages=1)
     ref = route_reference(x, layout, code, param)
-    assert torch.equal(got.mask.cpu(), ref.mask.cpu())
-    assert torch.equal(got.active.cpu(), ref.active.cpu())
-    assert torch.allclose(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    mask = scratch.mask[: N * E].view(N, E)
+    assert torch.equal(mask.bool().cpu(), ref.mask.cpu())
+    assert torch.equal(scratch.flags.cpu(), ref.active.cpu())
+    assert torch.allclose(scratch.logits[: N * E].view(N, E), ref.logits, rtol=1e-5, atol=1e-5)
+    count = int(scratch.count.item())
+    assert sorted(scratch.ids[:count].tolist()) == ref.active.nonzero()[:, 0].tolist()
+    assert not scratch.router_ticket.any()
 
 
 @pytest.mark.parametrize("inclusive", [False, True])
@@ -297,12 +305,22 @@ def test_nbytes_dense():
 def test_dispatch_follows_the_measured_paths():
     """One row with router gates stays on the Triton kernels even with every expert kept (faster there); unit
     gates with every expert kept are the dense FFN on cuBLAS (no router); batches take cuBLAS when all are kept;
-    a top-k rule below E never does (it would need each row's k-th logit)."""
+    a top-k rule below E takes the masked cuBLAS path in batches from BATCH_CROSSOVER of the experts kept."""
     from prunepath.kernels.all_kept import choose_path
 
     sig, one = _layout(8, 32, 32, torch.float32), _layout(8, 32, 32, torch.float32, gate="one")
     assert choose_path(sig, RULE_ALL, 0.0, 1) == "triton-fused"
     assert choose_path(sig, RULE_MASS, 1.05, 4) == "cublas-gated"
     assert choose_path(one, RULE_TOPK, 8, 1) == "cublas-dense"
-    assert choose_path(one, RULE_TOPK, 7, 4) == "triton-fused"
+    assert choose_path(one, RULE_TOPK, 7, 4) == "cublas-masked"
+    assert choose_path(sig, RULE_TOPK, 7, 1) == "triton-fused"
+    assert choose_path(sig, RULE_TOPK, 5, 8) == "triton-fused"
     assert choose_path(sig, RULE_MASS, 0.9, 8) == "triton-fused"
+
+
+def test_masked_path_needs_the_device_parameter():
+    from prunepath.kernels.all_kept import all_kept_ffn
+
+    layout = _layout(8, 32, 32, torch.float32)
+    with pytest.raises(ValueError, match="device tensor"):
+        all_kept_ffn(torch.randn(2, 32, device=DEV), layout, RULE_TOPK, 7)

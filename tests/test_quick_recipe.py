@@ -5,6 +5,7 @@ characters to ids so the calibration text can be read. Seconds in all.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_fold_temperature_divides_the_logits():
 
 def test_quick_routers_fit_log_norms_and_fold_the_temperature(tiny_llama):
     model = _moefy(tiny_llama)
-    cfg = quick.QuickConfig(tokens=768, seq_len=32, holdout=256, power=0.5)
+    cfg = quick.QuickConfig(tokens=768, seq_len=32, holdout=256, power=0.5, tune_seconds=0)
     rep = quick.quick_routers(model, CharTokenizer(), cfg, progress=False)
     assert rep.temperatures == [2.0, 2.0]
     assert all(0 <= e < 1 for e in rep.relative_error)  # better than the mean on rows it was not fitted on
@@ -138,6 +139,52 @@ def test_quick_config_refuses_bad_values():
         quick.QuickConfig(power=0.0)
     with pytest.raises(ValueError, match="ridge"):
         quick.QuickConfig(ridge=-1.0)
+    with pytest.raises(ValueError, match="tune_seconds"):
+        quick.QuickConfig(tune_seconds=-1.0)
+    with pytest.raises(ValueError, match="tune_lr"):
+        quick.QuickConfig(tune_lr=0.0)
+    with pytest.raises(ValueError, match="tune_tokens"):
+        quick.QuickConfig(tune_tokens=0)
+    with pytest.raises(ValueError, match="calibration_tol"):
+        quick.QuickConfig(calibration_tol=0.0)
+
+
+def test_calibration_step_meets_the_recipes_tolerance_and_is_stored(tiny_llama, tmp_path):
+    model = _moefy(tiny_llama)
+    quick.quick_routers(model, CharTokenizer(), quick.QuickConfig(tokens=768, seq_len=32, holdout=256,
+                                                                  tune_seconds=0), progress=False)
+    prunepath.save(model, tmp_path / "q")
+    cfg = quick.QuickConfig(fractions=(0.25, 0.5), calibration_tol=0.002)
+    results = quick.calibrate_quick(model, CharTokenizer(), tmp_path / "q", cfg)
+    assert [abs(r["per_layer_active_fraction"] - r["target"]) <= 0.002 for r in results] == [True, True]
+    stored = json.loads((tmp_path / "q" / "prunepath.json").read_text())["calibration"]
+    assert stored["tol"] == 0.002 and set(stored["targets"]) == {"0.25", "0.5"}
+    assert stored["targets"]["0.5"]["per_layer_tau"] == results[1]["per_layer_tau"]
+
+
+def test_quick_routers_then_train_them_through_the_selection(tiny_llama, monkeypatch):
+    from prunepath.train import router_tune
+
+    model = _moefy(tiny_llama)
+    grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "router" not in n}
+    cfg = quick.QuickConfig(tokens=768, seq_len=32, holdout=256, tune_seconds=60, tune_tokens=512)
+    original = router_tune.tune_routers
+    seen = []
+
+    def few_steps(m, ids, c, log=None):  # the recipe's own call, with a step limit so the test takes seconds
+        seen.append(c)
+        fitted.extend(f.router.weight.detach().clone() for f in prunepath_ffns(m))
+        return original(m, ids, router_tune.TuneConfig(seconds=60, max_steps=6, lr=1e-2, positions=8), log)
+
+    fitted = []
+    monkeypatch.setattr(router_tune, "tune_routers", few_steps)
+    rep = quick.quick_routers(model, CharTokenizer(), cfg, progress=False)
+    assert seen[0].seconds == 60 and seen[0].lr == cfg.tune_lr
+    assert rep.tune["steps"] == 6 and rep.tune["scored_tokens"] == 6 * 2 * 8 and "tune" in rep.seconds
+    assert all(not torch.equal(w, f.router.weight) for w, f in zip(fitted, prunepath_ffns(model)))  # trained
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)  # backbone frozen
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grad_before
 
 
 def test_cli_recipe_needs_a_base_model(tmp_path, capsys):

@@ -83,11 +83,11 @@ class Problem:
             y = expert_ffn(x, lay, code, param, cfg=cfg, stages=stages)
         return y
 
-    def cublas(self, x, code, value, layouts=None):
+    def cublas(self, x, code, value, layouts=None, param=None):
         from prunepath.kernels.all_kept import all_kept_ffn
 
         for lay in layouts or [lay for lay, _ in self.layouts]:
-            y = all_kept_ffn(x, lay, code, value)
+            y = all_kept_ffn(x, lay, code, value, param=param)
         return y
 
 
@@ -161,7 +161,7 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
                 t = stats(graph_times(lambda p=param, c=code: prob.ours(x, c, p, cfg), runs=runs))
                 read = sparse_read
             else:
-                t = stats(graph_times(lambda c=code, v=value: prob.cublas(x, c, v), runs=runs))
+                t = stats(graph_times(lambda c=code, v=value, p=param: prob.cublas(x, c, v, param=p), runs=runs))
                 read = dense_bytes + router_bytes  # cuBLAS streams every expert
             r = _row(variant, path, batch, t, copies, read, bw, dense_us, kept_fraction=per_row,
                      union_fraction=union, taken=path == taken, rule="topk" if code == RULE_TOPK else "mass",

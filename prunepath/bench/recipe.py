@@ -1,12 +1,13 @@
 """The quick recipe on a model, against top-k with the same routers: `prunepath bench recipe --model M --name N`.
 
-Runs `prunepath train --recipe quick` (timed: wall and CPU seconds per step), checks that the all-experts
-conversion is exact (largest logit difference to the base model on calibration text), then scores the first
-`--wt-tokens` WikiText-2 test tokens (1,024-token windows) dense and, at each active fraction, with top-k
+Runs `prunepath train --recipe quick` (timed: wall and CPU seconds per step, router training included), checks that
+the all-experts conversion is exact (largest logit difference to the base model on calibration text), then scores
+the first `--wt-tokens` WikiText-2 test tokens (1,024-token windows) dense and, at each active fraction, with top-k
 (k = fraction · E), per-layer τ and one global τ (both from the checkpoint's stored calibration). Before the test
 text it scores top-k and per-layer τ on `--heldout-tokens` of WikiText-2's *valid* split (`heldout_rows`), the
 figures a change of the recipe is judged on first. With `--share-baseline` it also scores per-layer τ on the same
 routers before their temperature was folded in (T = 1: mass over the predicted norm share).
+With `--reuse --recalibrate` it first runs the recipe's calibration step again on the kept checkpoint.
 Writes results/recipes/quick_<name>.json.
 """
 
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=None, help="folder of the results file (default results/recipes)")
     p.add_argument("--reuse", action="store_true",
                    help="with --checkpoint-dir: score a checkpoint the recipe already wrote there (its timings kept)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="with --reuse: run the recipe's calibration step again on that checkpoint (its time replaces "
+                        "the stored one in the recipe's total)")
     p.add_argument("--load", default="", help="note on the machine's load while it ran (goes into the file)")
     args = p.parse_args(argv)
 
@@ -143,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = Path(args.checkpoint_dir or tmp.name) / "quick"
     cfg = QuickConfig(fractions=tuple(args.fractions))
     if args.reuse and (ckpt / "quick_log.json").is_file():
-        from prunepath.train.quick import QuickReport
+        from prunepath.train.quick import QuickReport, recalibrate
 
-        log = json.loads((ckpt / "quick_log.json").read_text())
+        log = recalibrate(ckpt, cfg) if args.recalibrate else json.loads((ckpt / "quick_log.json").read_text())
         report = QuickReport(**{k: log[k] for k in QuickReport.__dataclass_fields__})
     else:
         report = run_quick(model_name, ckpt, cfg)
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_cpu_seconds": report.cpu_seconds,
         "temperatures": report.temperatures,
         "relative_error": report.relative_error,
+        "tune": report.tune,
         "config": report.config,
         "calibration": json.loads((ckpt / "quick_log.json").read_text())["calibration"],
         "rows": [],

@@ -86,7 +86,21 @@ def dense_ffn(x, w_gate_up, w_down):
 def lm_head(h, ffn_out, w_norm, w_head, eps: float):
     """Last residual, final norm, logits [B, V] (fp32) and the greedy token [B]."""
     logits = F.linear(_rmsnorm(h + ffn_out, w_norm, eps), w_head).float()
-    return logits, logits.argmax(-1)
+    return logits, greedy(logits)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary [B, V] -> [B] (the first of equal maxima), in two stages: a one-output
+    reduction over V runs in one program (19 us at V = 128256 on an H200), chunks of V run side by side."""
+    B, V = logits.shape
+    c = 64
+    while V % c:
+        c //= 2
+    if c < 8:
+        return logits.argmax(-1)
+    vals, idx = logits.view(B, c, V // c).max(-1)  # [B, c]: each chunk's first maximum
+    j = vals.argmax(-1)  # the first chunk holding the maximum
+    return j * (V // c) + idx.gather(1, j[:, None])[:, 0]
 
 
 @dataclass

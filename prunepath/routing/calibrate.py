@@ -225,9 +225,10 @@ def check_target(target: float) -> float:
     return target
 
 
-def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, iters: int = 12) -> dict:
-    """Global τ (bisection on real forwards) and per-layer τ (on captured inputs, refined on real forwards) for
-    `target`; both within `tol` of it on these ids when the bisection can reach it."""
+def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, iters: int = 12,
+                  rounds: int = 4) -> dict:
+    """Global τ (bisection on real forwards) and per-layer τ (on captured inputs, refined on real forwards, at most
+    `rounds` times) for `target`; both within `tol` of it on these ids when the bisection can reach it."""
     check_target(target)
     n_exp = prunepath_ffns(model)[0].n_experts
     if target < 1 / n_exp:
@@ -255,7 +256,7 @@ def calibrate_tau(model, ids: torch.Tensor, target: float, tol: float = 0.005, i
             if abs(got0 - target) < abs(got - target):
                 tau, got = tau0, got0
         layers = per_layer_taus(model, calib, target)
-        refined, per_layer_measured = refine_layer_taus(model, ids, [t for t, _ in layers], target, tol)
+        refined, per_layer_measured = refine_layer_taus(model, ids, [t for t, _ in layers], target, tol, rounds)
     return {
         "target": target,
         "tau": tau,

@@ -24,6 +24,11 @@ routers with β = 0.5: top-k / per-layer τ perplexity 9145 / 13496 at 25 %, 149
 25 % and 143.4 at 50 %: no β of the grid beats top-k at 25 %, where every token is short of experts and any
 variation of the count costs more where it takes than it gains where it gives.
 
+The regression ranks experts but was fitted to norms, not to the loss: the two rules came out level within text
+noise. So, stage 2 of the paper, the routers are then trained end to end (backbone frozen) through the selection
+itself on a distillation loss, every step at a target fraction drawn from `fractions` with each layer's τ matched to it
+on the batch (`prunepath.train.router_tune`: straight-through unit gates, so the forward is the evaluated model).
+
 Steps (each timed in the run's log):
 1. convert: balanced k-means experts of 32 neurons, routers from the cluster centres, unit gates (exact when dense);
 2. one dense pass over `tokens` of calibration text through the model body (no LM head: with a 262k vocabulary the
@@ -31,7 +36,8 @@ Steps (each timed in the run's log):
    the forward computes anyway;
 3. per layer, the ridge regression of the centred log norms on the inputs (`holdout` rows left out to measure it),
    scaled by β;
-4. per-layer τ for the target fractions on calibration text, refined on real forwards, saved in the checkpoint.
+4. `tune_seconds` of router training through the cumulative-mass selection (KL to the dense model);
+5. per-layer τ for the target fractions on calibration text, refined on real forwards, saved in the checkpoint.
 
 Shape legend: N tokens, D hidden, E experts, G expert size, L layers.
 """
@@ -61,10 +67,14 @@ class QuickConfig:
     ridge: float = 1e-3  # ridge penalty, relative to the mean diagonal of XᵀX
     power: float = 0.5  # β: softmax(z) ∝ ||y_e||^β (a folded softmax temperature T = 1/β)
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # where per-layer τ is calibrated and stored
+    tune_seconds: float = 600.0  # step 4: end-to-end router training budget (wall seconds; 0 skips it)
+    tune_lr: float = 1e-3
+    tune_tokens: int = 65536  # calibration text the training batches are drawn from
+    calibration_tol: float = 0.001  # step 5: per-layer τ within this of each target fraction on calibration text
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("tokens", "seq_len"):
+        for name in ("tokens", "seq_len", "tune_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.holdout < self.tokens:
@@ -76,6 +86,17 @@ class QuickConfig:
                              f"got {self.power}")
         if not self.fractions or not all(0 < f < 1 for f in self.fractions):
             raise ValueError(f"fractions must lie in (0, 1), got {self.fractions}")
+        if not 0 < self.calibration_tol < 0.05:
+            raise ValueError(f"calibration_tol must lie in (0, 0.05), got {self.calibration_tol}")
+        self.tune_config()  # its checks name the tune_* field at fault
+
+    def tune_config(self):
+        from prunepath.train.router_tune import TuneConfig
+
+        try:
+            return TuneConfig(seconds=self.tune_seconds, lr=self.tune_lr, fractions=self.fractions, seed=self.seed)
+        except ValueError as err:
+            raise ValueError(f"tune_{err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,6 +219,7 @@ class QuickReport:
     cpu_seconds: dict = field(default_factory=dict)  # process CPU seconds per step (user + system)
     temperatures: list = field(default_factory=list)  # per layer: the folded softmax temperature 1/β
     relative_error: list = field(default_factory=list)  # per layer: the fit's relative squared error on held-out rows
+    tune: dict = field(default_factory=dict)  # step 4: steps, tokens, KL per fraction at the start and the end
 
 
 class _Clock:
@@ -213,7 +235,8 @@ class _Clock:
 
 
 def quick_routers(model, tokenizer, cfg: QuickConfig = QuickConfig(), progress: bool = True) -> QuickReport:
-    """Steps 2–3 on a converted model (in place): log-norm routers with the temperature 1/β folded in."""
+    """Steps 2–4 on a converted model (in place): log-norm routers with the temperature 1/β folded in, then
+    trained end to end through the selection for `cfg.tune_seconds` (`prunepath.train.router_tune`)."""
     from prunepath.data import calibration_batches
 
     report = QuickReport(config=asdict(cfg))
@@ -234,20 +257,65 @@ def quick_routers(model, tokenizer, cfg: QuickConfig = QuickConfig(), progress: 
             if progress:
                 print(f"layer {i:>2}: log-norm fit, held-out relative error {report.relative_error[-1]:.3f}",
                       flush=True)
+    del xs, norms
+    if cfg.tune_seconds > 0:
+        from prunepath.train.router_tune import tune_routers
+
+        with clock("tune"):
+            ids = calibration_batches(tokenizer, cfg.tune_tokens, cfg.seq_len, seed=cfg.seed + 3)
+            report.tune = tune_routers(model, ids, cfg.tune_config(), log=print if progress else None)
     return report
 
 
-CALIBRATION_TOKENS = 2048  # step 4: the text `prunepath calibrate` uses (calibration text, 256-token windows, seed 1)
+CALIBRATION_TOKENS = 2048  # step 5: the text `prunepath calibrate` uses (calibration text, 256-token windows, seed 1)
+CALIBRATION_ROUNDS = 8  # step 5: real-forward refinements of per-layer τ at most
+
+
+def calibrate_quick(model, tokenizer, out, cfg: QuickConfig) -> list[dict]:
+    """Step 5: per-layer (and global) τ for each of cfg.fractions within cfg.calibration_tol on calibration text,
+    stored in the checkpoint at `out`. Matched-fraction comparisons need it tight: on SmolLM2 a per-layer τ at 0.497
+    instead of 0.5 costs about 0.9 % perplexity, the size of the difference between the two rules."""
+    from prunepath.checkpoint import save_calibration
+    from prunepath.data import calibration_batches
+    from prunepath.routing.calibrate import calibrate_tau
+
+    ids = calibration_batches(tokenizer, CALIBRATION_TOKENS, 256, seed=1)
+    results = [calibrate_tau(model, ids, f, tol=cfg.calibration_tol, rounds=CALIBRATION_ROUNDS)
+               for f in cfg.fractions]
+    save_calibration(out, results, {
+        "adapter": False, "tokens": int(ids.numel()), "source": "calibration text, 256-token windows, seed 1",
+        "dtype": "fp32", "tol": cfg.calibration_tol, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": "prunepath train --recipe quick",
+    })
+    return results
+
+
+def recalibrate(out, cfg: QuickConfig = QuickConfig(), device: str = "cpu") -> dict:
+    """Run step 5 again on a quick checkpoint at `out` (e.g. with another calibration_tol); its quick_log.json
+    gets the new calibration, the new step-5 time, and a total of the stored steps 1–4 plus the new step 5."""
+    import prunepath
+
+    out = Path(out)
+    log = json.loads((out / "quick_log.json").read_text())
+    model, tok = prunepath.load(str(out), device=device)
+    report = QuickReport(**{k: log[k] for k in QuickReport.__dataclass_fields__})
+    old = report.seconds.get("calibrate", 0.0), report.cpu_seconds.get("calibrate", 0.0)
+    with _Clock(report)("calibrate"):
+        results = calibrate_quick(model, tok, out, cfg)
+    report.seconds["total"] = round(report.seconds["total"] - old[0] + report.seconds["calibrate"], 2)
+    report.cpu_seconds["total"] = round(report.cpu_seconds["total"] - old[1] + report.cpu_seconds["calibrate"], 2)
+    report.config = {**report.config, "calibration_tol": cfg.calibration_tol}
+    log = {**log, **asdict(report), "calibration": results,
+           "recalibrated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / "quick_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    return log
 
 
 def run_quick(model_name: str, out, cfg: QuickConfig = QuickConfig(), device: str = "cpu",
               progress: bool = True) -> QuickReport:
-    """Convert `model_name`, fit its routers (steps 2–3), calibrate per-layer τ (step 4), save to `out`."""
+    """Convert `model_name`, fit and train its routers (steps 2–4), calibrate per-layer τ (step 5), save to `out`."""
     import prunepath
-    from prunepath.checkpoint import save_calibration
     from prunepath.convert import MoefyConfig
-    from prunepath.data import calibration_batches
-    from prunepath.routing.calibrate import calibrate_tau
 
     out = Path(out)
     if (out / "prunepath.json").is_file():
@@ -259,17 +327,12 @@ def run_quick(model_name: str, out, cfg: QuickConfig = QuickConfig(), device: st
     convert_s = (round(time.perf_counter() - w0, 2), round(time.process_time() - c0, 2))
     report = quick_routers(model, tok, cfg, progress=progress)
     report.seconds["load_convert"], report.cpu_seconds["load_convert"] = convert_s
-    info = {"recipe": "quick", "objective": "log-norm ridge regression, softmax temperature 1/β", **asdict(report)}
+    info = {"recipe": "quick", "objective": "log-norm ridge regression, softmax temperature 1/β"
+            + (", then KL distillation through the cumulative-mass selection" if cfg.tune_seconds > 0 else ""),
+            **asdict(report)}
     prunepath.save(model, out, train_info=info)
-    clock = _Clock(report)
-    with clock("calibrate"):
-        ids = calibration_batches(tok, CALIBRATION_TOKENS, 256, seed=1)
-        results = [calibrate_tau(model, ids, f) for f in cfg.fractions]
-    save_calibration(out, results, {
-        "adapter": False, "tokens": int(ids.numel()), "source": "calibration text, 256-token windows, seed 1",
-        "dtype": "fp32", "tol": 0.005, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "prunepath train --recipe quick",
-    })
+    with _Clock(report)("calibrate"):
+        results = calibrate_quick(model, tok, out, cfg)
     report.seconds["total"] = round(time.perf_counter() - w0, 2)
     report.cpu_seconds["total"] = round(time.process_time() - c0, 2)
     (out / "quick_log.json").write_text(json.dumps({**asdict(report), "calibration": results}, indent=1) + "\n")

@@ -1,0 +1,77 @@
+"""Router training through the cumulative-mass selection (`prunepath.train.router_tune`): the maths on small
+tensors, the training forward against the FFN's own, the config checks. The whole recipe with it runs on the tiny
+model in tests/test_quick_recipe.py."""
+
+import pytest
+import torch
+
+import prunepath
+from prunepath import routing
+from prunepath.ffn.module import prunepath_ffns
+from prunepath.routing.rules import cumulative_mass_mask
+from prunepath.train import router_tune as rt
+
+
+def _logits(n=64, e=16, seed=0, scale=1.5):
+    return scale * torch.randn(n, e, generator=torch.Generator().manual_seed(seed))
+
+
+def test_tau_for_fraction_keeps_that_fraction_on_average():
+    z = _logits(n=512, e=48)
+    for frac in (0.25, 0.5, 0.75):
+        tau = rt.tau_for_fraction(z, frac)
+        kept = cumulative_mass_mask(torch.softmax(z, -1), tau).float().mean()
+        assert abs(float(kept) - frac) < 2 / 512  # one token's expert either way is the granularity
+
+
+def test_soft_mass_above_is_the_sorted_cumulative_mass_as_the_smoothing_vanishes():
+    z = _logits()
+    csum, order = rt.sorted_mass(z)
+    exact = torch.empty_like(csum).scatter(-1, order, csum)  # mass at or above each expert, in expert order
+    assert torch.allclose(rt.soft_mass_above(z, 1e-4), exact, atol=1e-5)
+    assert not torch.allclose(rt.soft_mass_above(z, 1.0), exact, atol=1e-2)  # smoothed
+
+
+def test_straight_through_gates_are_the_rule_forward_and_carry_a_gradient():
+    z = _logits().requires_grad_(True)
+    tau = 0.6
+    g = rt.straight_through_gates(z, tau, softness=0.05, rank_temp=0.25)
+    assert torch.equal(g.detach(), cumulative_mass_mask(torch.softmax(z.detach(), -1), tau).float())
+    # the loss wants the best dropped expert of each row: descent must raise its logit relative to the kept ones
+    dropped = g.detach() == 0
+    best_dropped = torch.where(dropped, z.detach(), torch.tensor(-1e9)).argmax(-1)
+    rows = torch.arange(z.shape[0])
+    (-g[rows, best_dropped].sum()).backward()
+    step = -z.grad  # gradient descent direction
+    kept = ~dropped
+    rel = step[rows, best_dropped] - (step * kept).sum(-1) / kept.sum(-1)
+    assert (rel > 0).float().mean() > 0.9
+
+
+def test_training_forward_is_the_routed_ffn_at_the_matched_tau(tiny_llama):
+    tiny_llama.config.prunepath_base = "tiny-llama"
+    model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, gate="one"), progress=False)
+    f = prunepath_ffns(model)[0]
+    with torch.no_grad():
+        f.router.weight.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 24, f.d_model, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), rt.straight_through(model, 0.05, 0.25) as state:
+        state["fraction"] = 0.5
+        got = f(x)
+        tau = rt.tau_for_fraction(f.router(x.reshape(-1, f.d_model)), 0.5)
+    assert "forward" not in f.__dict__  # the class forward is back
+    prunepath.set_rule(model, routing.CumulativeMass(tau))
+    with torch.no_grad():
+        want = f(x)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_tune_refuses_bad_config():
+    with pytest.raises(ValueError, match="softness"):
+        rt.TuneConfig(softness=0)
+    with pytest.raises(ValueError, match="fractions"):
+        rt.TuneConfig(fractions=(0.5, 1.0))
+    with pytest.raises(ValueError, match="positions"):
+        rt.TuneConfig(positions=0)
+    with pytest.raises(ValueError, match="max_steps"):
+        rt.TuneConfig(max_steps=-1)
