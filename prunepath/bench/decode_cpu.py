@@ -7,7 +7,8 @@ variant). What runs, batch 1, fp32, greedy, the default checkpoint's chat prompt
   `prunepath.decode.cpu_step`: static cache, weights in the GEMV's fast layout, few operations per layer);
 * "kept=0.25" / "kept=0.5" / "kept=0.75": the PrunePath model on the same loop with one τ per layer from
   the checkpoint's active-fraction calibration (`prunepath.set_active_fraction`, per layer); its FFNs read
-  only the kept experts (`prunepath.decode.cpu_experts`);
+  only the kept experts (`prunepath.decode.cpu_experts`: one numba-compiled call per layer, `cpu_fused`;
+  the eager bags when numba is missing, which the row's path says);
 * "kept=1": every expert (the dense rule) through the same path: the dense FFN, bit for bit the dense row's;
 * "kept=0.25 torch-mask": the same step with the torch path of the FFN, which computes every expert and masks;
 * "dense, model forward": the base model on our loop through transformers' own forward and DynamicCache
@@ -117,7 +118,9 @@ def run(args) -> int:
     the kept fractions)."""
     import prunepath
     from prunepath import results
-    from prunepath.decode.cpu_experts import crossover, expert_weights
+    from prunepath.decode.cpu_experts import FUSED_CROSSOVER, expert_weights
+    from prunepath.decode.cpu_experts import crossover as eager_crossover
+    from prunepath.decode.cpu_fused import fused_kernels
     from prunepath.decode.loop import DecodeConfig, Decoder, encode_prompt, load_for_decode
     from prunepath.ffn.module import prunepath_ffns
     from prunepath.routing.rules import Dense
@@ -142,9 +145,14 @@ def run(args) -> int:
                              f"`prunepath calibrate --checkpoint {args.checkpoint} --target {fraction:g} --save`")
         return lambda: prunepath.set_active_fraction(model, fraction, per_layer=True)
 
+    why = fused_kernels()  # the kept experts run compiled (cpu_fused) unless numba is missing
+    kept_path = "cpu-step kept experts, " + (f"eager bags ({why})" if why else "compiled per layer (numba)")
+
+    def crossover():  # the kept fraction above which the kept-experts rows ran the masked dense FFN
+        return eager_crossover() if why else FUSED_CROSSOVER
     variants = {"dense": (Decoder(base, max_len=max_len, config=cfg), None, "cpu-step dense")}
     for a in args.fractions:
-        path = "cpu-step dense (every expert)" if a == 1.0 else "cpu-step kept experts"
+        path = "cpu-step dense (every expert)" if a == 1.0 else kept_path
         variants[f"kept={a:g}"] = (Decoder(model, max_len=max_len, config=cfg), routing_of(a), path)
     torch_model, _ = load_for_decode(args.checkpoint, False, "cpu", dtype)
     variants["kept=0.25 torch-mask"] = (

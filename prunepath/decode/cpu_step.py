@@ -16,7 +16,8 @@ operations, as gpt-fast writes its step (`prunepath.decode.compiled` is the GPU 
 * a static KV cache [B, Hkv, L, hd] written in place; attention is SDPA over the filled slots only;
 * the FFN: a base model's gated FFN as two GEMVs (gate and up fused, then down); a PrunePath FFN
   (Gu, Fu, Yuan 2026) through `prunepath.decode.cpu_experts.expert_ffn`, which reads only its kept
-  experts; with every expert kept it is the same two GEMVs on the same weights in the base model's
+  experts (for one fp32 token, one numba-compiled call per layer: `prunepath.decode.cpu_fused`); with every
+  expert kept it is the same two GEMVs on the same weights in the base model's
   neuron order, so the sparse loop at 100 % is the dense loop bit for bit.
 
 The step follows the model's routing as it changes (rule and gate are read at every call), and records
