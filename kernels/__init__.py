@@ -18,10 +18,23 @@ torch path. Tests run the kernels on the CPU with TRITON_INTERPRET=1.
 from __future__ import annotations
 
 if __name__ == "kernels":
-    # Imported as a top-level `kernels` only by accident: with the repository root on sys.path
-    # (`python -c` or `panel serve` run from the root), transformers probes `import kernels` for the
-    # unrelated Hugging Face "kernels" package. Stay empty (no __version__), so that probe finds
-    # nothing usable and imports nothing of ours; the real name of this package is prunepath.kernels.
+    # Imported as a top-level `kernels` only by accident: with the repository root on sys.path (`python -c`,
+    # a script or `panel serve` run from the root) this folder shadows the unrelated Hugging Face "kernels"
+    # package, which transformers (>= 5.25 requires it) imports by that name. Hand the name over to that
+    # package when it is installed, so transformers gets what it asked for; else stay empty (no __version__),
+    # so its probe finds nothing usable. Nothing of ours is imported: our name is prunepath.kernels.
+    import importlib.util
+    import os
+    import sys
+    from importlib.machinery import PathFinder
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is not None and _spec.loader is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules["kernels"] = _module  # the import system returns what sys.modules holds after this runs
+        _spec.loader.exec_module(_module)
     __all__: list[str] = []
 else:
     from .fastpath import HAS_TRITON, FastPath, torch_path, use_fast_paths
