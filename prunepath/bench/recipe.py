@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         from prunepath.train.quick import QuickReport, recalibrate
 
         log = recalibrate(ckpt, cfg) if args.recalibrate else json.loads((ckpt / "quick_log.json").read_text())
-        report = QuickReport(**{k: log[k] for k in QuickReport.__dataclass_fields__})
+        report = QuickReport.from_log(log)
     else:
         report = run_quick(model_name, ckpt, cfg)
 

@@ -117,8 +117,11 @@ class PrunePathFFN(nn.Module):
         mask, gates, _ = self.route(x2d, h)
         if self._recorders:
             self._record(mask.sum(-1))
-        g = gates.to(h.dtype).repeat_interleave(self.expert_size, dim=1)  # [N, F]
-        h = h * g
+        return self._gated_output(h, gates, shape)
+
+    def _gated_output(self, h: torch.Tensor, gates: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The neurons h [N, F] scaled by their experts' gates [N, E], projected back to the input's shape."""
+        h = h * gates.to(h.dtype).repeat_interleave(self.expert_size, dim=1)  # [N, F]
         if self.kind == "gated":
             return self.down_proj(h).reshape(shape)
         if self.kind == "mlp":

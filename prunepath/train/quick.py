@@ -221,6 +221,11 @@ class QuickReport:
     relative_error: list = field(default_factory=list)  # per layer: the fit's relative squared error on held-out rows
     tune: dict = field(default_factory=dict)  # step 4: steps, tokens, KL per fraction at the start and the end
 
+    @classmethod
+    def from_log(cls, log: dict) -> QuickReport:
+        """The report stored in a checkpoint's quick_log.json (read as a dict)."""
+        return cls(**{k: log[k] for k in cls.__dataclass_fields__})
+
 
 class _Clock:
     def __init__(self, report: QuickReport):
@@ -298,7 +303,7 @@ def recalibrate(out, cfg: QuickConfig = QuickConfig(), device: str = "cpu") -> d
     out = Path(out)
     log = json.loads((out / "quick_log.json").read_text())
     model, tok = prunepath.load(str(out), device=device)
-    report = QuickReport(**{k: log[k] for k in QuickReport.__dataclass_fields__})
+    report = QuickReport.from_log(log)
     old = report.seconds.get("calibrate", 0.0), report.cpu_seconds.get("calibrate", 0.0)
     with _Clock(report)("calibrate"):
         results = calibrate_quick(model, tok, out, cfg)

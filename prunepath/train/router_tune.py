@@ -136,21 +136,23 @@ def _routed_forward(f: PrunePathFFN, x: torch.Tensor, fraction: float, softness:
     h = f._hidden(x2d)  # [N, F]
     z = f.router(x2d)  # [N, E]
     g = straight_through_gates(z, tau_for_fraction(z, fraction), softness, rank_temp)  # [N, E]
-    h = h * g.to(h.dtype).repeat_interleave(f.expert_size, dim=1)
-    if f.kind == "gated":
-        return f.down_proj(h).reshape(shape)
-    if f.kind == "mlp":
-        return f.dropout(f.fc_out(h)).reshape(shape)
-    return h.reshape(*shape[:-1], f.d_ff)
+    return f._gated_output(h, g, shape)
 
 
 @contextmanager
 def straight_through(model, softness: float, rank_temp: float):
-    """Inside the block every PrunePath FFN runs `_routed_forward` at `state['fraction']` (set per step)."""
-    state = {"fraction": 0.5}
+    """Inside the block every PrunePath FFN runs `_routed_forward` at `state['fraction']` (set per step), or its
+    own forward while that is None (the dense teacher pass)."""
+    state = {"fraction": None}
+
+    def forward(f, x):
+        if state["fraction"] is None:
+            return PrunePathFFN.forward(f, x)
+        return _routed_forward(f, x, state["fraction"], softness, rank_temp)
+
     ffns = prunepath_ffns(model)
     for f in ffns:
-        f.forward = lambda x, f=f: _routed_forward(f, x, state["fraction"], softness, rank_temp)
+        f.forward = lambda x, f=f: forward(f, x)
     try:
         yield state
     finally:
@@ -208,7 +210,8 @@ def tune_routers(model, ids: torch.Tensor, cfg: TuneConfig = TuneConfig(), log=N
                 rows = order[(step * cfg.batch + torch.arange(cfg.batch)) % ids.shape[0]]
                 batch = ids[rows].to(device)
                 pos = torch.randperm(ids.shape[1], generator=gen)[:n_pos].sort().values.to(device)
-                with torch.no_grad(), dense_routing(model), _plain(model):
+                state["fraction"] = None
+                with torch.no_grad(), dense_routing(model):
                     teacher = _head_logits(model, batch, pos)
                 state["fraction"] = frac = rng.choice(cfg.fractions)
                 logp = _head_logits(model, batch, pos)
@@ -226,19 +229,6 @@ def tune_routers(model, ids: torch.Tensor, cfg: TuneConfig = TuneConfig(), log=N
         model.train(was_training)
     return {"steps": step, "tokens": step * cfg.batch * ids.shape[1], "scored_tokens": step * cfg.batch * n_pos,
             "seconds": round(time.perf_counter() - t0, 2), "loss_by_fraction": _loss_summary(history, cfg.fractions)}
-
-
-@contextmanager
-def _plain(model):
-    """The class forward of every FFN inside the block (the dense teacher pass inside `straight_through`)."""
-    ffns = prunepath_ffns(model)
-    saved = [f.__dict__.pop("forward", None) for f in ffns]
-    try:
-        yield
-    finally:
-        for f, fw in zip(ffns, saved):
-            if fw is not None:
-                f.forward = fw
 
 
 def _loss_summary(history: list[tuple[float, float]], fractions) -> dict:
