@@ -147,6 +147,12 @@ def _parallel_ok() -> bool:
     return _PARALLEL
 
 
+def compiled_threads(threads: int) -> int:
+    """How many parts a compiled call splits its work into for `threads` intra-op threads: 1 unless numba runs
+    on its OpenMP layer (its own work queue's threads compete with torch's)."""
+    return threads if threads > 1 and (_PARALLEL or _parallel_ok()) else 1
+
+
 def fused_kernels() -> str:
     """Why the compiled CPU FFN cannot run on this machine, or "" when it can."""
     return FUSED_UNAVAILABLE

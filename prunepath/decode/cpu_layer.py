@@ -27,7 +27,8 @@ in float64: results agree with the eager step to rounding (tested), not bit for 
 and sparse) run this same code, so the sparse loop with every expert kept is still the dense loop bit for bit.
 
 Only fp32, one row (batch 1, one new token) is compiled; other cases run the eager step. `compiled_layer()`
-says why the compiled call cannot run (numba missing: the reason from `prunepath.decode.cpu_fused`).
+says why the compiled call cannot run (numba missing: the reason from `prunepath.decode.cpu_fused`);
+`cpu_fused.compiled_threads(n)` is the number of parts the work is split into (1 unless numba's OpenMP layer runs).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ import math
 
 import numpy as np
 
-from prunepath.decode.cpu_fused import FUSED_UNAVAILABLE, numba
+from prunepath.decode import cpu_fused
+from prunepath.decode.cpu_fused import numba
 
 
 def compiled_layer() -> str:
     """Why the compiled attention half cannot run on this machine, or "" when it can."""
-    return FUSED_UNAVAILABLE
+    return cpu_fused.fused_kernels()
 
 
 if numba is not None:
@@ -52,18 +54,18 @@ if numba is not None:
     def _rows_gemv(x, w, d0, d1, y):
         """y <- x[d0:d1] @ w[d0:d1] (w [I, O]): four input rows per pass over y, so y is read and written
         once per four weight rows while four weight streams are read."""
-        O = w.shape[1]
-        for j in range(O):
+        n_out = w.shape[1]
+        for j in range(n_out):
             y[j] = 0.0
         d = d0
         while d + 4 <= d1:
             x0, x1, x2, x3 = x[d], x[d + 1], x[d + 2], x[d + 3]
-            for j in range(O):
+            for j in range(n_out):
                 y[j] += x0 * w[d, j] + x1 * w[d + 1, j] + x2 * w[d + 2, j] + x3 * w[d + 3, j]
             d += 4
         while d < d1:
             xd = x[d]
-            for j in range(O):
+            for j in range(n_out):
                 y[j] += xd * w[d, j]
             d += 1
 
@@ -81,10 +83,10 @@ if numba is not None:
     def gemv_into(x, w, P, parts, y):
         """y [O] <- x [I] @ w [I, O], the input rows split into P parts, one per thread (parts: scratch
         [>= P, >= O]); returns y."""
-        I, O = w.shape
+        n_in, n_out = w.shape
         for p in numba.prange(P):
-            _rows_gemv(x, w, (I * p) // P, (I * (p + 1)) // P, parts[p])
-        for j in range(O):
+            _rows_gemv(x, w, (n_in * p) // P, (n_in * (p + 1)) // P, parts[p])
+        for j in range(n_out):
             acc = parts[0, j]
             for p in range(1, P):
                 acc += parts[p, j]

@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from prunepath.decode import cpu_layer
-from prunepath.decode.cpu_fused import mass_ffn
 from prunepath.decode.cpu_experts import (
     FUSED_CROSSOVER,
     _below,
@@ -57,6 +56,7 @@ from prunepath.decode.cpu_experts import (
     gemv,
     keeps_every_expert,
 )
+from prunepath.decode.cpu_fused import compiled_threads, mass_ffn
 from prunepath.ffn.module import PrunePathFFN
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -249,7 +249,7 @@ class CPUDecodeStep:
         """One fp32 token at batch 1: per layer, the compiled attention half (`cpu_layer.attention_block`,
         which also adds the previous FFN's output), then the FFN as in the eager step (`_ffn`); the final
         norm and the LM head compiled too.  # [1, V]"""
-        P = max(1, torch.get_num_threads())
+        P = compiled_threads(torch.get_num_threads())
         x, qkv, att, scores, x2, x2_t, parts = self._buffers(P)
         h = self._embed_np[token].copy()  # [D]
         cos, sin = self._cos_np[pos], self._sin_np[pos]
