@@ -180,3 +180,26 @@ def test_without_numba_the_eager_step_runs(monkeypatch):
     got = step(ids[:, 6:], 6)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got, _forward_logits(base, ids), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_default_checkpoint_greedy_tokens_equal_the_model_forward():
+    """The default checkpoint on the benchmark's prompt: dense and at 25 / 50 % kept (per-layer τ), the
+    compiled loop's greedy tokens equal the model's own forward (transformers layers, torch-mask FFN)."""
+    from prunepath.bench.decode_cpu import PROMPT
+    from prunepath.decode.loop import encode_prompt, load_for_decode
+
+    model, tok = load_for_decode("default", False, "cpu", torch.float32)
+    ref_model = copy.deepcopy(model)
+    ids = encode_prompt(tok, PROMPT)
+    dec = Decoder(model, max_len=ids.shape[1] + 24, config=DecodeConfig(max_new_tokens=16))
+    ref = Decoder(ref_model, max_len=ids.shape[1] + 24,
+                  config=DecodeConfig(max_new_tokens=16, cpu_step=False, fast_path=False))
+    for fraction in (None, 0.25, 0.5):
+        for m in (model, ref_model):
+            if fraction is None:
+                prunepath.set_rule(m, routing.rules.Dense())
+            else:
+                prunepath.set_active_fraction(m, fraction, per_layer=True)
+        assert torch.equal(dec.generate(ids), ref.generate(ids))
+    assert dec.cpu_step.compiled
