@@ -51,6 +51,12 @@ def test_live_speed_measures_both_and_restores_the_routing():
     assert prunepath.routing.control.rules(model) == before
 
 
+def test_more_tokens_than_the_last_call_get_a_longer_cache():
+    model = _converted()
+    live_speed(model, _tokenizer, routing.TopK(2), n_tokens=1)
+    assert live_speed(model, _tokenizer, routing.TopK(2), n_tokens=6).routed.tokens_per_s > 0
+
+
 def test_per_layer_taus_are_accepted():
     model = _converted()
     live = live_speed(model, _tokenizer, types.SimpleNamespace(taus=(0.3, 0.6), spec="mass:0.3,0.6"), n_tokens=1)

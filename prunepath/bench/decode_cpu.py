@@ -4,7 +4,8 @@ Writes results/bench/decode_default_cpu.json (the schema of results/bench: one o
 variant). What runs, batch 1, fp32, greedy, the default checkpoint's chat prompt:
 
 * "dense": the base model on our decode loop (`prunepath.decode.loop.Decoder`, whose CPU step is
-  `prunepath.decode.cpu_step`: static cache, weights in the GEMV's fast layout, few operations per layer);
+  `prunepath.decode.cpu_step`: static cache, weights in the GEMV's fast layout; for one fp32 token each
+  layer's attention half, the dense FFN and the LM head run numba-compiled, `prunepath.decode.cpu_layer`);
 * "kept=0.25" / "kept=0.5" / "kept=0.75": the PrunePath model on the same loop with one τ per layer from
   the checkpoint's active-fraction calibration (`prunepath.set_active_fraction`, per layer); its FFNs read
   only the kept experts (`prunepath.decode.cpu_experts`: one numba-compiled call per layer, `cpu_fused`;
@@ -146,18 +147,20 @@ def run(args) -> int:
         return lambda: prunepath.set_active_fraction(model, fraction, per_layer=True)
 
     why = fused_kernels()  # the kept experts run compiled (cpu_fused) unless numba is missing
-    kept_path = "cpu-step kept experts, " + (f"eager bags ({why})" if why else "compiled per layer (numba)")
+    # one fp32 token at batch 1: each layer's attention half, the dense FFN and the LM head compiled (cpu_layer)
+    step = "cpu-step eager" if why or dtype != torch.float32 else "cpu-step compiled layers (numba)"
+    kept_path = f"{step}, kept experts " + (f"in eager bags ({why})" if why else "in one compiled call per layer")
 
     def crossover():  # the kept fraction above which the kept-experts rows ran the masked dense FFN
         return eager_crossover() if why else FUSED_CROSSOVER
-    variants = {"dense": (Decoder(base, max_len=max_len, config=cfg), None, "cpu-step dense")}
+    variants = {"dense": (Decoder(base, max_len=max_len, config=cfg), None, f"{step}, dense FFN")}
     for a in args.fractions:
-        path = "cpu-step dense (every expert)" if a == 1.0 else kept_path
+        path = f"{step}, dense FFN (every expert)" if a == 1.0 else kept_path
         variants[f"kept={a:g}"] = (Decoder(model, max_len=max_len, config=cfg), routing_of(a), path)
     torch_model, _ = load_for_decode(args.checkpoint, False, "cpu", dtype)
     variants["kept=0.25 torch-mask"] = (
         Decoder(torch_model, max_len=max_len, config=DecodeConfig(max_new_tokens=max_len, fast_path=False)),
-        lambda: prunepath.set_active_fraction(torch_model, 0.25, per_layer=True), "cpu-step, torch-mask FFN")
+        lambda: prunepath.set_active_fraction(torch_model, 0.25, per_layer=True), f"{step}, torch-mask FFN")
     if not any(abs(k - 0.25) < 1e-9 for k in cal["targets"]):
         del variants["kept=0.25 torch-mask"]
     variants["dense, model forward"] = (

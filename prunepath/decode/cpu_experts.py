@@ -62,7 +62,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prunepath.decode.cpu_fused import fused_kernels, mass_ffn
+from prunepath.decode import cpu_layer
+from prunepath.decode.cpu_fused import compiled_threads, fused_kernels, mass_ffn
 from prunepath.ffn.module import prunepath_ffns
 from prunepath.routing.gates import gate_values
 from prunepath.routing.router import LinearRouter
@@ -306,7 +307,16 @@ def dense_gated(x2d: torch.Tensor, w_in: torch.Tensor, w_down: torch.Tensor, act
                 neuron_gates: torch.Tensor | None = None) -> torch.Tensor:
     """act(x W_g) ⊙ (x W_u) W_d with w_in = [W_g | W_u] stored [D, 2F] and w_down [F, D], the neurons
     scaled by neuron_gates [N, F] when given: the dense FFN of the decode step, base model or PrunePath
-    model with every expert kept (the same code, so the same bits).  # [N, D]"""
+    model with every expert kept (the same code, so the same bits). One fp32 row of a SiLU FFN without
+    neuron gates runs compiled (`cpu_layer.dense_ffn_into`) when numba is present.  # [N, D]"""
+    if (neuron_gates is None and act is F.silu and x2d.shape[0] == 1 and x2d.dtype == w_in.dtype == torch.float32
+            and not torch.is_grad_enabled() and not cpu_layer.compiled_layer()):
+        P = compiled_threads(torch.get_num_threads())
+        parts = np.empty((P, max(w_in.shape[1], w_down.shape[1])), np.float32)
+        y = np.empty(w_down.shape[1], np.float32)
+        cpu_layer.dense_ffn_into(x2d.numpy()[0], w_in.numpy(), w_down.numpy(), P, parts,
+                                 np.empty(w_in.shape[1], np.float32), y)
+        return torch.from_numpy(y)[None]
     pre = gemv(x2d, w_in)
     n = pre.shape[1] // 2
     h = act(pre[:, :n]) * pre[:, n:]

@@ -147,20 +147,27 @@ def _parallel_ok() -> bool:
     return _PARALLEL
 
 
+def compiled_threads(threads: int) -> int:
+    """How many parts a compiled call splits its work into for `threads` intra-op threads: 1 unless numba runs
+    on its OpenMP layer (its own work queue's threads compete with torch's)."""
+    return threads if threads > 1 and (_PARALLEL or _parallel_ok()) else 1
+
+
 def fused_kernels() -> str:
     """Why the compiled CPU FFN cannot run on this machine, or "" when it can."""
     return FUSED_UNAVAILABLE
 
 
 def mass_ffn(x: np.ndarray, probs: np.ndarray, gates: np.ndarray, tau: float, inclusive: bool, limit: int,
-             blocks: np.ndarray, down_e: np.ndarray, G: int, threads: int) -> tuple[np.ndarray, np.ndarray, int]:
+             blocks: np.ndarray, down_e: np.ndarray, G: int, threads: int, y: np.ndarray | None = None,
+             order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """One token's PrunePath FFN by the cumulative-mass rule, all float32 numpy arrays: x [D], probs [E]
     (softmax of the router logits), gates [E] (each expert's output scale), τ as float32 compares it,
     blocks [E·D, 2G] and down_e [E·G, D] (`ExpertWeights`). Returns (y [D], order [E], n): the first n of
     order are the kept experts; y is computed only when n <= limit (else left unset: the caller runs the
-    dense FFN)."""
-    order = np.empty(probs.shape[0], np.int64)
-    y = np.empty(down_e.shape[1], np.float32)
+    dense FFN). y and order (int64) are made here unless given."""
+    order = np.empty(probs.shape[0], np.int64) if order is None else order
+    y = np.empty(down_e.shape[1], np.float32) if y is None else y
     if threads < 2 or not (_PARALLEL or _parallel_ok()):
         return y, order, mass_ffn_serial(x, probs, gates, tau, inclusive, limit, blocks, down_e, G, y, order)
     return y, order, mass_ffn_parallel(x, probs, gates, tau, inclusive, limit, blocks, down_e, G, threads, y, order)

@@ -108,7 +108,7 @@ def live_speed(model, tokenizer, rule, n_tokens: int = 8, prompt: str = "The qui
     t_start = time.perf_counter()
     with _LOCK, routing_kept(model), torch.no_grad():
         dec = _DECODERS.get(id(model))
-        if dec is None or dec.model is not model:
+        if dec is None or dec.model is not model or dec.max_len < ids.shape[1] + 4 * n_tokens + 3:
             dec = _DECODERS[id(model)] = Decoder(model, max_len=ids.shape[1] + 4 * n_tokens + 16,
                                                  config=DecodeConfig(max_new_tokens=n_tokens))
 
