@@ -7,7 +7,7 @@ One module per kernel, each with its pure-torch reference beside it:
 - `route`      : the selection rules' codes and the torch references the kernels are tested against.
 - `expert_ffn` : gate/up over the kept experts, down with fp32 atomics and the reduce folded in.
 - `all_kept`   : every expert kept, or batches at high kept fractions: cuBLAS (with the router or the
-                 route+select kernel beside it, or no router with unit gates).
+                 router's rows in the gate GEMM, or no router with unit gates).
 - `fastpath`   : `FastPath`, what a `PrunePathFFN` calls on; `use_fast_paths(model)` installs (or removes)
                  them, `torch_path(model)` suspends them for a block.
 

@@ -11,7 +11,9 @@ FFN's time. The launches, with no host synchronisation:
    (the union over the N rows): ids [E], count [1].
 2. `_gate_up_kernel`, grid E * (G / BG): program p owns BG neurons of the expert in slot p // (G / BG)
    of that list (programs past the kept count exit at once, so the first count * G / BG programs,
-   all streaming, are the ones the scheduler spreads over the SMs). It streams BG rows of W_gate and
+   all streaming, are the ones the scheduler spreads over the SMs). When the host knows how many experts a
+   row keeps (top-k: k), the grid has k * G / BG programs instead (ties past k: the programs loop), so fewer
+   idle programs must start before the down launch can. It streams BG rows of W_gate and
    W_up over the whole of D (no split-K, so the activation needs no second pass), applies
    act(gate) * up * g_token in fp32 and writes h [N, slot, G].
 3. `_down_kernel`, grid C x (D / BLOCK_D): program (c, d) adds the down contributions of slots
@@ -63,68 +65,88 @@ def _act(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, j, rb, e,
+                  D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                  BLOCK_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr):
+    """h[:, slot j, rb*BG ..] = act(x W_gate^T) * (x W_up^T) * g for BG neurons of kept expert e = ids[j]."""
+    rows = e * G + rb * BG + tl.arange(0, BG)  # [BG] neuron indices in [0, F)
+    n_offs = tl.arange(0, BN)
+    nm = n_offs < N
+    if BN == 1:
+        # D is a compile-time constant: the K loop unrolls and every tile's loads can be issued up front
+        accg = tl.zeros((BG, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
+        accu = tl.zeros((BG, BLOCK_K), dtype=tl.float32)
+        for k in tl.static_range(0, D, BLOCK_K):
+            k_offs = k + tl.arange(0, BLOCK_K)
+            km = k_offs < D
+            xv = tl.load(x_ptr + k_offs, mask=km, other=0.0).to(tl.float32)  # [BLOCK_K]
+            wp = rows[:, None] * D + k_offs[None, :]
+            wg = tl.load(w_in_ptr + wp, mask=km[None, :], other=0.0)  # [BG, BLOCK_K]
+            accg += wg.to(tl.float32) * xv[None, :]
+            if GATED:
+                wu = tl.load(w_up_ptr + wp, mask=km[None, :], other=0.0)
+                accu += wu.to(tl.float32) * xv[None, :]
+        hg = tl.sum(accg, axis=1)[None, :]  # [1, BG]
+        hu = tl.sum(accu, axis=1)[None, :]
+    else:
+        hg = tl.zeros((BN, BG), dtype=tl.float32)
+        hu = tl.zeros((BN, BG), dtype=tl.float32)
+        for k in range(0, D, BLOCK_K):  # tensor-core tiles: a pipelined loop, not an unrolled one
+            k_offs = k + tl.arange(0, BLOCK_K)
+            km = k_offs < D
+            xt = tl.load(x_ptr + n_offs[:, None] * D + k_offs[None, :], mask=nm[:, None] & km[None, :],
+                         other=0.0)  # [BN, BLOCK_K]
+            wp = rows[:, None] * D + k_offs[None, :]
+            wg = tl.load(w_in_ptr + wp, mask=km[None, :], other=0.0)  # [BG, BLOCK_K]
+            if HALF_DOT:  # bf16 / fp16 operands straight into the tensor cores, fp32 sums
+                hg = tl.dot(xt, tl.trans(wg), hg)
+            else:
+                hg = tl.dot(xt.to(tl.float32), tl.trans(wg.to(tl.float32)), hg, input_precision=DOT_PREC)
+            if GATED:
+                wu = tl.load(w_up_ptr + wp, mask=km[None, :], other=0.0)
+                if HALF_DOT:
+                    hu = tl.dot(xt, tl.trans(wu), hu)
+                else:
+                    hu = tl.dot(xt.to(tl.float32), tl.trans(wu.to(tl.float32)), hu, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        hg += tl.load(b_in_ptr + rows).to(tl.float32)[None, :]
+    a = _act(hg, ACT)
+    if GATED:
+        a = a * hu
+    g = tl.load(gate_ptr + n_offs * E + e, mask=nm, other=0.0)  # [BN]; 0 for rows that dropped e
+    tl.store(h_ptr + n_offs[:, None] * (E * G) + j * G + rb * BG + tl.arange(0, BG)[None, :],
+             a * g[:, None], mask=nm[:, None])
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, count_ptr, h_ptr, N, E,
                     D: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
                     BLOCK_K: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr, PDL: tl.constexpr):
-    """Launch 2: program p = (slot j = p // (G / BG), row block rb); slots past the kept count exit.
-    h[:, slot j, rb*BG ..] = act(x W_gate^T) * (x W_up^T) * g for BG neurons of kept expert ids[j]."""
+                    DOT_PREC: tl.constexpr, HALF_DOT: tl.constexpr, LOOP: tl.constexpr, PDL: tl.constexpr):
+    """Launch 2: program p = item (slot j = p // (G / BG), row block rb); slots past the kept count exit.
+    LOOP: a grid smaller than E * G / BG, program p taking items p, p + P, ... below count * G / BG."""
     if PDL:  # dependent launch: wait for route+select, then let the down launch start its weight loads
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     j = pid // (G // BG)
-    rb = pid % (G // BG)
     count = tl.load(count_ptr)
     e = tl.load(ids_ptr + j)  # issued with the count load (j < E): one round trip fewer
-    if j < count:
-        rows = e * G + rb * BG + tl.arange(0, BG)  # [BG] neuron indices in [0, F)
-        n_offs = tl.arange(0, BN)
-        nm = n_offs < N
-        if BN == 1:
-            # D is a compile-time constant: the K loop unrolls and every tile's loads can be issued up front
-            accg = tl.zeros((BG, BLOCK_K), dtype=tl.float32)  # elementwise products, summed once at the end
-            accu = tl.zeros((BG, BLOCK_K), dtype=tl.float32)
-            for k in tl.static_range(0, D, BLOCK_K):
-                k_offs = k + tl.arange(0, BLOCK_K)
-                km = k_offs < D
-                xv = tl.load(x_ptr + k_offs, mask=km, other=0.0).to(tl.float32)  # [BLOCK_K]
-                wp = rows[:, None] * D + k_offs[None, :]
-                wg = tl.load(w_in_ptr + wp, mask=km[None, :], other=0.0)  # [BG, BLOCK_K]
-                accg += wg.to(tl.float32) * xv[None, :]
-                if GATED:
-                    wu = tl.load(w_up_ptr + wp, mask=km[None, :], other=0.0)
-                    accu += wu.to(tl.float32) * xv[None, :]
-            hg = tl.sum(accg, axis=1)[None, :]  # [1, BG]
-            hu = tl.sum(accu, axis=1)[None, :]
-        else:
-            hg = tl.zeros((BN, BG), dtype=tl.float32)
-            hu = tl.zeros((BN, BG), dtype=tl.float32)
-            for k in range(0, D, BLOCK_K):  # tensor-core tiles: a pipelined loop, not an unrolled one
-                k_offs = k + tl.arange(0, BLOCK_K)
-                km = k_offs < D
-                xt = tl.load(x_ptr + n_offs[:, None] * D + k_offs[None, :], mask=nm[:, None] & km[None, :],
-                             other=0.0)  # [BN, BLOCK_K]
-                wp = rows[:, None] * D + k_offs[None, :]
-                wg = tl.load(w_in_ptr + wp, mask=km[None, :], other=0.0)  # [BG, BLOCK_K]
-                if HALF_DOT:  # bf16 / fp16 operands straight into the tensor cores, fp32 sums
-                    hg = tl.dot(xt, tl.trans(wg), hg)
-                else:
-                    hg = tl.dot(xt.to(tl.float32), tl.trans(wg.to(tl.float32)), hg, input_precision=DOT_PREC)
-                if GATED:
-                    wu = tl.load(w_up_ptr + wp, mask=km[None, :], other=0.0)
-                    if HALF_DOT:
-                        hu = tl.dot(xt, tl.trans(wu), hu)
-                    else:
-                        hu = tl.dot(xt.to(tl.float32), tl.trans(wu.to(tl.float32)), hu, input_precision=DOT_PREC)
-        if HAS_BIAS:
-            hg += tl.load(b_in_ptr + rows).to(tl.float32)[None, :]
-        a = _act(hg, ACT)
-        if GATED:
-            a = a * hu
-        g = tl.load(gate_ptr + n_offs * E + e, mask=nm, other=0.0)  # [BN]; 0 for rows that dropped e
-        tl.store(h_ptr + n_offs[:, None] * (E * G) + j * G + rb * BG + tl.arange(0, BG)[None, :],
-                 a * g[:, None], mask=nm[:, None])
+    if LOOP:  # the first item with the id loaded above, then every nprog-th (ties past a count hint)
+        if j < count:
+            _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, j, pid % (G // BG), e, D=D,
+                          G=G, BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS,
+                          DOT_PREC=DOT_PREC, HALF_DOT=HALF_DOT)
+        for it in range(pid + tl.num_programs(0), count * (G // BG), tl.num_programs(0)):
+            _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, it // (G // BG),
+                          it % (G // BG), tl.load(ids_ptr + it // (G // BG)), D=D, G=G, BG=BG, BN=BN,
+                          BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS, DOT_PREC=DOT_PREC,
+                          HALF_DOT=HALF_DOT)
+    elif j < count:
+        _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, j, pid % (G // BG), e, D=D, G=G,
+                      BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS, DOT_PREC=DOT_PREC,
+                      HALF_DOT=HALF_DOT)
 
 
 @triton.jit
@@ -212,6 +234,10 @@ class FFNConfig:
     half_dots: bool = True
     # Batch path: the last N router programs decide one row each, side by side (compiled kernels only)
     parallel_select: bool = True
+    # Programs of the gate/up grid (0: one per item, E * G / BG, or as many as a count hint's items): with fewer,
+    # each loops over the kept items, and fewer programs that find nothing to do are scheduled before the down
+    # launch can start (it starts once every gate/up program has started)
+    gate_up_programs: int = 0
 
     @staticmethod
     def for_batch(n: int) -> FFNConfig:
@@ -299,10 +325,12 @@ def router_split(cfg: FFNConfig, D: int, E: int) -> tuple[int, int]:
 
 def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.Tensor,
                cfg: FFNConfig | None = None, scratch: Scratch | None = None,
-               out: torch.Tensor | None = None, stages: int = 3) -> FFNResult | None:
+               out: torch.Tensor | None = None, stages: int = 3, count_hint: int | None = None) -> FFNResult | None:
     """Decode FFN for x2d [N, D] (N <= 8) with routing rule `code` and device parameter `param` [1].
 
-    stages < 3 stops after that many launches (benchmarks time the stages by difference).
+    stages < 3 stops after that many launches (benchmarks time the stages by difference). count_hint: the number
+    of experts one row is expected to keep (top-k: k), known on the host; one row's gate/up grid is sized to it
+    (any count is still right: programs loop over the kept items).
     """
     layout.check_input(x2d)
     N, D = x2d.shape
@@ -339,11 +367,17 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
     b_in = layout.b_in if layout.b_in is not None else layout.w_in
     y = out if out is not None else torch.empty(N, D, device=x2d.device, dtype=x2d.dtype)
     b_out = layout.b_out if layout.b_out is not None else y
-    _gate_up_kernel[(E * (G // bg),)](
+    n_items = E * (G // bg)
+    gu_grid = n_items
+    if cfg.gate_up_programs > 0:
+        gu_grid = min(n_items, cfg.gate_up_programs)
+    elif count_hint is not None and BN == 1:  # e.g. top-k: k experts (more at ties: the programs loop)
+        gu_grid = min(n_items, max(1, count_hint) * (G // bg))
+    _gate_up_kernel[(gu_grid,)](
         x2d, layout.w_in, w_up, b_in, gates, scratch.ids, scratch.count, h, N, E,
         D=D, G=G, BG=bg, BN=BN, BLOCK_K=min(cfg.block_k, next_pow2(D)), ACT=ACT_CODES[layout.act],
-        GATED=layout.kind == "gated", HAS_BIAS=layout.b_in is not None, DOT_PREC=prec, HALF_DOT=half, PDL=pdl,
-        num_warps=cfg.num_warps, **launch)
+        GATED=layout.kind == "gated", HAS_BIAS=layout.b_in is not None, DOT_PREC=prec, HALF_DOT=half,
+        LOOP=gu_grid < n_items, PDL=pdl, num_warps=cfg.num_warps, **launch)
     if stages < 3:
         return None
     _down_kernel[(triton.cdiv(E, cfg.slots), triton.cdiv(D, cfg.block_d))](

@@ -183,7 +183,7 @@ class FastPath:
         """The code the current rule runs for n_rows rows: "triton-fused" (the sparse kernels), "cublas-gated"
         (every expert kept, gates from the router), "cublas-dense" (every expert kept with unit gates: the
         dense FFN, no router) or "cublas-masked" (batches, top-k at high fractions: cuBLAS with the kept mask
-        and gates of the route+select kernel); `all_kept.choose_path` says when."""
+        and gates of a per-row top-k over the router logits); `all_kept.choose_path` says when."""
         from .all_kept import choose_path
 
         code, value = rule_code(self.ffn.rule)
@@ -209,7 +209,10 @@ class FastPath:
                 kept = min(layout.n_experts, math.ceil(value)) if code == RULE_TOPK else layout.n_experts
                 self.ffn._record(torch.full((x2d.shape[0],), kept, device=x.device))
             return y.reshape(shape)
-        res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg)
+        from .route import RULE_TOPK
+
+        hint = math.ceil(value) if code == RULE_TOPK else None  # top-k: the gate/up grid sized to k experts
+        res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg, count_hint=hint)
         if self.ffn.recording:
             if _capturing():
                 _warn_once("record", "prunepath.kernels: routing stats are not recorded inside a CUDA graph")

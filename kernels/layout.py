@@ -14,6 +14,11 @@ What that gives a memory-bound decode kernel:
   contiguous G*D slab. That is a copy (one third of the FFN's bytes) unless `share_down=True`, which
   re-stores `down_proj.weight` as a transposed view of that slab (same values, no extra memory;
   `F.linear` accepts the transposed view, but `.contiguous()` it before saving with safetensors).
+* the router's rows [E, D] may sit right after the gate rows [F, D] in one slab (`share_down=True` re-stores
+  `gate_proj` and the router so, gated FFNs without biases; `router_after_gate=True` in `from_tensors`): then one
+  GEMM over the [F + E, D] slab gives a batch's gate pre-activations and its router logits (the masked cuBLAS
+  path of `all_kept.py`). Same values, no extra memory; save such a model with `torch.save`, or `.contiguous()`
+  the weights first for safetensors (shared storage).
 
 Gated and two-layer FFNs share one layout: for a two-layer FFN `w_up` is None and biases are set.
 """
@@ -113,10 +118,15 @@ class ExpertLayout:
         b_out: torch.Tensor | None = None,
         act: str = "silu",
         gate: str = "sigmoid",
+        router_after_gate: bool = False,
     ) -> ExpertLayout:
-        """Layout from plain tensors (tests, benchmarks); expert e = rows e*G..(e+1)*G-1 of w_in."""
+        """Layout from plain tensors (tests, benchmarks); expert e = rows e*G..(e+1)*G-1 of w_in.
+        router_after_gate: w_in and w_router become views of one [F + E, D] slab (a copy of both)."""
         E = w_router.shape[0]
         Fd, D = w_in.shape
+        if router_after_gate:
+            slab = torch.cat([w_in, w_router])
+            w_in, w_router = slab[:Fd], slab[Fd:]
         if Fd % E:
             raise ValueError(f"d_ff {Fd} is not a multiple of the {E} router outputs; the router must "
                              "have one output per expert and every expert the same size")
@@ -163,6 +173,12 @@ class ExpertLayout:
         if share_down:
             # Same values, new storage: [D, F] view of the [F, D] slab the kernel reads.
             out_lin.weight.data = w_out_t.view(Fd, D).t()
+            if b_in is None and router_w.dtype == w_in.dtype and router_w.device == w_in.device:
+                # gate rows then router rows in one slab (module docstring): same values, new storage
+                slab = torch.cat([w_in.detach(), router_w.detach()])
+                ffn.gate_proj.weight.data = slab[:Fd]
+                ffn.router.weight.data = slab[Fd:]
+                w_in, router_w = ffn.gate_proj.weight, ffn.router.weight
         return ExpertLayout(
             kind=ffn.kind, act=act, gate=str(ffn.gate),
             w_in=w_in.detach().view(E, G, D),

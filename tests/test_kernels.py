@@ -193,6 +193,42 @@ def test_all_kept_path_matches_kernels(code, param, gate, path):
     assert torch.allclose(y, res.y, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "one"])
+def test_masked_path_slab_and_router_gemm_agree(gate):
+    """The masked cuBLAS path with the router's rows stored after the gate rows (one GEMM for both, the top-k
+    beside the up GEMM) and with a separate router GEMM compute the top-k routed FFN; top-0 gives 0."""
+    from prunepath.kernels.all_kept import all_kept_ffn, gate_router_slab, masked_router
+
+    plain = _layout(11, 32, 40, torch.float32, gate=gate)
+    slab = ExpertLayout.from_tensors(plain.w_in.reshape(352, 40), plain.w_out.reshape(352, 40).t(), plain.w_router,
+                                     w_up=plain.w_up.reshape(352, 40), gate=gate, router_after_gate=True)
+    assert gate_router_slab(plain) is None and masked_router(plain) == "mm"
+    assert masked_router(slab) == "slab" and torch.equal(gate_router_slab(slab)[352:], plain.w_router)
+    x = torch.randn(3, 40, device=DEV)
+    for k in (7, 10, 0):
+        p = torch.tensor([float(k)], device=DEV)
+        ref = expert_ffn_reference(x, plain, route_reference(x, plain, RULE_TOPK, k).gates)
+        for lay in (plain, slab):
+            y = all_kept_ffn(x, lay, RULE_TOPK, k, param=p)
+            if k:
+                assert _rel(y, ref) < TOL[torch.float32], masked_router(lay)
+            else:
+                assert not y.any()
+
+
+@pytest.mark.parametrize("hint,programs", [(3, 0), (1, 0), (None, 5), (0, 0)])
+def test_gate_up_grid_smaller_than_its_items(hint, programs):
+    """A gate/up grid sized by the count hint (or a program count) below the kept items: programs loop, same y."""
+    layout = _layout(11, 32, 40, torch.float32)
+    x = torch.randn(1, 40, device=DEV)
+    for k in (3, 6):
+        p = torch.tensor([float(k)], device=DEV)
+        cfg = FFNConfig(gate_up_programs=programs)
+        res = expert_ffn(x, layout, RULE_TOPK, p, cfg=cfg, scratch=Scratch(layout), count_hint=hint)
+        ref = expert_ffn_reference(x, layout, route_reference(x, layout, RULE_TOPK, k).gates)
+        assert _rel(res.y, ref) < TOL[torch.float32], f"k={k}"
+
+
 def test_no_expert_kept_gives_bias():
     """Top-0 keeps nothing: y is the output bias (every element still written)."""
     layout = _layout(5, 32, 36, torch.float32, kind="mlp", act="gelu")

@@ -85,6 +85,11 @@ def test_share_down_keeps_outputs(converted):
     assert not ffn.down_proj.weight.is_contiguous()
     assert ffn.down_proj.weight.data_ptr() == ffn.fast_path.layout.w_out.data_ptr()
     assert torch.allclose(ref, before) and torch.allclose(fast, ref, rtol=1e-4, atol=1e-5)
+    # the router's rows now follow the gate rows in one slab (the masked batch path's one GEMM)
+    from prunepath.kernels.all_kept import gate_router_slab
+
+    slab = gate_router_slab(ffn.fast_path.layout)
+    assert slab is not None and ffn.router.weight.data_ptr() == slab[ffn.gate_proj.weight.shape[0]:].data_ptr()
 
 
 def test_layout_follows_in_place_weight_updates(converted):

@@ -62,7 +62,9 @@ class Problem:
             w_up = torch.randn(Fd, D, device="cuda", dtype=dtype) * D**-0.5
             w_down = torch.randn(D, Fd, device="cuda", dtype=dtype) * Fd**-0.5
             w_router = torch.randn(self.E, D, device="cuda", dtype=dtype) * (logit_std * D**-0.5)
-            lay = ExpertLayout.from_tensors(w_gate, w_down, w_router, w_up=w_up)
+            # the router's rows after the gate rows in one slab, as use_fast_paths(model, share_down=True) stores
+            # them: the batch masked path's one GEMM gives the gate pre-activations and the logits
+            lay = ExpertLayout.from_tensors(w_gate, w_down, w_router, w_up=w_up, router_after_gate=True)
             self.layouts.append((lay, w_down))  # the dense side reads the original [D, F] down weight
 
     @property
@@ -76,11 +78,12 @@ class Problem:
                          w_down)
         return y
 
-    def ours(self, x, code, param, cfg=None, stages=3):
+    def ours(self, x, code, param, cfg=None, stages=3, hint=None):
+        """The sparse kernels as `FastPath` calls them (hint: top-k's k, which sizes one row's gate/up grid)."""
         from prunepath.kernels.expert_ffn import expert_ffn
 
         for lay, _ in self.layouts:
-            y = expert_ffn(x, lay, code, param, cfg=cfg, stages=stages)
+            y = expert_ffn(x, lay, code, param, cfg=cfg, stages=stages, count_hint=hint)
         return y
 
     def cublas(self, x, code, value, layouts=None, param=None):
@@ -122,7 +125,7 @@ def _row(variant, path, batch, t_stats, copies, read, bw, dense_us, **extra):
 def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=None, mass_target=0.25,
                 both_paths_from: float = 0.75) -> list[dict]:
     """Rows for one shape and batch: dense cuBLAS, then each fraction on the path FastPath takes."""
-    from prunepath.kernels.all_kept import all_kept_path, choose_path
+    from prunepath.kernels.all_kept import all_kept_path, choose_path, masked_router
     from prunepath.kernels.expert_ffn import expert_ffn, expert_ffn_reference
     from prunepath.kernels.route import RULE_MASS, RULE_TOPK, route_reference
 
@@ -147,7 +150,8 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
     runs_spec.append((f"tau={tau:.3f} (mass, ~{mass_target:g} kept)", RULE_MASS, tau))
     for variant, code, value in runs_spec:
         param = torch.tensor([value], device="cuda")
-        res = expert_ffn(x, lay0, code, param, cfg=cfg)
+        hint = math.ceil(value) if code == RULE_TOPK else None  # as FastPath passes it
+        res = expert_ffn(x, lay0, code, param, cfg=cfg, count_hint=hint)
         err = rel_error(res.y, expert_ffn_reference(x, lay0, res.gates))
         union = res.active.float().mean().item()
         per_row = res.mask.float().mean().item()
@@ -158,7 +162,7 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
             paths = {all_kept_path(lay0, code, value), "triton-fused"}
         for path in sorted(paths, key=lambda p: p != taken):
             if path == "triton-fused":
-                t = stats(graph_times(lambda p=param, c=code: prob.ours(x, c, p, cfg), runs=runs))
+                t = stats(graph_times(lambda p=param, c=code, h=hint: prob.ours(x, c, p, cfg, hint=h), runs=runs))
                 read = sparse_read
             else:
                 t = stats(graph_times(lambda c=code, v=value, p=param: prob.cublas(x, c, v, param=p), runs=runs))
@@ -166,6 +170,8 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
             r = _row(variant, path, batch, t, copies, read, bw, dense_us, kept_fraction=per_row,
                      union_fraction=union, taken=path == taken, rule="topk" if code == RULE_TOPK else "mass",
                      param=value, rel_err_vs_fp64=err, shape=shape)
+            if path == "cublas-masked":
+                r["router"] = masked_router(lay0)  # "slab": gate + router rows in one GEMM
             rows.append(r)
             print(f"{shape} N={batch} {variant:28s} {path:12s}{'*' if path == taken else ' '} kept {per_row:5.3f} "
                   f"union {union:5.3f}: {r['us']:7.1f} us [{r['us_p20']:.1f}, {r['us_p80']:.1f}] "
@@ -200,8 +206,10 @@ def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), batch: in
          + 0.05 * torch.randn(batch, D, device="cuda", dtype=torch.bfloat16)).contiguous()
     out = []
     for f in fractions:
-        param = torch.tensor([float(round(f * E))], device="cuda")
-        t = [stats(graph_times(lambda k=k, p=param: prob.ours(x, RULE_TOPK, p, cfg, stages=k), runs=runs))["median"]
+        k_f = round(f * E)
+        param = torch.tensor([float(k_f)], device="cuda")
+        t = [stats(graph_times(lambda k=k, p=param, h=k_f: prob.ours(x, RULE_TOPK, p, cfg, stages=k, hint=h),
+                               runs=runs))["median"]
              * 1e6 / prob.copies for k in (1, 2, 3)]
         prob.ours(x, RULE_TOPK, param, cfg)  # a full call: leaves the down pass's state clean
         out.append({"batch": batch, "kept_fraction": f, "route_select_us": t[0], "gate_up_us": t[1] - t[0],
