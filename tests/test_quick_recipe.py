@@ -147,6 +147,14 @@ def test_quick_config_refuses_bad_values():
         quick.QuickConfig(tune_tokens=0)
     with pytest.raises(ValueError, match="calibration_tol"):
         quick.QuickConfig(calibration_tol=0.0)
+    with pytest.raises(ValueError, match="tune_fraction_power"):
+        quick.QuickConfig(tune_fraction_power=-1.0)
+
+
+def test_recipe_trains_more_often_at_the_smaller_fractions():
+    weights = quick.QuickConfig(fractions=(0.25, 0.5), tune_fraction_power=1.0).tune_config().fraction_weights
+    assert weights == pytest.approx((4.0, 2.0))
+    assert quick.QuickConfig(fractions=(0.25, 0.5), tune_fraction_power=0.0).tune_config().fraction_weights == ()
 
 
 def test_calibration_step_meets_the_recipes_tolerance_and_is_stored(tiny_llama, tmp_path):
@@ -199,7 +207,8 @@ def test_models_table_marks_where_per_layer_tau_is_at_most_topk():
 
     rows = [{"rule": "dense", "fraction": 1.0, "perplexity": 20.0},
             {"rule": "topk", "fraction": 0.5, "perplexity": 40.0},
-            {"rule": "per-layer τ", "fraction": 0.5, "perplexity": 38.0, "experts_p10_p50_p90": [10, 24, 40]},
+            {"rule": "per-layer τ", "fraction": 0.5, "perplexity": 38.0, "experts_p10_p50_p90": [23, 24, 25],
+             "experts_within_layer_p10_p50_p90": [10, 24, 40]},
             {"rule": "topk", "fraction": 0.25, "perplexity": 90.0},
             {"rule": "per-layer τ", "fraction": 0.25, "perplexity": 95.0}]
     rec = {"family": "Llama", "model": "m", "source": "PyPI x", "parameters": 135e6,
@@ -208,6 +217,22 @@ def test_models_table_marks_where_per_layer_tau_is_at_most_topk():
     table = models_table([rec])
     line = table.splitlines()[2]
     assert "90.00 / 95.00 |" in line and "40.00 / 38.00 ✓" in line and "10.0 / 24.0 / 40.0" in line and "135M" in line
+
+
+def test_count_spread_is_taken_within_each_layer():
+    from prunepath.bench.recipe import count_spread
+
+    # two layers whose per-token counts vary in opposite directions: the mean over layers is flat (all 5),
+    # the spread within each layer is not
+    counts = torch.tensor([[2, 4, 6, 8] * 25, [8, 6, 4, 2] * 25])
+    s = count_spread(counts)
+    assert counts.float().mean(0).std() == 0
+    assert s["experts_within_layer_p10_p50_p90"] == pytest.approx([2.0, 5.0, 8.0])
+    assert s["experts_within_layer_std"] == pytest.approx(float(counts[0].float().std()), abs=1e-3)
+    flat = count_spread(torch.full((3, 50), 7))
+    assert flat["experts_within_layer_p10_p50_p90"] == [7.0, 7.0, 7.0] and flat["experts_within_layer_std"] == 0
+    with pytest.raises(ValueError, match="two tokens"):
+        count_spread(torch.ones(3, 1, dtype=torch.long))
 
 
 def test_cli_recipe_quick_runs_the_recipe_on_the_model(tmp_path, monkeypatch):

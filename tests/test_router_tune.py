@@ -75,3 +75,30 @@ def test_tune_refuses_bad_config():
         rt.TuneConfig(positions=0)
     with pytest.raises(ValueError, match="max_steps"):
         rt.TuneConfig(max_steps=-1)
+    with pytest.raises(ValueError, match="fraction_weights"):
+        rt.TuneConfig(fractions=(0.25, 0.5), fraction_weights=(1.0,))
+    with pytest.raises(ValueError, match="fraction_weights"):
+        rt.TuneConfig(fractions=(0.25, 0.5), fraction_weights=(0.0, 0.0))
+
+
+def test_fractions_are_drawn_as_often_as_their_weights_say():
+    import random
+
+    cfg = rt.TuneConfig(fractions=(0.25, 0.5, 0.75), fraction_weights=(4.0, 2.0, 0.0))
+    rng = random.Random(0)
+    draws = [rt._draw(rng, cfg) for _ in range(6000)]
+    assert draws.count(0.75) == 0
+    assert draws.count(0.25) / draws.count(0.5) == pytest.approx(2.0, rel=0.1)
+    equal = rt.TuneConfig(fractions=(0.25, 0.5, 0.75))
+    draws = [rt._draw(rng, equal) for _ in range(6000)]
+    assert all(abs(draws.count(f) / 6000 - 1 / 3) < 0.03 for f in (0.25, 0.5, 0.75))
+
+
+def test_training_steps_only_at_the_weighted_fractions(tiny_llama):
+    model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, rule=routing.CumulativeMass(0.9),
+                                                              gate="one"), progress=False)
+    ids = torch.randint(1, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    rep = rt.tune_routers(model, ids, rt.TuneConfig(seconds=60, max_steps=5, positions=8,
+                                                    fractions=(0.25, 0.5), fraction_weights=(1.0, 0.0)))
+    assert rep["steps"] == 5 and rep["loss_by_fraction"]["0.25"] is not None
+    assert rep["loss_by_fraction"]["0.5"] is None  # never drawn

@@ -28,12 +28,29 @@ WINDOW = 1024  # perplexity window and stride
 
 def _ppl(model, tok, text: str, n: int) -> dict:
     from prunepath.evaluate.perplexity import perplexity
+    from prunepath.routing.stats import record
 
-    res = perplexity(model, tok, text, context=WINDOW, stride=WINDOW, max_tokens=n)
+    with record(model) as rec:
+        res = perplexity(model, tok, text, context=WINDOW, stride=WINDOW, max_tokens=n)
     r = res.routing or {}
+    spread = count_spread(rec.stats().counts) if r else {}
     return {"perplexity": round(res.metrics["perplexity"], 4), "active_fraction": r.get("active_fraction", 1.0),
             "experts_p10_p50_p90": r.get("experts_kept_p10_p50_p90"), "experts_std": r.get("experts_kept_std"),
-            "seconds": res.meta.get("seconds")}
+            **spread, "seconds": res.meta.get("seconds")}
+
+
+def count_spread(counts: torch.Tensor) -> dict:
+    """How much the experts kept per token vary *within* a layer, from counts [L, N] (layer, token).
+
+    The per-token mean over layers (`experts_p10_p50_p90`) averages L layers and hides a layer's own spread;
+    here each layer's per-token p10 / p50 / p90 and standard deviation are taken first, then the median (quantiles)
+    and the mean (std) over layers."""
+    c = counts.float()
+    if c.shape[1] < 2:
+        raise ValueError(f"count_spread needs at least two tokens per layer, got counts of shape {tuple(c.shape)}")
+    q = torch.quantile(c, torch.tensor([0.1, 0.5, 0.9]), dim=1)  # [3, L]
+    return {"experts_within_layer_p10_p50_p90": [round(v, 2) for v in q.median(1).values.tolist()],
+            "experts_within_layer_std": round(float(c.std(1).mean()), 3)}
 
 
 @torch.no_grad()
@@ -67,7 +84,8 @@ def models_table(records: list[dict]) -> str:
     fracs = sorted({r["fraction"] for d in records for r in d["rows"] if r["rule"] != "dense"})
     head = ("| family | model (source) | parameters | all-experts conversion: max abs Δ logit | dense | "
             + " | ".join(f"top-k / per-layer τ @ {f:.0%}" for f in fracs)
-            + " | experts per token at 50 % (p10 / p50 / p90) | recipe time (wall / CPU s) |")
+            + " | experts per token at 50 %, within a layer (p10 / p50 / p90, median over layers) "
+            "| recipe time (wall / CPU s) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for d in records:
         by = {(r["rule"], r["fraction"]): r for r in d["rows"]}
@@ -77,7 +95,7 @@ def models_table(records: list[dict]) -> str:
             tk, pl = by.get(("topk", f), {}).get("perplexity"), by.get(("per-layer τ", f), {}).get("perplexity")
             mark = " ✓" if tk is not None and pl is not None and pl <= tk else ""
             cells.append(f"{_num(tk)} / {_num(pl)}{mark}")
-        q = by.get(("per-layer τ", 0.5), {}).get("experts_p10_p50_p90") or []
+        q = by.get(("per-layer τ", 0.5), {}).get("experts_within_layer_p10_p50_p90") or []
         counts = " / ".join(f"{v:.1f}" for v in q) if q else "–"
         t = d.get("train_seconds", {}).get("total"), d.get("train_cpu_seconds", {}).get("total")
         lines.append(f"| {d['family']} | {d['model']} ({d['source']}) | {d['parameters'] / 1e6:.0f}M | "

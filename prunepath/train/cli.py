@@ -22,7 +22,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="folder for the checkpoint, train_state.pt and train_log.json")
     p.add_argument("--recipe", choices=["quick"], default=None,
                    help="quick: routers for a new --model in minutes on a CPU (ridge regression of the log expert "
-                        "norms, softmax temperature 2, then 10 minutes of router training through the selection, "
+                        "norms, softmax temperature 2, then 15 minutes of router training through the selection, "
                         "per-layer τ calibrated and saved); other training flags do not apply")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/train_state.pt with the same flags (--steps may grow before any decay)")

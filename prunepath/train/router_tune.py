@@ -19,7 +19,8 @@ Budget matching: with a fixed τ the loss alone would flatten every softmax (mor
 paper adds an entropy term against it). Here each step draws a target active fraction f and sets every layer's τ,
 on that batch's own (detached) probabilities, to keep f · E experts per token on average (`tau_for_fraction`). The
 router cannot buy quality with experts; it can only share a fixed budget out better between tokens, which is what
-the comparison with top-k at a matched fraction measures. One trained router serves every fraction drawn.
+the comparison with top-k at a matched fraction measures. One trained router serves every fraction drawn;
+`fraction_weights` says how often each is drawn (the quick recipe spends most steps at the smallest).
 
 Shape legend: N rows (tokens), D hidden, F ffn neurons, E experts, G expert size, V vocabulary.
 """
@@ -51,6 +52,7 @@ class TuneConfig:
     softness: float = 0.05  # κ: width of the straight-through sigmoid, in units of probability mass
     rank_temp: float = 0.25  # t: logit scale over which two experts' order is smoothed
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # target active fractions drawn per step
+    fraction_weights: tuple[float, ...] = ()  # how often each is drawn, relative (empty: equally often)
     seed: int = 0
 
     def __post_init__(self):
@@ -67,6 +69,10 @@ class TuneConfig:
             raise ValueError(f"softness must be a number > 0 (probability mass, e.g. 0.05), got {self.softness}")
         if not self.fractions or not all(0 < f < 1 for f in self.fractions):
             raise ValueError(f"fractions must lie in (0, 1), got {self.fractions}")
+        w = self.fraction_weights
+        if w and (len(w) != len(self.fractions) or not all(v >= 0 and math.isfinite(v) for v in w) or not sum(w) > 0):
+            raise ValueError(f"fraction_weights must be one number >= 0 per fraction {self.fractions}, not all 0 "
+                             f"(empty: equally often), got {w}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,7 +219,7 @@ def tune_routers(model, ids: torch.Tensor, cfg: TuneConfig = TuneConfig(), log=N
                 state["fraction"] = None
                 with torch.no_grad(), dense_routing(model):
                     teacher = _head_logits(model, batch, pos)
-                state["fraction"] = frac = rng.choice(cfg.fractions)
+                state["fraction"] = frac = _draw(rng, cfg)
                 logp = _head_logits(model, batch, pos)
                 loss = F.kl_div(logp.flatten(0, -2), teacher.flatten(0, -2), log_target=True, reduction="batchmean")
                 opt.zero_grad(set_to_none=True)
@@ -229,6 +235,13 @@ def tune_routers(model, ids: torch.Tensor, cfg: TuneConfig = TuneConfig(), log=N
         model.train(was_training)
     return {"steps": step, "tokens": step * cfg.batch * ids.shape[1], "scored_tokens": step * cfg.batch * n_pos,
             "seconds": round(time.perf_counter() - t0, 2), "loss_by_fraction": _loss_summary(history, cfg.fractions)}
+
+
+def _draw(rng: random.Random, cfg: TuneConfig) -> float:
+    """The step's target fraction: one of cfg.fractions, as often as cfg.fraction_weights says."""
+    if not cfg.fraction_weights:
+        return rng.choice(cfg.fractions)
+    return rng.choices(cfg.fractions, weights=cfg.fraction_weights)[0]
 
 
 def _loss_summary(history: list[tuple[float, float]], fractions) -> dict:
