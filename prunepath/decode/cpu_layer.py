@@ -75,6 +75,18 @@ if numba is not None:
             d += 1
 
     @_jit
+    def _sum_parts(parts, P, y, add):
+        """y[j] (+)= parts[0, j] + ... + parts[P - 1, j]: the P threads' partial GEMV rows, summed in order."""
+        for j in range(y.shape[0]):
+            acc = parts[0, j]
+            for p in range(1, P):
+                acc += parts[p, j]
+            if add:
+                y[j] += acc
+            else:
+                y[j] = acc
+
+    @_jit
     def _rms_norm(h, w, eps, out):
         """out <- w ⊙ h / sqrt(mean(h²) + eps), the sum of squares in float64."""
         s = 0.0
@@ -91,11 +103,7 @@ if numba is not None:
         n_in, n_out = w.shape
         for p in numba.prange(P):
             _rows_gemv(x, w, (n_in * p) // P, (n_in * (p + 1)) // P, parts[p])
-        for j in range(n_out):
-            acc = parts[0, j]
-            for p in range(1, P):
-                acc += parts[p, j]
-            y[j] = acc
+        _sum_parts(parts, P, y, False)
         return y
 
     @_jit
@@ -166,11 +174,7 @@ if numba is not None:
         HD = att.shape[0]
         for p in numba.prange(P):
             _rows_gemv(att, w_o, (HD * p) // P, (HD * (p + 1)) // P, parts[p])
-        for j in range(D):
-            acc = parts[0, j]
-            for p in range(1, P):
-                acc += parts[p, j]
-            h[j] += acc
+        _sum_parts(parts, P, h, True)
         _rms_norm(h, ln2, eps, x2)
 
     @_par
@@ -181,21 +185,13 @@ if numba is not None:
         F = R // 2
         for p in numba.prange(P):
             _rows_gemv(x, w_in, (D * p) // P, (D * (p + 1)) // P, parts[p])
-        for j in range(R):
-            acc = parts[0, j]
-            for p in range(1, P):
-                acc += parts[p, j]
-            pre[j] = acc
+        _sum_parts(parts, P, pre, False)
         for f in range(F):
             a = pre[f]
             pre[f] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * pre[F + f]
         for p in numba.prange(P):
             _rows_gemv(pre, w_down, (F * p) // P, (F * (p + 1)) // P, parts[p])
-        for j in range(y.shape[0]):
-            acc = parts[0, j]
-            for p in range(1, P):
-                acc += parts[p, j]
-            y[j] = acc
+        _sum_parts(parts, P, y, False)
         return y
 
     @_jit
