@@ -61,9 +61,9 @@ def keeps_all(code: int, value: float, n_experts: int, crossover: float = CROSSO
 def choose_path(layout: ExpertLayout, code: int, value: float, n_rows: int) -> str:
     """The path the dispatcher (`FastPath`) takes: "triton-fused" (the sparse kernels) or an all-kept path.
 
-    Measured on the H200 at the Llama-3-8B FFN (prunepath/bench/NOTES.md, v7): with every expert kept, one row
-    runs faster on the Triton kernels (93.8 us) than on cuBLAS with the router beside it (99.2 us; dense 99.8),
-    so only unit gates, which need no router, take cuBLAS there (the dense FFN itself, 95.6 us); batches of
+    Measured on the H200 at the Llama-3-8B FFN (results/bench/ffn_h200.json): with every expert kept, one row
+    runs faster on the Triton kernels (94.9 us) than on cuBLAS with the router beside it (99.8 us; dense 98.9),
+    so only unit gates, which need no router, take cuBLAS there (the dense FFN itself, 98.9 us); batches of
     2..8 rows take cuBLAS whenever every expert is kept (their tensor-core path streams the union, all of it),
     and with a top-k rule from BATCH_CROSSOVER of the experts per row ("cublas-masked").
     """
