@@ -1,6 +1,7 @@
 """The explorer's speed figure (prunepath.explore.speed) on a tiny random model, CPU only."""
 
 import json
+import time
 import types
 
 import pytest
@@ -57,6 +58,26 @@ def test_more_tokens_than_the_last_call_get_a_longer_cache():
     assert live_speed(model, _tokenizer, routing.TopK(2), n_tokens=6).routed.tokens_per_s > 0
 
 
+def test_one_slow_round_does_not_move_the_figure(monkeypatch):
+    """Each figure comes from the median round: a round slowed by another process (here: a 0.3 s pause in
+    the first timed dense round) leaves the dense figure where the other rounds put it."""
+    from prunepath.decode import loop
+
+    calls = []
+    decode = loop.Decoder.decode
+
+    def slow_once(self, n):
+        calls.append(n)
+        if len(calls) == 3:  # calls 1-2: the warm-up (routed, dense); call 3: the first timed dense round
+            time.sleep(0.3)
+        return decode(self, n)
+
+    monkeypatch.setattr(loop.Decoder, "decode", slow_once)
+    live = live_speed(_converted(), _tokenizer, routing.TopK(2), n_tokens=2, rounds=3)
+    assert len(calls) == 2 + 2 * 3
+    assert live.dense.tokens_per_s > 3 * 2 * 3 / 0.3  # a mean over the rounds would be below 2 * 3 / 0.3
+
+
 def test_per_layer_taus_are_accepted():
     model = _converted()
     live = live_speed(model, _tokenizer, types.SimpleNamespace(taus=(0.3, 0.6), spec="mass:0.3,0.6"), n_tokens=1)
@@ -68,6 +89,8 @@ def test_bad_input_gets_a_message():
         live_speed(_tiny(), _tokenizer, routing.TopK(2))
     with pytest.raises(SpeedError, match="at least 1"):
         live_speed(_converted(), _tokenizer, routing.TopK(2), n_tokens=0)
+    with pytest.raises(SpeedError, match="rounds must be at least 1"):
+        live_speed(_converted(), _tokenizer, routing.TopK(2), rounds=0)
     if not torch.cuda.is_available():
         with pytest.raises(SpeedError, match="no CUDA GPU"):
             live_speed(_converted(), _tokenizer, routing.TopK(2), device="cuda")

@@ -3,7 +3,8 @@
 `live_speed(model, tokenizer, rule)` times our decode loop (`prunepath.decode.loop.Decoder`: the Triton
 kernels on a GPU, the CPU decode step otherwise, both reading only the kept experts) on this machine:
 dense (every expert, unit gates: the base model's arithmetic) and the current routing, a few tokens each,
-in turn (dense, routed, dense, routed) so that a change in the machine's load hits both alike. Each
+in turn (dense, routed, dense, routed, ...) so that a change in the machine's load hits both alike, each
+figure from the median round. Each
 measured point is kept for the session, so the curve of this machine grows as the slider moves.
 `speed_figure` draws those live points with the current one marked, beside the curves recorded on an
 H200 (`results/bench/decode_*_h200.json`, labelled with model shape and date; missing or unreadable
@@ -13,6 +14,7 @@ reads weights at the memory's pace; `launch_bound_note` says when that cannot ha
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -78,12 +80,13 @@ _DECODERS: dict[int, object] = {}  # one decoder per model (its KV cache and exp
 
 
 def live_speed(model, tokenizer, rule, n_tokens: int = 8, prompt: str = "The quick brown fox jumps over the lazy dog",
-               device: str | torch.device | None = None) -> LiveSpeed:
+               device: str | torch.device | None = None, rounds: int = 3) -> LiveSpeed:
     """Tokens/s of our decode loop on `model` now: dense, then under `rule` (a Rule, a list of one per
-    layer, or anything with one τ per layer in `.taus`), `n_tokens` each, twice in turn; the model's
-    routing is restored afterwards.
+    layer, or anything with one τ per layer in `.taus`), `n_tokens` each, `rounds` times in turn; each
+    figure is from the median round, so one round slowed by another process on a shared machine does not
+    move it. The model's routing is restored afterwards.
 
-    Raises SpeedError for a model without PrunePath FFNs, n_tokens < 1, or a device that is not there.
+    Raises SpeedError for a model without PrunePath FFNs, n_tokens or rounds < 1, or a device that is not there.
     """
     from prunepath.decode.loop import DecodeConfig, Decoder
     from prunepath.ffn.module import prunepath_ffns
@@ -97,6 +100,8 @@ def live_speed(model, tokenizer, rule, n_tokens: int = 8, prompt: str = "The qui
                          "checkpoint with prunepath.load or convert the model with prunepath.moefy")
     if n_tokens < 1:
         raise SpeedError(f"n_tokens must be at least 1, got {n_tokens}")
+    if rounds < 1:
+        raise SpeedError(f"rounds must be at least 1, got {rounds}")
     here = next(model.parameters()).device
     if device is not None and torch.device(device) != here:
         want = torch.device(device)
@@ -108,8 +113,9 @@ def live_speed(model, tokenizer, rule, n_tokens: int = 8, prompt: str = "The qui
     t_start = time.perf_counter()
     with _LOCK, routing_kept(model), torch.no_grad():
         dec = _DECODERS.get(id(model))
-        if dec is None or dec.model is not model or dec.max_len < ids.shape[1] + 4 * n_tokens + 3:
-            dec = _DECODERS[id(model)] = Decoder(model, max_len=ids.shape[1] + 4 * n_tokens + 16,
+        budget = 2 * rounds * n_tokens + 3  # every round's tokens of both, the warm-up's two, the prefill's one
+        if dec is None or dec.model is not model or dec.max_len < ids.shape[1] + budget:
+            dec = _DECODERS[id(model)] = Decoder(model, max_len=ids.shape[1] + budget + 13,
                                                  config=DecodeConfig(max_new_tokens=n_tokens))
 
         def put(which):
@@ -126,13 +132,13 @@ def live_speed(model, tokenizer, rule, n_tokens: int = 8, prompt: str = "The qui
                 set_gate(model, gate)
             dec._sync_rules()  # the GPU kernels read the rule from device tensors
 
-        seconds = {"dense": 0.0, "routed": 0.0}
-        dec.prefill(ids, new_tokens=4 * n_tokens + 3)
+        seconds = {"dense": [], "routed": []}
+        dec.prefill(ids, new_tokens=budget)
         for which in ("routed", "dense"):  # warm-up: builds the expert and dense layouts / compiles the kernels
             put(which)
             dec.decode(1)
         kept = []
-        for _ in range(2):
+        for _ in range(rounds):
             for which in ("dense", "routed"):
                 put(which)
                 if here.type == "cuda":
@@ -146,11 +152,12 @@ def live_speed(model, tokenizer, rule, n_tokens: int = 8, prompt: str = "The qui
                     dec.decode(n_tokens)
                 if here.type == "cuda":
                     torch.cuda.synchronize()
-                seconds[which] += time.perf_counter() - t0
+                seconds[which].append(time.perf_counter() - t0)
     spec = rule_label(rule)
+    median = {which: statistics.median(t) for which, t in seconds.items()}
     return LiveSpeed(_device_name(here),
-                     SpeedPoint(1.0, 2 * n_tokens / seconds["dense"], "dense"),
-                     SpeedPoint(sum(kept) / len(kept), 2 * n_tokens / seconds["routed"], spec),
+                     SpeedPoint(1.0, n_tokens / median["dense"], "dense"),
+                     SpeedPoint(sum(kept) / len(kept), n_tokens / median["routed"], spec),
                      time.perf_counter() - t_start, launch_bound_note(model, here))
 
 
@@ -249,15 +256,15 @@ class SpeedSection:
         self.height = height  # of the figure, in pixels
         self.points: dict[str, SpeedPoint] = {}
 
-    def update(self, model, tokenizer, rule, n_tokens: int = 8) -> tuple[dict, str]:
+    def update(self, model, tokenizer, rule, n_tokens: int = 8, rounds: int = 3) -> tuple[dict, str]:
         """Measure now at `rule`, then (figure, markdown line)."""
-        live = live_speed(model, tokenizer, rule, n_tokens=n_tokens)
+        live = live_speed(model, tokenizer, rule, n_tokens=n_tokens, rounds=rounds)
         self.points["dense"] = live.dense
         self.points[live.routed.label] = live.routed
         fig = speed_figure(list(self.points.values()), live.routed, recorded_curves(self.recorded), live.device,
                            self.height)
-        text = (f"**Live on {live.device}** (our decode loop, batch 1, {2 * n_tokens} tokens each, measured in "
-                f"{live.seconds:.1f} s): dense **{live.dense.tokens_per_s:.1f}** tokens/s, `{live.routed.label}` at "
-                f"{live.routed.active_fraction:.0%} active **{live.routed.tokens_per_s:.1f}** tokens/s "
-                f"(×{live.speedup:.2f}).")
+        text = (f"**Live on {live.device}** (our decode loop, batch 1, median of {rounds} rounds of {n_tokens} tokens "
+                f"each, measured in {live.seconds:.1f} s): dense **{live.dense.tokens_per_s:.1f}** tokens/s, "
+                f"`{live.routed.label}` at {live.routed.active_fraction:.0%} active "
+                f"**{live.routed.tokens_per_s:.1f}** tokens/s (×{live.speedup:.2f}).")
         return fig, text + (" " + live.note if live.note else "")
