@@ -57,6 +57,7 @@ import functools
 import math
 import struct
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -348,22 +349,44 @@ def fused_applies(ffn, w: ExpertWeights, x2d: torch.Tensor) -> bool:
             and rule.tau <= 1 and not torch.is_grad_enabled() and x2d.device.type == "cpu" and not fused_kernels())
 
 
-def fused_ffn(ffn, w: ExpertWeights, x2d: torch.Tensor, limit: float, all_experts) -> torch.Tensor:
-    """One row through `cpu_fused.mass_ffn` (selection and the kept experts' GEMVs in one compiled call)
-    after the router GEMV and softmax in torch; above `limit` of the experts kept, `all_experts(gates)`.
-    Only when `fused_applies`.  # [1, D]"""
-    logits = x2d.mm(w.router_wt)  # [1, E]: LinearRouter's F.linear bit for bit, as in `route`
-    probs = torch.softmax(logits, dim=-1)
+@dataclass(frozen=True)
+class FusedPlan:
+    """What a `fused_ffn` call needs besides the row, fixed for one FFN's weights, rule and limit (the decode step
+    makes it once per rule, `fused_plan`)."""
+
+    router_wt: torch.Tensor  # [D, E]
+    ones: np.ndarray  # [E] unit gates
+    tau: np.float32  # τ as float32 compares it
+    inclusive: bool
+    limit: int  # above this many kept experts, the dense FFN runs instead
+    blocks: np.ndarray  # ExpertWeights.blocks and down_e as numpy views
+    down_e: np.ndarray
+    G: int
+    order: np.ndarray  # [E] int64 scratch: the kept experts, most probable first
+
+
+def fused_plan(ffn, w: ExpertWeights, limit: float) -> FusedPlan:
+    """`FusedPlan` of `ffn` (cumulative-mass rule, `fused_applies`) with the dense FFN above `limit` of the experts."""
     blocks, down_e, ones = w.fused_arrays()
-    gates = ones if ffn.gate == "one" else (probs if ffn.gate == "softmax" else torch.sigmoid(logits)).numpy()[0]
-    y, order, n = mass_ffn(x2d.numpy()[0], probs.numpy()[0], gates, _below(ffn.rule.tau, torch.float32),
-                           ffn.rule.inclusive, math.floor(limit * w.E), blocks, down_e, w.G,
-                           torch.get_num_threads())
+    return FusedPlan(w.router_wt, ones, np.float32(_below(ffn.rule.tau, torch.float32)), ffn.rule.inclusive,
+                     math.floor(limit * w.E), blocks, down_e, w.G, np.empty(w.E, np.int64))
+
+
+def fused_ffn(ffn, x2d: torch.Tensor, plan: FusedPlan, all_experts, y: np.ndarray | None = None) -> torch.Tensor:
+    """One row through `cpu_fused.mass_ffn` (selection and the kept experts' GEMVs in one compiled call, into y
+    when given) after the router GEMV and softmax in torch; above `plan.limit` kept experts, `all_experts(gates)`.
+    Only when `fused_applies`.  # [1, D]"""
+    logits = x2d.mm(plan.router_wt)  # [1, E]: LinearRouter's F.linear bit for bit, as in `route`
+    probs = torch.softmax(logits, dim=-1)
+    gates = (plan.ones if ffn.gate == "one"
+             else (probs if ffn.gate == "softmax" else torch.sigmoid(logits)).numpy()[0])
+    y, order, n = mass_ffn(x2d.numpy()[0], probs.numpy()[0], gates, plan.tau, plan.inclusive, plan.limit,
+                           plan.blocks, plan.down_e, plan.G, torch.get_num_threads(), y, plan.order)
     if ffn.recording:
         ffn._record(torch.tensor([n]))
-    if n > limit * w.E:
+    if n > plan.limit:
         kept = torch.from_numpy(order[:n])
-        g = torch.zeros(1, w.E, dtype=x2d.dtype)
+        g = torch.zeros(1, len(order), dtype=x2d.dtype)
         g[:, kept] = 1 if ffn.gate == "one" else torch.from_numpy(gates)[kept]
         return all_experts(g)
     return torch.from_numpy(y)[None]
@@ -389,7 +412,7 @@ def expert_ffn(ffn, x2d: torch.Tensor, w: ExpertWeights | None = None, all_exper
         return all_experts(None)
     w = expert_weights(ffn) if w is None else w
     if fused_applies(ffn, w, x2d):
-        return fused_ffn(ffn, w, x2d, FUSED_CROSSOVER if limit is None else limit, all_experts)
+        return fused_ffn(ffn, x2d, fused_plan(ffn, w, FUSED_CROSSOVER if limit is None else limit), all_experts)
     limit = crossover() if limit is None else limit
     kept, scale, counts = route(ffn, w, x2d)
     if ffn.recording:

@@ -55,17 +55,19 @@ import torch.nn.functional as F
 from prunepath.decode import cpu_layer
 from prunepath.decode.cpu_experts import (
     FUSED_CROSSOVER,
-    _below,
     activation_fn,
     cached_copy,
+    dense_ffn,
     dense_gated,
     expert_ffn,
     expert_weights,
     fused_applies,
+    fused_ffn,
+    fused_plan,
     gemv,
     keeps_every_expert,
 )
-from prunepath.decode.cpu_fused import compiled_threads, mass_ffn
+from prunepath.decode.cpu_fused import compiled_threads
 from prunepath.ffn.module import PrunePathFFN
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -223,36 +225,17 @@ class CPUDecodeStep:
         return self._scratch[P]
 
     def _fused_plan(self, i: int, layer: _Layer):
-        """The compiled kept-experts FFN's fixed arguments for layer i under its current rule and gate (None when
-        `cpu_experts.fused_applies` refuses it), made again only when the rule or gate object changes."""
+        """The compiled kept-experts FFN's `cpu_experts.FusedPlan` for layer i under its current rule and gate (None
+        when `cpu_experts.fused_applies` refuses it), made again only when the rule or gate object changes."""
         f, w = layer.ffn[:2]
         if not isinstance(f, PrunePathFFN):
             return None
         key = (f.rule, f.gate, w)
         hit = self._plans.get(i)
         if hit is None or hit[0] != key:
-            plan = None
-            if self.expert_path and fused_applies(f, w, self._scratch_row):
-                blocks, down_e, ones = w.fused_arrays()
-                plan = (w.router_wt, ones, np.float32(_below(f.rule.tau, torch.float32)), f.rule.inclusive,
-                        math.floor(FUSED_CROSSOVER * w.E), blocks, down_e, w.G, np.empty(w.E, np.int64))
-            hit = self._plans[i] = (key, plan)
+            ok = self.expert_path and fused_applies(f, w, self._scratch_row)
+            hit = self._plans[i] = (key, fused_plan(f, w, FUSED_CROSSOVER) if ok else None)
         return hit[1]
-
-    def _kept_experts(self, layer: _Layer, plan, x2: np.ndarray, x2_t: torch.Tensor, P: int, y: np.ndarray):
-        """`cpu_experts.fused_ffn` with its fixed arguments prepared (`_fused_plan`): the router GEMV and
-        softmax in torch, then one compiled call into y.  # [D]"""
-        f = layer.ffn[0]
-        router_wt, ones, tau, inclusive, limit, blocks, down_e, G, order = plan
-        logits = x2_t.mm(router_wt)  # [1, E]: LinearRouter's F.linear bit for bit
-        probs = torch.softmax(logits, dim=-1)
-        gates = ones if f.gate == "one" else (probs if f.gate == "softmax" else torch.sigmoid(logits)).numpy()[0]
-        _, _, n = mass_ffn(x2, probs.numpy()[0], gates, tau, inclusive, limit, blocks, down_e, G, P, y, order)
-        if n > limit:  # more experts kept than the compiled call takes: the eager step's FFN
-            return self._ffn(layer, x2_t).numpy()[0]
-        if f.recording:
-            f._record(torch.tensor([n]))
-        return y
 
     def _one_token(self, token: int, pos: int) -> torch.Tensor:
         """One fp32 token at batch 1: per layer, the compiled attention half (`cpu_layer.attention_block`,
@@ -272,7 +255,8 @@ class CPUDecodeStep:
             if plan is None:
                 y = self._ffn(layer, x2_t).numpy()[0]
             else:
-                y = self._kept_experts(layer, plan, x2, x2_t, P, y_kept)
+                f, w = layer.ffn[:2]
+                y = fused_ffn(f, x2_t, plan, lambda g, w=w: dense_ffn(w, x2_t, g), y_kept).numpy()[0]
         cpu_layer.add_norm(h, y, self._norm_np, self.eps, x)
         return torch.from_numpy(cpu_layer.gemv_into(x, self._head_np, P, parts, np.empty(self._head_np.shape[1],
                                                                                 np.float32)))[None]
