@@ -4,9 +4,10 @@ cumulative-mass rule, and its output against the torch path of the PrunePath FFN
 import numpy as np
 import pytest
 import torch
+from tiny_models import peaked_prunepath
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunepath import MoefyConfig, moefy, record, routing
+from prunepath import record
 from prunepath.decode import cpu_experts, cpu_fused
 from prunepath.decode.cpu_experts import _below, expert_ffn, expert_weights, fused_applies
 from prunepath.ffn.module import prunepath_ffns
@@ -19,13 +20,7 @@ def _model(rule="mass:0.6", gate="one", dtype=torch.float32):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval().to(dtype)
-    moefy(model, MoefyConfig(split="random", router_init="centroid", rule=routing.parse_rule(rule), gate=gate),
-          progress=False)
-    torch.manual_seed(1)
-    for f in prunepath_ffns(model):  # a peaked router so that the rule really drops experts
-        f.router.weight.data.normal_(0, 1.0)
-    return model
+    return peaked_prunepath(LlamaForCausalLM(cfg).eval().to(dtype), rule, gate)
 
 
 def _kept(probs: torch.Tensor, tau: float, inclusive: bool) -> torch.Tensor:

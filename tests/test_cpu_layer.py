@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import peaked_prunepath, with_qkv_biases
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import prunepath
-from prunepath import MoefyConfig, moefy, routing
+from prunepath import routing
 from prunepath.decode import cpu_experts, cpu_fused, cpu_layer
 from prunepath.decode.cpu_step import CPUDecodeStep
 from prunepath.decode.loop import DecodeConfig, Decoder
-from prunepath.ffn.module import prunepath_ffns
 
 pytestmark = pytest.mark.skipif(bool(cpu_layer.compiled_layer()), reason=cpu_layer.compiled_layer() or "")
 
@@ -28,22 +28,11 @@ def _base(kind="llama", dtype=torch.float32):
     torch.manual_seed(0)
     if kind == "llama":
         return LlamaForCausalLM(LlamaConfig(**SIZES)).eval().to(dtype)
-    model = Qwen2ForCausalLM(Qwen2Config(**SIZES)).eval().to(dtype)  # q/k/v projections with biases
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                lin.bias.normal_(0, 0.5)
-    return model
+    return with_qkv_biases(Qwen2ForCausalLM(Qwen2Config(**SIZES)).eval().to(dtype))  # q/k/v projections with biases
 
 
 def _prunepath(base, rule="mass:0.5", gate="one"):
-    model = copy.deepcopy(base)
-    moefy(model, MoefyConfig(split="random", router_init="centroid", rule=routing.parse_rule(rule), gate=gate),
-          progress=False)
-    torch.manual_seed(1)
-    for f in prunepath_ffns(model):  # a peaked router so that the rule really drops experts
-        f.router.weight.data.normal_(0, 1.0)
-    return model
+    return peaked_prunepath(base, rule, gate)
 
 
 def _forward_logits(model, ids):

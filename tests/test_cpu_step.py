@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import peaked_prunepath, with_qkv_biases
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import prunepath
-from prunepath import MoefyConfig, moefy, routing
+from prunepath import routing
 from prunepath.decode import cpu_experts
 from prunepath.decode.cpu_step import CPUDecodeStep, rms_norm, step_unsupported
 from prunepath.decode.loop import DecodeConfig, Decoder
@@ -27,22 +28,11 @@ def _llama(dtype=torch.float32):
 
 def _qwen2():  # q/k/v projections with biases
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**SIZES)).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                lin.bias.normal_(0, 0.5)
-    return model
+    return with_qkv_biases(Qwen2ForCausalLM(Qwen2Config(**SIZES)).eval())
 
 
 def _convert(model, rule="mass:0.6", gate="one"):
-    model = copy.deepcopy(model)
-    moefy(model, MoefyConfig(split="random", router_init="centroid", rule=routing.parse_rule(rule), gate=gate),
-          progress=False)
-    torch.manual_seed(1)
-    for f in prunepath_ffns(model):  # a peaked router so that the rule really drops experts
-        f.router.weight.data.normal_(0, 1.0)
-    return model
+    return peaked_prunepath(model, rule, gate)
 
 
 def _reference_logits(model, ids):
