@@ -7,11 +7,12 @@ bandwidth, provided the step is not launch-bound. The transformers layer stack i
 per layer (norms, rotary, cache writes, masks, residuals), each ~3 us even inside a CUDA graph; at the
 Llama-3-8B shape that costs as much time as the FFN. Here, as gpt-fast does, the step is written
 against plain tensors taken from the model and the non-FFN part of each layer is one `torch.compile`d
-function (fused norms, one QKV GEMV, rotary and the cache write fused), then attention over the static
-cache, then a second compiled function (O projection, residuals, the FFN's norm). On CUDA the attention
-is one split-K Triton kernel (`prunepath.kernels.decode_attention`, flash-decoding) that reads only the
-positions written so far, its partials combined inside the O GEMV; elsewhere (or `attention="sdpa"`)
-SDPA over the whole cache with a position mask. The FFN between two compiled blocks is either
+function (fused norms, one QKV GEMV, rotary and the cache write fused, SDPA over the static cache with a
+position mask, O projection, residuals). On CUDA (`attention="split"`) rotary, the cache write and the
+attention are instead one Triton launch (`prunepath.kernels.decode_attention`, flash-decoding: split-K
+over only the positions written so far, the partials combined by the last program) between two
+compiled functions (residual, norm, QKV GEMV; O GEMV, residual, norm). The FFN between two compiled
+blocks is either
 
 * dense: one gate+up GEMV over the concatenated weights, silu * up fused by the compiler, the down
   GEMV (also compiled), or
@@ -50,29 +51,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-def attention_in(h, ffn_out, ln1, w_qkv, cos_t, sin_t, k_cache, v_cache, pos, n_heads: int, n_kv: int,
-                 eps: float):
-    """Residual of the previous FFN, RMSNorm, one QKV GEMV, rotary, cache write; returns (h, q [B, H, hd]).
+def norm_qkv(h, ffn_out, ln1, w_qkv, eps: float):
+    """Residual of the previous FFN, RMSNorm, one QKV GEMV; returns (h, qkv [B, (H + 2 Hkv) hd]).
 
-    h, ffn_out [B, D]; w_qkv [(H + 2 Hkv) hd, D]; cos_t / sin_t [L, hd]; k/v_cache [B, Hkv, L, hd];
-    pos [1] (the position of this token, on the device).
+    h, ffn_out [B, D]; w_qkv [(H + 2 Hkv) hd, D].
     """
-    B, _ = h.shape
-    hd = cos_t.shape[-1]
     h = h + ffn_out
-    x = _rmsnorm(h, ln1, eps)
-    qkv = F.linear(x, w_qkv)  # [B, (H + 2 Hkv) hd]
-    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
-    q = q.view(B, n_heads, 1, hd)
-    k = k.view(B, n_kv, 1, hd)
-    v = v.view(B, n_kv, 1, hd)
-    cos = cos_t.index_select(0, pos).view(1, 1, 1, hd)
-    sin = sin_t.index_select(0, pos).view(1, 1, 1, hd)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    k_cache.index_copy_(2, pos, k)
-    v_cache.index_copy_(2, pos, v)
-    return h, q.view(B, n_heads, hd)
+    return h, F.linear(_rmsnorm(h, ln1, eps), w_qkv)
 
 
 def attention_out(h, a, w_o, ln2, eps: float):
@@ -83,22 +68,27 @@ def attention_out(h, a, w_o, ln2, eps: float):
 
 def attention_block(h, ffn_out, ln1, w_qkv, w_o, ln2, cos_t, sin_t, k_cache, v_cache, pos,
                     n_heads: int, n_kv: int, eps: float):
-    """One layer's attention half with SDPA over the static cache (a position mask); returns (h, FFN input)."""
+    """One layer's attention half with SDPA over the static cache (a position mask); returns (h, FFN input).
+
+    cos_t / sin_t [L, hd]; k/v_cache [B, Hkv, L, hd]; pos [1] (the position of this token, on the device).
+    """
     B = h.shape[0]
-    h, q = attention_in(h, ffn_out, ln1, w_qkv, cos_t, sin_t, k_cache, v_cache, pos, n_heads, n_kv, eps)
+    hd = cos_t.shape[-1]
+    h, qkv = norm_qkv(h, ffn_out, ln1, w_qkv, eps)
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    q = q.view(B, n_heads, 1, hd)
+    k = k.view(B, n_kv, 1, hd)
+    v = v.view(B, n_kv, 1, hd)
+    cos = cos_t.index_select(0, pos).view(1, 1, 1, hd)
+    sin = sin_t.index_select(0, pos).view(1, 1, 1, hd)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
     L = k_cache.shape[2]
     mask = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
-    a = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask,
-                                       enable_gqa=n_kv != n_heads)
+    a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=n_kv != n_heads)
     return attention_out(h, a.reshape(B, -1), w_o, ln2, eps)
-
-
-def split_attention_out(h, acc, m, l_, w_o, ln2, eps: float):
-    """`attention_out` after the split attention kernel: its partials combined (fused with the O GEMV)."""
-    from prunepath.kernels.decode_attention import combine
-
-    a = combine(acc, m, l_).to(h.dtype)
-    return attention_out(h, a.reshape(h.shape[0], -1), w_o, ln2, eps)
 
 
 def dense_ffn(x, w_gate_up, w_down):
@@ -146,9 +136,9 @@ class CompiledDecoder:
     and newer, where this torch's compiler offers it) has the compiled kernels use programmatic dependent launch,
     as the PrunePath kernels do: each kernel starts while the previous one drains and waits only where it reads
     that one's output. It is a process-wide compiler setting, read when a function is first compiled.
-    attention: "split" (the split-K Triton kernel of `prunepath.kernels.decode_attention`, which reads only the
-    positions written so far), "sdpa" (torch SDPA over the whole static cache with a position mask), or "auto"
-    (split on CUDA with Triton, else sdpa).
+    attention: "split" (rotary, cache write and split-K attention in one Triton launch,
+    `prunepath.kernels.decode_attention`, reading only the positions written so far), "sdpa" (torch SDPA over
+    the whole static cache with a position mask), or "auto" (split on CUDA with Triton, else sdpa).
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, compile: bool = True, graph: bool = True,
@@ -213,10 +203,10 @@ class CompiledDecoder:
         self.attention = self._attention_kind(attention)
         self._split = None
         if self.attention == "split":
-            from prunepath.kernels.decode_attention import split_attention
+            from prunepath.kernels.decode_attention import decode_attention
 
-            self._split = split_attention
-            self._attn_in, self._attn_out = wrap(attention_in), wrap(split_attention_out)
+            self._split = decode_attention
+            self._norm_qkv, self._attn_out = wrap(norm_qkv), wrap(attention_out)
         self.use_graph = graph and self.device.type == "cuda"
         self.graph = None
         self._graph_key = None
@@ -242,10 +232,9 @@ class CompiledDecoder:
         if self._split is None:
             return self._attn(h, f, layer.ln1, layer.w_qkv, layer.w_o, layer.ln2, self.cos_t, self.sin_t,
                               layer.k_cache, layer.v_cache, self.pos, self.n_heads, self.n_kv, self.eps)
-        h, q = self._attn_in(h, f, layer.ln1, layer.w_qkv, self.cos_t, self.sin_t, layer.k_cache, layer.v_cache,
-                             self.pos, self.n_heads, self.n_kv, self.eps)
-        acc, m, l_ = self._split(q, layer.k_cache, layer.v_cache, self.pos)
-        return self._attn_out(h, acc, m, l_, layer.w_o, layer.ln2, self.eps)
+        h, qkv = self._norm_qkv(h, f, layer.ln1, layer.w_qkv, self.eps)
+        a = self._split(qkv, self.cos_t, self.sin_t, layer.k_cache, layer.v_cache, self.pos, self.n_heads)
+        return self._attn_out(h, a, layer.w_o, layer.ln2, self.eps)
 
     def _ffn(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         if isinstance(layer.ffn, tuple):
