@@ -76,7 +76,7 @@ def test_positions_past_pos_are_not_read():
 
 
 def test_default_splits():
-    assert default_splits(1, 8, 816) == 26 and default_splits(1, 8, 100000) == 32 and default_splits(1, 3, 8) == 1
+    assert default_splits(1, 8, 816) == 8 and default_splits(1, 3, 816) == 21 and default_splits(1, 3, 8) == 1
 
 
 def test_bad_input_is_a_clear_error():

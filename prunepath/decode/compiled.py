@@ -34,8 +34,6 @@ import torch.nn.functional as F
 
 from prunepath.ffn.module import PrunePathFFN
 
-COMBINE_IN_KERNEL = True  # the split attention's partials combined by its last program (else in the O GEMV)
-
 
 class UnsupportedModelError(ValueError):
     """The model is not a Llama-architecture causal LM this step can run."""
@@ -66,13 +64,6 @@ def attention_out(h, a, w_o, ln2, eps: float):
     """O projection of the attention output a [B, H * hd], residual, the FFN's RMSNorm; returns (h, FFN input)."""
     h = h + F.linear(a, w_o)
     return h, _rmsnorm(h, ln2, eps)
-
-
-def split_attention_out(h, acc, m, l_, w_o, ln2, eps: float):
-    """`attention_out` from the decode attention kernel's partials (combined here, in the O GEMV's prologue)."""
-    from prunepath.kernels.decode_attention import combine_partials
-
-    return attention_out(h, combine_partials(acc, m, l_).to(h.dtype), w_o, ln2, eps)
 
 
 def attention_block(h, ffn_out, ln1, w_qkv, w_o, ln2, cos_t, sin_t, k_cache, v_cache, pos,
@@ -216,8 +207,6 @@ class CompiledDecoder:
 
             self._split = decode_attention
             self._norm_qkv, self._attn_out = wrap(norm_qkv), wrap(attention_out)
-            self._split_out = wrap(split_attention_out)
-            self.combine_in_kernel = COMBINE_IN_KERNEL
         self.use_graph = graph and self.device.type == "cuda"
         self.graph = None
         self._graph_key = None
@@ -244,10 +233,6 @@ class CompiledDecoder:
             return self._attn(h, f, layer.ln1, layer.w_qkv, layer.w_o, layer.ln2, self.cos_t, self.sin_t,
                               layer.k_cache, layer.v_cache, self.pos, self.n_heads, self.n_kv, self.eps)
         h, qkv = self._norm_qkv(h, f, layer.ln1, layer.w_qkv, self.eps)
-        if not self.combine_in_kernel:
-            acc, m, l_ = self._split(qkv, self.cos_t, self.sin_t, layer.k_cache, layer.v_cache, self.pos,
-                                     self.n_heads, combine=False)
-            return self._split_out(h, acc, m, l_, layer.w_o, layer.ln2, self.eps)
         a = self._split(qkv, self.cos_t, self.sin_t, layer.k_cache, layer.v_cache, self.pos, self.n_heads)
         return self._attn_out(h, a, layer.w_o, layer.ln2, self.eps)
 
