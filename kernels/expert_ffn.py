@@ -11,9 +11,7 @@ FFN's time. The launches, with no host synchronisation:
    (the union over the N rows): ids [E], count [1].
 2. `_gate_up_kernel`, grid E * (G / BG): program p owns BG neurons of the expert in slot p // (G / BG)
    of that list (programs past the kept count exit at once, so the first count * G / BG programs,
-   all streaming, are the ones the scheduler spreads over the SMs). When the host knows how many experts a
-   row keeps (top-k: k), the grid has k * G / BG programs instead (ties past k: the programs loop), so fewer
-   idle programs must start before the down launch can. It streams BG rows of W_gate and
+   all streaming, are the ones the scheduler spreads over the SMs). It streams BG rows of W_gate and
    W_up over the whole of D (no split-K, so the activation needs no second pass), applies
    act(gate) * up * g_token in fp32 and writes h [N, slot, G].
 3. `_down_kernel`, grid C x (D / BLOCK_D): program (c, d) adds the down contributions of slots
@@ -133,7 +131,7 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, coun
     j = pid // (G // BG)
     count = tl.load(count_ptr)
     e = tl.load(ids_ptr + j)  # issued with the count load (j < E): one round trip fewer
-    if LOOP:  # the first item with the id loaded above, then every nprog-th (ties past a count hint)
+    if LOOP:  # the first item with the id loaded above, then every nprog-th
         if j < count:
             _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, j, pid % (G // BG), e, D=D,
                           G=G, BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS,
@@ -234,7 +232,7 @@ class FFNConfig:
     half_dots: bool = True
     # Batch path: the last N router programs decide one row each, side by side (compiled kernels only)
     parallel_select: bool = True
-    # Programs of the gate/up grid (0: one per item, E * G / BG, or as many as a count hint's items): with fewer,
+    # Programs of the gate/up grid (0: one per item, E * G / BG): with fewer,
     # each loops over the kept items, and fewer programs that find nothing to do are scheduled before the down
     # launch can start (it starts once every gate/up program has started)
     gate_up_programs: int = 0
@@ -325,12 +323,10 @@ def router_split(cfg: FFNConfig, D: int, E: int) -> tuple[int, int]:
 
 def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.Tensor,
                cfg: FFNConfig | None = None, scratch: Scratch | None = None,
-               out: torch.Tensor | None = None, stages: int = 3, count_hint: int | None = None) -> FFNResult | None:
+               out: torch.Tensor | None = None, stages: int = 3) -> FFNResult | None:
     """Decode FFN for x2d [N, D] (N <= 8) with routing rule `code` and device parameter `param` [1].
 
-    stages < 3 stops after that many launches (benchmarks time the stages by difference). count_hint: the number
-    of experts one row is expected to keep (top-k: k), known on the host; one row's gate/up grid is sized to it
-    (any count is still right: programs loop over the kept items).
+    stages < 3 stops after that many launches (benchmarks time the stages by difference).
     """
     layout.check_input(x2d)
     N, D = x2d.shape
@@ -371,8 +367,6 @@ def expert_ffn(x2d: torch.Tensor, layout: ExpertLayout, code: int, param: torch.
     gu_grid = n_items
     if cfg.gate_up_programs > 0:
         gu_grid = min(n_items, cfg.gate_up_programs)
-    elif count_hint is not None and BN == 1:  # e.g. top-k: k experts (more at ties: the programs loop)
-        gu_grid = min(n_items, max(1, count_hint) * (G // bg))
     _gate_up_kernel[(gu_grid,)](
         x2d, layout.w_in, w_up, b_in, gates, scratch.ids, scratch.count, h, N, E,
         D=D, G=G, BG=bg, BN=BN, BLOCK_K=min(cfg.block_k, next_pow2(D)), ACT=ACT_CODES[layout.act],

@@ -211,8 +211,7 @@ class FastPath:
             return y.reshape(shape)
         from .route import RULE_TOPK
 
-        hint = math.ceil(value) if code == RULE_TOPK else None  # top-k: the gate/up grid sized to k experts
-        res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg, count_hint=hint)
+        res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg)
         if self.ffn.recording:
             if _capturing():
                 _warn_once("record", "prunepath.kernels: routing stats are not recorded inside a CUDA graph")

@@ -46,6 +46,22 @@ def test_eager_step_matches_transformers(tiny_llama):
     assert torch.allclose(dec.logits, _last_logits(tiny_llama, seq), atol=1e-5, rtol=1e-5)
 
 
+def test_eager_step_with_split_attention_matches_transformers(tiny_llama):
+    """The split-K Triton attention (CPU: the interpreter) in the step: the same greedy tokens and logits."""
+    pytest.importorskip("triton")
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (1, 7))
+    dec = CompiledDecoder(tiny_llama, max_len=16, attention="split")
+    assert dec.attention == "split" and CompiledDecoder(tiny_llama, max_len=16).attention == "sdpa"  # CPU: auto
+    new = dec.generate(ids, 6)
+    with torch.no_grad():
+        ref = tiny_llama.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 7:]
+    assert torch.equal(new, ref)
+    seq = torch.cat([ids, ref], 1)
+    dec.prefill(seq)
+    assert torch.allclose(dec.logits, _last_logits(tiny_llama, seq), atol=1e-5, rtol=1e-5)
+
+
 def test_eager_step_runs_prunepath_ffns(tiny_llama):
     model = _converted(tiny_llama)
     seq = torch.randint(0, 128, (1, 9))
@@ -61,16 +77,20 @@ def test_bad_input_is_a_clear_error(tiny_llama):
         dec.generate(torch.zeros(1, 5, dtype=torch.long), 6)
     with pytest.raises(UnsupportedModelError, match="not a Llama-architecture"):
         CompiledDecoder(torch.nn.Linear(2, 2), max_len=8)
+    with pytest.raises(ValueError, match="use 'auto', 'split' or 'sdpa'"):
+        CompiledDecoder(tiny_llama, max_len=8, attention="flash")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="needs a CUDA device and PRUNEPATH_GPU_TESTS=1")
 @pytest.mark.parametrize("sparse", [False, True])
-def test_compiled_graph_step_matches_transformers_on_gpu(tiny_llama, sparse):
+@pytest.mark.parametrize("attention", ["split", "sdpa"])
+def test_compiled_graph_step_matches_transformers_on_gpu(tiny_llama, sparse, attention):
     """Compiled + CUDA graph (bf16): the logits after each prompt follow transformers' forward, with the
     dense FFN and with the Triton kernels (tau changed between replays without re-capture)."""
     model = (_converted(tiny_llama) if sparse else copy.deepcopy(tiny_llama)).to("cuda", torch.bfloat16)
-    dec = CompiledDecoder(model, max_len=32)
+    dec = CompiledDecoder(model, max_len=32, attention=attention)
+    assert dec.attention == attention
     torch.manual_seed(2)
     for tau in (0.6, 0.9):
         if sparse:

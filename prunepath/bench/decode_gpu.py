@@ -229,7 +229,7 @@ def bench_random(args, out: Path) -> None:
     dec = CompiledDecoder(model, max_len=max_len)
     t0 = time.perf_counter()
     dense = time_ours(dec, ids, args.new_tokens, args.runs)
-    w.add(row("dense", "compiled-graph", dense, dense_bytes, bw, None, kept_fraction=1.0,
+    w.add(row("dense", "compiled-graph", dense, dense_bytes, bw, None, kept_fraction=1.0, attention=dec.attention,
               first_call_s=time.perf_counter() - t0))
     dense_ms = dense["median"]
     del dec
@@ -299,7 +299,8 @@ def bench_default(args, out: Path) -> None:
     dense_bytes = weight_bytes(base)
     dec = CompiledDecoder(base, max_len=max_len)
     dense = time_ours(dec, ids, args.new_tokens, args.runs)
-    w.add(row("dense (base model)", "compiled-graph", dense, dense_bytes, bw, None, kept_fraction=1.0))
+    w.add(row("dense (base model)", "compiled-graph", dense, dense_bytes, bw, None, kept_fraction=1.0,
+              attention=dec.attention))
     dense_ms = dense["median"]
     del dec
     _free()

@@ -78,12 +78,12 @@ class Problem:
                          w_down)
         return y
 
-    def ours(self, x, code, param, cfg=None, stages=3, hint=None):
-        """The sparse kernels as `FastPath` calls them (hint: top-k's k, which sizes one row's gate/up grid)."""
+    def ours(self, x, code, param, cfg=None, stages=3):
+        """The sparse kernels as `FastPath` calls them."""
         from prunepath.kernels.expert_ffn import expert_ffn
 
         for lay, _ in self.layouts:
-            y = expert_ffn(x, lay, code, param, cfg=cfg, stages=stages, count_hint=hint)
+            y = expert_ffn(x, lay, code, param, cfg=cfg, stages=stages)
         return y
 
     def cublas(self, x, code, value, layouts=None, param=None):
@@ -150,8 +150,7 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
     runs_spec.append((f"tau={tau:.3f} (mass, ~{mass_target:g} kept)", RULE_MASS, tau))
     for variant, code, value in runs_spec:
         param = torch.tensor([value], device="cuda")
-        hint = math.ceil(value) if code == RULE_TOPK else None  # as FastPath passes it
-        res = expert_ffn(x, lay0, code, param, cfg=cfg, count_hint=hint)
+        res = expert_ffn(x, lay0, code, param, cfg=cfg)
         err = rel_error(res.y, expert_ffn_reference(x, lay0, res.gates))
         union = res.active.float().mean().item()
         per_row = res.mask.float().mean().item()
@@ -162,7 +161,7 @@ def bench_batch(shape: str, batch: int, fractions, bw: float, runs: int, cfg=Non
             paths = {all_kept_path(lay0, code, value), "triton-fused"}
         for path in sorted(paths, key=lambda p: p != taken):
             if path == "triton-fused":
-                t = stats(graph_times(lambda p=param, c=code, h=hint: prob.ours(x, c, p, cfg, hint=h), runs=runs))
+                t = stats(graph_times(lambda p=param, c=code: prob.ours(x, c, p, cfg), runs=runs))
                 read = sparse_read
             else:
                 t = stats(graph_times(lambda c=code, v=value, p=param: prob.cublas(x, c, v, param=p), runs=runs))
@@ -208,7 +207,7 @@ def breakdown(bw: float, runs: int, fractions=(0.125, 0.25, 0.5, 1.0), batch: in
     for f in fractions:
         k_f = round(f * E)
         param = torch.tensor([float(k_f)], device="cuda")
-        t = [stats(graph_times(lambda k=k, p=param, h=k_f: prob.ours(x, RULE_TOPK, p, cfg, stages=k, hint=h),
+        t = [stats(graph_times(lambda k=k, p=param: prob.ours(x, RULE_TOPK, p, cfg, stages=k),
                                runs=runs))["median"]
              * 1e6 / prob.copies for k in (1, 2, 3)]
         prob.ours(x, RULE_TOPK, param, cfg)  # a full call: leaves the down pass's state clean

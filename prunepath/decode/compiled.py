@@ -7,8 +7,12 @@ bandwidth, provided the step is not launch-bound. The transformers layer stack i
 per layer (norms, rotary, cache writes, masks, residuals), each ~3 us even inside a CUDA graph; at the
 Llama-3-8B shape that costs as much time as the FFN. Here, as gpt-fast does, the step is written
 against plain tensors taken from the model and the non-FFN part of each layer is one `torch.compile`d
-function (fused norms, one QKV GEMV, rotary and the cache write fused, SDPA over the static cache,
-O projection, residuals). The FFN between two compiled blocks is either
+function (fused norms, one QKV GEMV, rotary and the cache write fused, SDPA over the static cache with a
+position mask, O projection, residuals). On CUDA (`attention="split"`) rotary, the cache write and the
+attention are instead one Triton launch (`prunepath.kernels.decode_attention`, flash-decoding: split-K
+over only the positions written so far, the partials combined by the last program) between two
+compiled functions (residual, norm, QKV GEMV; O GEMV, residual, norm). The FFN between two compiled
+blocks is either
 
 * dense: one gate+up GEMV over the concatenated weights, silu * up fused by the compiler, the down
   GEMV (also compiled), or
@@ -47,18 +51,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def norm_qkv(h, ffn_out, ln1, w_qkv, eps: float):
+    """Residual of the previous FFN, RMSNorm, one QKV GEMV; returns (h, qkv [B, (H + 2 Hkv) hd]).
+
+    h, ffn_out [B, D]; w_qkv [(H + 2 Hkv) hd, D].
+    """
+    h = h + ffn_out
+    return h, F.linear(_rmsnorm(h, ln1, eps), w_qkv)
+
+
+def attention_out(h, a, w_o, ln2, eps: float):
+    """O projection of the attention output a [B, H * hd], residual, the FFN's RMSNorm; returns (h, FFN input)."""
+    h = h + F.linear(a, w_o)
+    return h, _rmsnorm(h, ln2, eps)
+
+
 def attention_block(h, ffn_out, ln1, w_qkv, w_o, ln2, cos_t, sin_t, k_cache, v_cache, pos,
                     n_heads: int, n_kv: int, eps: float):
-    """Residual of the previous FFN, then one layer's attention half; returns (h, FFN input).
+    """One layer's attention half with SDPA over the static cache (a position mask); returns (h, FFN input).
 
-    h, ffn_out [B, D]; w_qkv [(H + 2 Hkv) hd, D]; cos_t / sin_t [L, hd]; k/v_cache [B, Hkv, L, hd];
-    pos [1] (the position of this token, on the device).
+    cos_t / sin_t [L, hd]; k/v_cache [B, Hkv, L, hd]; pos [1] (the position of this token, on the device).
     """
-    B, _ = h.shape
+    B = h.shape[0]
     hd = cos_t.shape[-1]
-    h = h + ffn_out
-    x = _rmsnorm(h, ln1, eps)
-    qkv = F.linear(x, w_qkv)  # [B, (H + 2 Hkv) hd]
+    h, qkv = norm_qkv(h, ffn_out, ln1, w_qkv, eps)
     q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
     q = q.view(B, n_heads, 1, hd)
     k = k.view(B, n_kv, 1, hd)
@@ -72,8 +88,7 @@ def attention_block(h, ffn_out, ln1, w_qkv, w_o, ln2, cos_t, sin_t, k_cache, v_c
     L = k_cache.shape[2]
     mask = (torch.arange(L, device=pos.device) <= pos).view(1, 1, 1, L)
     a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=n_kv != n_heads)
-    h = h + F.linear(a.reshape(B, n_heads * hd), w_o)
-    return h, _rmsnorm(h, ln2, eps)
+    return attention_out(h, a.reshape(B, -1), w_o, ln2, eps)
 
 
 def dense_ffn(x, w_gate_up, w_down):
@@ -121,10 +136,13 @@ class CompiledDecoder:
     and newer, where this torch's compiler offers it) has the compiled kernels use programmatic dependent launch,
     as the PrunePath kernels do: each kernel starts while the previous one drains and waits only where it reads
     that one's output. It is a process-wide compiler setting, read when a function is first compiled.
+    attention: "split" (rotary, cache write and split-K attention in one Triton launch,
+    `prunepath.kernels.decode_attention`, reading only the positions written so far), "sdpa" (torch SDPA over
+    the whole static cache with a position mask), or "auto" (split on CUDA with Triton, else sdpa).
     """
 
     def __init__(self, model, max_len: int, batch: int = 1, compile: bool = True, graph: bool = True,
-                 pdl: bool = True):
+                 pdl: bool = True, attention: str = "auto"):
         cfg = getattr(model, "config", None)
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
@@ -182,6 +200,13 @@ class CompiledDecoder:
                 inductor_config.triton.enable_pdl = pdl and torch.cuda.get_device_capability(self.device)[0] >= 9
         wrap = (lambda f: torch.compile(f, fullgraph=True, dynamic=False)) if use_compile else (lambda f: f)
         self._attn, self._dense_ffn, self._head = wrap(attention_block), wrap(dense_ffn), wrap(lm_head)
+        self.attention = self._attention_kind(attention)
+        self._split = None
+        if self.attention == "split":
+            from prunepath.kernels.decode_attention import decode_attention
+
+            self._split = decode_attention
+            self._norm_qkv, self._attn_out = wrap(norm_qkv), wrap(attention_out)
         self.use_graph = graph and self.device.type == "cuda"
         self.graph = None
         self._graph_key = None
@@ -191,7 +216,26 @@ class CompiledDecoder:
         self.zero = torch.zeros(batch, cfg.hidden_size, device=self.device, dtype=self.dtype)
         self.logits = None
 
+    def _attention_kind(self, attention: str) -> str:
+        if attention not in ("auto", "split", "sdpa"):
+            raise ValueError(f"attention={attention!r}: use 'auto', 'split' or 'sdpa'")
+        if attention != "auto":
+            return attention
+        from prunepath.kernels import HAS_TRITON
+
+        hd = self.cos_t.shape[-1]
+        fits = hd >= 16 and hd & (hd - 1) == 0  # the kernel's head tile
+        return "split" if self.device.type == "cuda" and HAS_TRITON and fits else "sdpa"
+
     # ------------------------------------------------------------------ the step
+    def _attention(self, layer: _Layer, h: torch.Tensor, f: torch.Tensor):
+        if self._split is None:
+            return self._attn(h, f, layer.ln1, layer.w_qkv, layer.w_o, layer.ln2, self.cos_t, self.sin_t,
+                              layer.k_cache, layer.v_cache, self.pos, self.n_heads, self.n_kv, self.eps)
+        h, qkv = self._norm_qkv(h, f, layer.ln1, layer.w_qkv, self.eps)
+        a = self._split(qkv, self.cos_t, self.sin_t, layer.k_cache, layer.v_cache, self.pos, self.n_heads)
+        return self._attn_out(h, a, layer.w_o, layer.ln2, self.eps)
+
     def _ffn(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         if isinstance(layer.ffn, tuple):
             return self._dense_ffn(x, *layer.ffn)
@@ -201,8 +245,7 @@ class CompiledDecoder:
         h = self.embed.index_select(0, self.ids)  # [B, D]
         f = self.zero
         for layer in self.layers:
-            h, x = self._attn(h, f, layer.ln1, layer.w_qkv, layer.w_o, layer.ln2, self.cos_t, self.sin_t,
-                              layer.k_cache, layer.v_cache, self.pos, self.n_heads, self.n_kv, self.eps)
+            h, x = self._attention(layer, h, f)
             f = self._ffn(layer, x)
         self.logits, nxt = self._head(h, f, self.w_norm, self.w_head, self.eps)
         self.out.index_copy_(1, self.pos, nxt[:, None])
