@@ -243,3 +243,10 @@ def test_cli_recipe_quick_runs_the_recipe_on_the_model(tmp_path, monkeypatch):
     assert main(["train", "--recipe", "quick", "--model", "some/model", "--out", str(tmp_path / "q"),
                  "--seed", "3"]) == 0
     assert calls == [("some/model", str(tmp_path / "q"), 3)]
+
+
+def test_quick_config_hands_the_peak_bound_to_router_training():
+    cfg = quick.QuickConfig(tune_peak_bound=0.3, tune_peak_weight=5.0).tune_config()
+    assert (cfg.peak_bound, cfg.peak_weight) == (0.3, 5.0)
+    with pytest.raises(ValueError, match="tune_peak_bound"):
+        quick.QuickConfig(tune_peak_bound=1.5)

@@ -102,3 +102,67 @@ def test_training_steps_only_at_the_weighted_fractions(tiny_llama):
                                                     fractions=(0.25, 0.5), fraction_weights=(1.0, 0.0)))
     assert rep["steps"] == 5 and rep["loss_by_fraction"]["0.25"] is not None
     assert rep["loss_by_fraction"]["0.5"] is None  # never drawn
+
+
+def test_peak_excess_is_zero_below_the_bound_and_the_squared_log_odds_above():
+    z = torch.tensor([[0.0, 0.0, 0.0, 0.0], [4.0, 0.0, 0.0, 0.0]])  # top-1 mass 0.25, and e^4 / (e^4 + 3) ≈ 0.948
+    got = rt.peak_excess(z, 0.5)
+    p = torch.softmax(z[1], -1)[0]
+    assert got[0] == 0
+    assert float(got[1]) == pytest.approx(float(torch.log(p / (1 - p))) ** 2, rel=1e-5)  # logit(0.5) = 0
+    assert float(rt.peak_excess(z, 0.96)[1]) == 0  # 0.948 is below a bound of 0.96
+
+
+def test_peak_excess_keeps_a_gradient_where_the_softmax_saturates():
+    z = torch.tensor([[30.0, 0.0, 0.0, 0.0]], requires_grad=True)  # top-1 mass 1 - 3e-13
+    rt.peak_excess(z, 0.2).sum().backward()
+    assert float(z.grad[0, 0]) > 10  # 2 · (log-odds excess ≈ 31) · 1; the gradient of p_max itself is ~1e-12
+    w = z.detach().double().requires_grad_(True)
+    torch.softmax(w, -1).max().backward()
+    assert float(w.grad.abs().max()) < 1e-9  # p_max's own gradient has vanished there
+
+
+def test_tune_refuses_a_bad_peak_bound():
+    with pytest.raises(ValueError, match="peak_bound"):
+        rt.TuneConfig(peak_bound=1.0)
+    with pytest.raises(ValueError, match="peak_bound"):
+        rt.TuneConfig(peak_bound=-0.1)
+    with pytest.raises(ValueError, match="peak_weight"):
+        rt.TuneConfig(peak_bound=0.2, peak_weight=-1.0)
+
+
+def _peaked_model(tiny_llama):
+    model = prunepath.moefy(tiny_llama, prunepath.MoefyConfig(expert_size=16, rule=routing.CumulativeMass(0.9),
+                                                              gate="one"), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for f in prunepath_ffns(model):
+            f.router.weight.copy_(2.0 * torch.randn(f.router.weight.shape, generator=gen))  # near one-hot softmax
+    return model
+
+
+def _mean_top1(model, ids):
+    from prunepath.routing.calibrate import capture
+
+    c = capture(model, ids)
+    with torch.no_grad():
+        return float(torch.stack([torch.softmax(f.router(x).float(), -1).max(-1).values.mean()
+                                  for f, x in zip(prunepath_ffns(model), c.inputs)]).mean())
+
+
+def test_the_peak_term_lowers_saturated_top1_mass_and_is_reported(tiny_llama):
+    import copy
+
+    ids = torch.randint(1, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    after, reps = {}, {}
+    for bound in (0.0, 0.3):
+        model = _peaked_model(copy.deepcopy(tiny_llama))
+        before = _mean_top1(model, ids)
+        assert before > 0.6
+        reps[bound] = rt.tune_routers(model, ids, rt.TuneConfig(seconds=60, max_steps=20, positions=8, lr=0.1,
+                                                                fractions=(0.5,), peak_bound=bound, peak_weight=10.0))
+        after[bound] = _mean_top1(model, ids)
+    assert "peak_term" not in reps[0.0]
+    assert reps[0.3]["peak_term"]["last"] < reps[0.3]["peak_term"]["first"]
+    assert after[0.3] < before - 0.05  # the term pulls the peaks down
+    assert after[0.3] < after[0.0] - 0.05  # more than the KL alone does
