@@ -131,20 +131,16 @@ def _gate_up_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, ids_ptr, coun
     j = pid // (G // BG)
     count = tl.load(count_ptr)
     e = tl.load(ids_ptr + j)  # issued with the count load (j < E): one round trip fewer
-    if LOOP:  # the first item with the id loaded above, then every nprog-th
-        if j < count:
-            _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, j, pid % (G // BG), e, D=D,
-                          G=G, BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS,
-                          DOT_PREC=DOT_PREC, HALF_DOT=HALF_DOT)
+    if j < count:
+        _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, j, pid % (G // BG), e, D=D, G=G,
+                      BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS, DOT_PREC=DOT_PREC,
+                      HALF_DOT=HALF_DOT)
+    if LOOP:  # a smaller grid: then every nprog-th item below count * G / BG
         for it in range(pid + tl.num_programs(0), count * (G // BG), tl.num_programs(0)):
             _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, it // (G // BG),
                           it % (G // BG), tl.load(ids_ptr + it // (G // BG)), D=D, G=G, BG=BG, BN=BN,
                           BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS, DOT_PREC=DOT_PREC,
                           HALF_DOT=HALF_DOT)
-    elif j < count:
-        _gate_up_item(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, gate_ptr, h_ptr, N, E, j, pid % (G // BG), e, D=D, G=G,
-                      BG=BG, BN=BN, BLOCK_K=BLOCK_K, ACT=ACT, GATED=GATED, HAS_BIAS=HAS_BIAS, DOT_PREC=DOT_PREC,
-                      HALF_DOT=HALF_DOT)
 
 
 @triton.jit

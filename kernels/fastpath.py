@@ -209,8 +209,6 @@ class FastPath:
                 kept = min(layout.n_experts, math.ceil(value)) if code == RULE_TOPK else layout.n_experts
                 self.ffn._record(torch.full((x2d.shape[0],), kept, device=x.device))
             return y.reshape(shape)
-        from .route import RULE_TOPK
-
         res = expert_ffn(x2d, layout, code, self._param, cfg=self.cfg)
         if self.ffn.recording:
             if _capturing():
